@@ -1,0 +1,84 @@
+"""Projection heads on top of frozen encoders, and a functional forward over flat parameters.
+
+METHOD.md, "Model": both branches use the same block,
+``p = Linear(d_in, d)(x); h = LayerNorm(p + Dropout(0.1)(Linear(d, d)(GELU(p))))``, and scores are
+the cosine similarity of the L2-normalised outputs divided by a fixed temperature τ.
+The distillation inner loop trains the heads as flat parameter vectors (so a trajectory snapshot is
+one tensor per branch); :func:`head_forward` runs a head from such a vector with
+``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+__all__ = [
+    "ProjectionHead",
+    "RetrievalHeads",
+    "flatten_parameters",
+    "unflatten_parameters",
+    "head_forward",
+    "similarity_logits",
+]
+
+
+class ProjectionHead(nn.Module):
+    """One projection head: ``LayerNorm(p + Dropout(Linear(GELU(p))))`` with ``p = Linear(x)``."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.projection(x)
+        return self.layer_norm(p + self.dropout(self.fc(F.gelu(p))))
+
+
+class RetrievalHeads(nn.Module):
+    """The two trainable heads of the retrieval model (image: d_img → d, text: d_txt → d)."""
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.image_head = ProjectionHead(image_dim, embed_dim, dropout)
+        self.text_head = ProjectionHead(text_dim, embed_dim, dropout)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_head(image_features), self.text_head(text_features)
+
+    def branches(self) -> dict[str, ProjectionHead]:
+        """The heads by branch name, as used by trajectories and matching (``"image"``, ``"text"``)."""
+        return {"image": self.image_head, "text": self.text_head}
+
+
+def flatten_parameters(module: nn.Module) -> torch.Tensor:
+    """All parameters of ``module`` concatenated into one flat vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def unflatten_parameters(module: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split a flat vector into ``{name: tensor}`` views shaped like ``module``'s parameters."""
+    out, offset = {}, 0
+    for name, p in module.named_parameters():
+        n = p.numel()
+        out[name] = flat[offset : offset + n].view_as(p)
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat parameter vector has {flat.numel()} values but the head has {offset}; "
+                         "were the trajectories made with another head dimension or encoder?")
+    return out
+
+
+def head_forward(module: nn.Module, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Run ``module`` with its parameters taken from the flat vector ``flat`` (differentiable in both)."""
+    return functional_call(module, unflatten_parameters(module, flat), (x,))
+
+
+def similarity_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine similarity of L2-normalised embeddings divided by ``temperature`` (rows: images)."""
+    return F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t() / temperature
