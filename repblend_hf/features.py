@@ -70,3 +70,61 @@ class FeatureSplit:
             augmented = torch.from_numpy(np.stack([np.stack(v) for v in table[AUGMENTED_FEATURES]]).astype(np.float32))
         captions = [c for caps in ds["captions"] for c in caps] if with_captions else None
         return cls(image, text, caption_to_image, augmented, captions)
+
+
+def _encode_features(image_dim: int, text_dim: int, num_views: int):
+    from datasets import List, Value
+
+    features = {IMAGE_FEATURES: List(Value("float32"), length=image_dim),
+                TEXT_FEATURES: List(List(Value("float32"), length=text_dim))}
+    if num_views:
+        features[AUGMENTED_FEATURES] = List(List(Value("float32"), length=image_dim), length=num_views)
+    return features
+
+
+def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0, view_splits: tuple[str, ...] = ("train",),
+                   batch_size: int = 64, seed: int = 0, desc: str | None = None):
+    """Add cached encoder features to a ``Dataset`` or every split of a ``DatasetDict``.
+
+    DESIGN.md, "Data flow": ``Dataset.map`` (batched) adds :data:`IMAGE_FEATURES` (eval transform) and
+    :data:`TEXT_FEATURES` (one embedding per caption); splits named in ``view_splits`` also get
+    ``num_views`` train-time augmented views in :data:`AUGMENTED_FEATURES`, which the experts sample
+    from. The map's fingerprint is derived from the input's fingerprint, both encoders' weights and the
+    options, so a second call with the same encoders and data is a cache hit (for datasets backed by
+    cache files, as every loader in :mod:`repblend_hf.data` returns).
+    """
+    from datasets import DatasetDict, Features
+    from datasets.fingerprint import Hasher
+
+    if num_views < 0:
+        raise ValueError(f"num_views must be >= 0, got {num_views}")
+    if isinstance(dataset, DatasetDict):
+        return DatasetDict({
+            split: encode_dataset(ds, image_encoder, text_encoder, num_views=num_views if split in view_splits else 0,
+                                  view_splits=view_splits, batch_size=batch_size, seed=seed, desc=f"Encoding {split}")
+            for split, ds in dataset.items()
+        })
+    missing = [c for c in ("image", "captions") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"cannot encode: dataset has no column(s) {missing} (columns: {dataset.column_names}); "
+                         "load it with repblend_hf.load_image_text_dataset(..., column_mapping={...})")
+
+    def encode(batch, indices):
+        out = {IMAGE_FEATURES: image_encoder.encode_images(batch["image"]).numpy()}
+        flat = [c for caps in batch["captions"] for c in caps]
+        emb = text_encoder.encode_texts(flat).numpy()
+        bounds = np.cumsum([0] + [len(caps) for caps in batch["captions"]])
+        out[TEXT_FEATURES] = [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        if num_views:
+            # Views are a function of (seed, first row of the batch): reproducible for a fixed batch_size.
+            torch.manual_seed(seed * 1_000_003 + indices[0])
+            views = [image_encoder.encode_images(batch["image"], train=True).numpy() for _ in range(num_views)]
+            out[AUGMENTED_FEATURES] = np.stack(views, axis=1)
+        return out
+
+    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v1", dataset._fingerprint, image_encoder.fingerprint,
+                               text_encoder.fingerprint, num_views, seed, batch_size])
+    features = Features({**dataset.features, **_encode_features(image_encoder.feature_dim, text_encoder.feature_dim,
+                                                                num_views)})
+    return dataset.map(encode, batched=True, batch_size=batch_size, with_indices=True, features=features,
+                       new_fingerprint=fingerprint, desc=desc or "Encoding")

@@ -1,0 +1,77 @@
+"""RepBlendConfig: what a distilled set *is*, saved with it and loadable with ``from_pretrained``.
+
+STYLE.md, "Practices": configuration is split by lifetime. This config describes the artefact
+(encoders, head and similarity shape, number of pairs, τ, the method that made it and, after
+distillation, the learned inner learning rates); how a run was done lives in
+:mod:`repblend_hf.training_args`.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PretrainedConfig
+
+__all__ = ["RepBlendConfig", "METHODS", "SIMILARITY_KINDS"]
+
+METHODS = ("repblend", "lors", "mtt_vl", "coreset")
+SIMILARITY_KINDS = ("lowrank", "full", "none")
+
+
+class RepBlendConfig(PretrainedConfig):
+    """Configuration of a distilled image-text set (RepBlend, arXiv 2505.14705).
+
+    Fields are declared as annotated class attributes (transformers 5 configs are dataclasses).
+    Defaults are the embedded default (EfficientNet-Lite0 + all-MiniLM-L6-v2 at 64 px, 99 pairs);
+    the paper used ``nfnet_l0`` + ``bert-base-uncased`` at 224 px with ``embed_dim`` 2304.
+    ``lr_img`` / ``lr_txt`` hold the learned inner learning rates η, which evaluation uses as the
+    heads' learning rates.
+    """
+
+    model_type = "repblend"
+
+    image_encoder: str = "tf_efficientnet_lite0"
+    text_encoder: str = "sentence-transformers/all-MiniLM-L6-v2"
+    text_pooling: str = "mean"
+    image_size: int = 64
+    image_dim: int = 1280
+    text_dim: int = 384
+    embed_dim: int = 512
+    num_pairs: int = 99
+    temperature: float = 0.07
+    similarity: str = "lowrank"
+    sim_rank: int = 10
+    sim_alpha: float = 3.0
+    method: str = "repblend"
+    lr_img: float = 0.1
+    lr_txt: float = 0.1
+    source_dataset: str | None = None
+    repblend_version: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.similarity in SIMILARITY_KINDS,
+             f"similarity must be one of {SIMILARITY_KINDS}, got {self.similarity!r}"),
+            (self.text_pooling in ("cls", "mean"), f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}"),
+            (self.num_pairs > 0, f"num_pairs must be > 0, got {self.num_pairs}"),
+            (self.image_size > 0, f"image_size must be > 0, got {self.image_size}"),
+            (min(self.image_dim, self.text_dim, self.embed_dim) > 0,
+             f"image_dim, text_dim and embed_dim must be > 0, got {self.image_dim}, {self.text_dim}, {self.embed_dim}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.similarity != "lowrank" or 0 < self.sim_rank <= self.num_pairs,
+             f"sim_rank must be in 1..num_pairs ({self.num_pairs}) for a low-rank similarity, got {self.sim_rank}; "
+             "use similarity='full' for a full-rank matrix"),
+            (self.sim_alpha > 0, f"sim_alpha must be > 0, got {self.sim_alpha}"),
+            (self.lr_img > 0 and self.lr_txt > 0,
+             f"lr_img and lr_txt (learned inner learning rates) must be > 0, got {self.lr_img}, {self.lr_txt}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.repblend_version is None:
+            from . import __version__
+
+            self.repblend_version = __version__
+
+
+AutoConfig.register("repblend", RepBlendConfig)

