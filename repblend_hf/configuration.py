@@ -56,7 +56,7 @@ class RepBlendConfig(PretrainedConfig):
             (self.num_pairs > 0, f"num_pairs must be > 0, got {self.num_pairs}"),
             (self.image_size > 0, f"image_size must be > 0, got {self.image_size}"),
             (min(self.image_dim, self.text_dim, self.embed_dim) > 0,
-             f"image_dim, text_dim and embed_dim must be > 0, got {self.image_dim}, {self.text_dim}, {self.embed_dim}"),
+             f"image_dim, text_dim, embed_dim must be > 0, got {self.image_dim}, {self.text_dim}, {self.embed_dim}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.similarity != "lowrank" or 0 < self.sim_rank <= self.num_pairs,
              f"sim_rank must be in 1..num_pairs ({self.num_pairs}) for a low-rank similarity, got {self.sim_rank}; "

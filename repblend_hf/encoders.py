@@ -126,7 +126,7 @@ class FrozenImageEncoder(nn.Module):
         """A short hash of the name, image size and weights (keys the feature cache)."""
         return _fingerprint("image", self.name, self.image_size, module=self.model)
 
-    def train(self, mode: bool = True) -> "FrozenImageEncoder":
+    def train(self, mode: bool = True) -> FrozenImageEncoder:
         # Always eval: batch-norm statistics must not move, and the feature-space inner loop relies on
         # the encoder being a fixed function of the pixels.
         return super().train(False)
@@ -168,7 +168,7 @@ class FrozenTextEncoder(nn.Module):
         """A short hash of the name, pooling and weights (keys the feature cache)."""
         return _fingerprint("text", self.name, self.pooling, self.max_length, module=self.model)
 
-    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
         return super().train(False)
 
     @property

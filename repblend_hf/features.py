@@ -53,7 +53,7 @@ class FeatureSplit:
         return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
     @classmethod
-    def from_dataset(cls, ds, with_captions: bool = False) -> "FeatureSplit":
+    def from_dataset(cls, ds, with_captions: bool = False) -> FeatureSplit:
         """Build from a split encoded by :func:`encode_dataset` (a ``datasets.Dataset``)."""
         missing = [c for c in (IMAGE_FEATURES, TEXT_FEATURES) if c not in ds.column_names]
         if missing:
@@ -82,8 +82,9 @@ def _encode_features(image_dim: int, text_dim: int, num_views: int):
     return features
 
 
-def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0, view_splits: tuple[str, ...] = ("train",),
-                   batch_size: int = 64, seed: int = 0, desc: str | None = None):
+def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
+                   view_splits: tuple[str, ...] = ("train",), batch_size: int = 64, seed: int = 0,
+                   desc: str | None = None):
     """Add cached encoder features to a ``Dataset`` or every split of a ``DatasetDict``.
 
     DESIGN.md, "Data flow": ``Dataset.map`` (batched) adds :data:`IMAGE_FEATURES` (eval transform) and

@@ -1,0 +1,161 @@
+"""How a run is done: arguments of the expert and distillation trainers.
+
+TRL-style (STYLE.md): each is a ``TrainingArguments`` dataclass that adds only the method's own
+fields, each with help text, and checks them in ``__post_init__`` after the parent's. What a distilled
+set *is* lives in :class:`repblend_hf.RepBlendConfig` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["ExpertTrainingArguments", "DistillationArguments", "METHOD_PRESETS"]
+
+# The methods of the paper's comparison as presets of the switches they differ in (METHOD.md,
+# "Baselines"). A field left at None takes the preset's value; a value set explicitly wins, which is
+# how the ablations (RepBlend without blending, without symmetric matching) are expressed.
+METHOD_PRESETS: dict[str, dict[str, object]] = {
+    "repblend": dict(blend_beta=1.0, matching="symmetric", distill_loss="wbce", similarity="lowrank",
+                     meta_gradient="tesla"),
+    "lors": dict(blend_beta=0.0, matching="asymmetric", distill_loss="wbce", similarity="lowrank",
+                 meta_gradient="tesla"),
+    "mtt_vl": dict(blend_beta=0.0, matching="asymmetric", distill_loss="infonce", similarity="none",
+                   meta_gradient="unrolled"),
+}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ExpertTrainingArguments(TrainingArguments):
+    """Arguments of :class:`~repblend_hf.trainers.ExpertTrainer` (METHOD.md, "Expert trajectories").
+
+    Defaults that differ from ``TrainingArguments``: ``learning_rate=0.1`` (SGD, no momentum, no weight
+    decay), ``num_train_epochs=10``, ``per_device_train_batch_size=128``, ``lr_scheduler_type="constant"``,
+    ``max_grad_norm=0`` (no clipping), ``save_strategy="no"`` (an expert is saved whole when it is done),
+    ``logging_steps=50``, ``report_to="none"``, ``remove_unused_columns=False``.
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "How many expert trajectories to train (paper: 20)."})
+    matching: str = field(default="symmetric", metadata={
+        "help": "'symmetric' trains only the two projection heads on cached features (RepBlend); 'asymmetric' also "
+                "fine-tunes the image encoder from pixels (LoRS / MTT-VL buffers)."})
+    embed_dim: int = field(default=512, metadata={"help": "Output dimension of both projection heads (paper: 2304)."})
+    temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature τ (not learned)."})
+    learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the experts (paper: 0.1)."})
+    num_train_epochs: float = field(default=10, metadata={"help": "Epochs per expert (paper: 10)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Expert batch size (paper: 128)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Experts use a constant learning rate."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Experts are not clipped (0 disables clipping)."})
+    save_strategy: str = field(default="no", metadata={"help": "Each expert is stored whole once it finishes."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.num_experts > 0, f"num_experts must be > 0, got {self.num_experts}")
+        _check(self.matching in ("symmetric", "asymmetric"),
+               f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")
+        _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(self.num_train_epochs >= 1 and float(self.num_train_epochs).is_integer(),
+               f"num_train_epochs must be a whole number >= 1 (snapshots are per epoch), got {self.num_train_epochs}")
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """Arguments of :class:`~repblend_hf.trainers.DistillationTrainer` (METHOD.md, "Distillation loop").
+
+    One training step is one outer iteration. Defaults are the released Flickr-100 setting except where
+    noted; ``method`` fills ``blend_beta``, ``matching``, ``distill_loss``, ``similarity`` and
+    ``meta_gradient`` from :data:`METHOD_PRESETS` unless they are set explicitly.
+    Defaults that differ from ``TrainingArguments``: ``max_steps=3000``, ``lr_scheduler_type="constant"``,
+    ``max_grad_norm=0`` (the groups have very different gradient scales; η is clipped separately),
+    ``logging_steps=10``, ``save_steps=100``, ``save_total_limit=2``, ``per_device_train_batch_size=1``,
+    ``report_to="none"``, ``remove_unused_columns=False``.
+    """
+
+    method: str = field(default="repblend", metadata={"help": f"Preset: one of {sorted(METHOD_PRESETS)}."})
+    syn_steps: int = field(default=8, metadata={"help": "Inner steps of the student per outer iteration."})
+    expert_epochs: int = field(default=1, metadata={"help": "Epochs between θ⁰ and the target θ* on the expert."})
+    max_start_epoch: int = field(default=2, metadata={"help": "The start epoch is drawn from 0..max_start_epoch-1."})
+    mini_batch_size: int = field(default=20, metadata={"help": "Synthetic pairs per inner step."})
+    lr_img: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic images."})
+    lr_txt: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic texts."})
+    lr_sim: float = field(default=10.0, metadata={"help": "Outer SGD learning rate of the similarity parameters."})
+    lr_lr: float = field(default=1e-2, metadata={"help": "Outer SGD learning rate of log η (the inner lrs)."})
+    lr_init: float = field(default=0.1, metadata={"help": "Initial inner learning rate η of both heads."})
+    lr_min: float = field(default=1e-3, metadata={
+        "help": "Lower bound of η. η = exp(log η) clamped to [lr_min, lr_max]: a plain η went negative or to 0 and "
+                "the set collapsed in a probe (METHOD.md)."})
+    lr_max: float = field(default=10.0, metadata={"help": "Upper bound of η."})
+    lr_grad_clip: float = field(default=1.0, metadata={
+        "help": "Each log η gradient is clipped to [-c, c] before the step, so η moves at most a few percent per "
+                "iteration (0 disables)."})
+    syn_momentum: float = field(default=0.5, metadata={"help": "SGD momentum of the outer optimiser (paper: 0.5)."})
+    blend_beta: float | None = field(default=None, metadata={
+        "help": "Representation blending: λ ~ Beta(β, β) per inner step; 0 disables blending (preset: 1 for "
+                "repblend, 0 for lors / mtt_vl)."})
+    matching: str | None = field(default=None, metadata={
+        "help": "'symmetric' matches both projection heads (RepBlend); 'asymmetric' matches the image encoder + "
+                "image head and the text head (LoRS / MTT-VL)."})
+    branch_normalization: str = field(default="separate", metadata={
+        "help": "'separate' sums per-branch normalised distances (Flickr settings); 'joint' uses one ratio (COCO)."})
+    meta_gradient: str | None = field(default=None, metadata={
+        "help": "'tesla' (the released code: detached inner gradients, per-step recomputation, constant memory) or "
+                "'unrolled' (exact; cheap when only heads are unrolled)."})
+    distill_loss: str | None = field(default=None, metadata={
+        "help": "Inner loss: 'wbce' against the learned similarity (LoRS / RepBlend) or 'infonce' (MTT-VL)."})
+    similarity: str | None = field(default=None, metadata={
+        "help": "Learned similarity kind: 'lowrank', 'full' or 'none' (preset). Rank and scale are in the config."})
+    encoder_chunk_size: int = field(default=0, metadata={
+        "help": "Synthetic images per chunk in the pixel backward. 0 keeps one forward graph for the iteration "
+                "(each touched image: one forward, one backward); >0 recomputes the forward chunk by chunk so memory "
+                "stays flat in N (one more forward per image)."})
+    num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
+    eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
+    max_steps: int = field(default=3000, metadata={"help": "Outer iterations (paper: 3000)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Constant outer learning rates."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "No global clipping (see lr_grad_clip)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N iterations."})
+    save_steps: float = field(default=100, metadata={"help": "Checkpoint every N iterations."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep the last N checkpoints."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "One outer iteration per step."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.method in METHOD_PRESETS, f"method must be one of {sorted(METHOD_PRESETS)}, got {self.method!r}")
+        for name, value in METHOD_PRESETS[self.method].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        _check(self.syn_steps > 0, f"syn_steps must be > 0, got {self.syn_steps}")
+        _check(self.expert_epochs > 0, f"expert_epochs must be > 0, got {self.expert_epochs}")
+        _check(self.max_start_epoch > 0, f"max_start_epoch must be > 0, got {self.max_start_epoch}")
+        _check(self.mini_batch_size > 1, f"mini_batch_size must be > 1, got {self.mini_batch_size}")
+        for name in ("lr_img", "lr_txt", "lr_sim", "lr_lr", "lr_init"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(0 < self.lr_min <= self.lr_init <= self.lr_max,
+               f"need 0 < lr_min <= lr_init <= lr_max, got {self.lr_min}, {self.lr_init}, {self.lr_max}")
+        _check(self.lr_grad_clip >= 0, f"lr_grad_clip must be >= 0 (0 disables), got {self.lr_grad_clip}")
+        _check(0 <= self.syn_momentum < 1, f"syn_momentum must be in [0, 1), got {self.syn_momentum}")
+        _check(self.blend_beta >= 0, f"blend_beta must be >= 0, got {self.blend_beta}; use 0 to disable blending")
+        _check(self.matching in ("symmetric", "asymmetric"),
+               f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")
+        _check(self.branch_normalization in ("separate", "joint"),
+               f"branch_normalization must be 'separate' or 'joint', got {self.branch_normalization!r}")
+        _check(self.meta_gradient in ("tesla", "unrolled"),
+               f"meta_gradient must be 'tesla' or 'unrolled', got {self.meta_gradient!r}")
+        _check(self.distill_loss in ("wbce", "infonce"),
+               f"distill_loss must be 'wbce' or 'infonce', got {self.distill_loss!r}")
+        _check(self.similarity in ("lowrank", "full", "none"),
+               f"similarity must be 'lowrank', 'full' or 'none', got {self.similarity!r}")
+        _check(self.distill_loss != "infonce" or self.similarity == "none",
+               "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')")
+        _check(self.encoder_chunk_size >= 0, f"encoder_chunk_size must be >= 0, got {self.encoder_chunk_size}")
+        _check(self.num_eval_seeds > 0, f"num_eval_seeds must be > 0, got {self.num_eval_seeds}")
