@@ -1,0 +1,259 @@
+"""The evaluation protocol: retrieval metrics, modality diagnostics, training fresh heads."""
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from repblend_hf.evaluation import (
+    METRIC_NAMES,
+    PairSet,
+    evaluate_pairs,
+    modality_diagnostics,
+    retrieval_metrics,
+    score_split,
+    train_heads,
+)
+from repblend_hf.features import FeatureSplit
+from repblend_hf.modeling import flatten_parameters
+
+# --------------------------------------------------------------------------------------------------
+# retrieval_metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def brute_force_metrics(scores: np.ndarray, caption_to_image: np.ndarray) -> dict[str, float]:
+    """The released ``itm_eval``, one loop per image and caption (argsort ranks; fine without ties)."""
+    num_images, num_captions = scores.shape
+    tr_ranks = []
+    for i in range(num_images):
+        inds = np.argsort(scores[i])[::-1]
+        tr_ranks.append(min(int(np.where(inds == c)[0][0]) for c in range(num_captions) if caption_to_image[c] == i))
+    ir_ranks = []
+    for c in range(num_captions):
+        inds = np.argsort(scores[:, c])[::-1]
+        ir_ranks.append(int(np.where(inds == caption_to_image[c])[0][0]))
+    out = {}
+    for name, ranks in (("IR", ir_ranks), ("TR", tr_ranks)):
+        for k in (1, 5, 10):
+            out[f"{name}@{k}"] = 100.0 * sum(r < k for r in ranks) / len(ranks)
+    out["r_mean"] = sum(out.values()) / 6
+    return out
+
+
+@pytest.mark.parametrize("shuffle_captions", [False, True])
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 37])
+def test_retrieval_metrics_matches_brute_force_with_unequal_caption_counts(shuffle_captions, chunk_elements):
+    rng = np.random.default_rng(3)
+    num_images = 30
+    counts = rng.integers(1, 8, size=num_images)  # 1..7 captions per image
+    caption_to_image = np.repeat(np.arange(num_images), counts)
+    if shuffle_captions:  # contiguity is not required
+        caption_to_image = rng.permutation(caption_to_image)
+    scores = rng.normal(size=(num_images, caption_to_image.size))
+    scores[caption_to_image, np.arange(caption_to_image.size)] += 1.5  # positives score higher: recalls in (0, 100)
+    expected = brute_force_metrics(scores, caption_to_image)
+    got = retrieval_metrics(scores, caption_to_image, chunk_elements=chunk_elements)
+    assert list(got) == list(METRIC_NAMES)
+    assert got == pytest.approx(expected)
+    assert 0 < got["TR@1"] < 100 and 0 < got["IR@1"] < 100
+    # torch input (float32 on purpose) gives the same numbers
+    got_torch = retrieval_metrics(torch.from_numpy(scores).float(), torch.from_numpy(caption_to_image))
+    assert got_torch == pytest.approx(expected)
+
+
+def test_retrieval_metrics_hand_made_case():
+    # 3 images; image 0 has captions 0, 1; image 1 has caption 2; image 2 has captions 3, 4.
+    caption_to_image = [0, 0, 1, 2, 2]
+    scores = np.array(
+        [
+            [0.1, 0.9, 0.8, 0.2, 0.3],  # image 0: best caption 1 ranks first -> TR@1 hit
+            [0.5, 0.1, 0.4, 0.6, 0.7],  # image 1: caption 2 has 3 captions above it (rank 3) -> TR@1 miss, TR@5 hit
+            [0.0, 0.2, 0.3, 0.1, 0.9],  # image 2: caption 4 ranks first -> hit
+        ]
+    )
+    # IR ranks (column-wise, images strictly above the positive):
+    # c0: image 0 has 0.1, above it 0.5 (img 1) -> rank 1; c1: 0.9 top -> 0; c2: img1 0.4, above 0.8 (img 0)
+    # and none else (0.3 < 0.4) -> 1; c3: img2 0.1, above 0.2 and 0.6 -> 2; c4: img2 0.9 top -> 0.
+    got = retrieval_metrics(scores, caption_to_image)
+    assert got["TR@1"] == pytest.approx(200 / 3)
+    assert got["TR@5"] == got["TR@10"] == 100.0
+    assert got["IR@1"] == pytest.approx(40.0)
+    assert got["IR@5"] == got["IR@10"] == 100.0
+    assert got["r_mean"] == pytest.approx((200 / 3 + 100 + 100 + 40 + 100 + 100) / 6)
+
+
+def test_retrieval_metrics_ties_count_for_the_positive():
+    # Only strictly greater scores push a positive down, so constant scores give rank 0 everywhere.
+    scores = np.zeros((3, 3))
+    assert retrieval_metrics(scores, [0, 1, 2])["r_mean"] == 100.0
+    scores = np.array([[1.0, 1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    got = retrieval_metrics(scores, [0, 1, 2])
+    assert got["TR@1"] == pytest.approx(100 / 3 * 2)  # image 0: caption 2 strictly above its caption 0
+    assert got["IR@1"] == pytest.approx(100 / 3)  # c1, c2 have a strictly greater image 0
+
+
+def test_retrieval_metrics_errors():
+    with pytest.raises(ValueError, match=r"1 image\(s\) have no caption \(first: image 1\)"):
+        retrieval_metrics(np.zeros((3, 2)), [0, 2])
+    with pytest.raises(ValueError, match="caption_to_image has 3 entries but scores has 2 caption columns"):
+        retrieval_metrics(np.zeros((2, 2)), [0, 1, 1])
+    with pytest.raises(ValueError, match=r"caption_to_image must index images 0\.\.1"):
+        retrieval_metrics(np.zeros((2, 2)), [0, 2])
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        retrieval_metrics(np.array([[np.nan, 0.0], [0.0, 1.0]]), [0, 1])
+
+
+# --------------------------------------------------------------------------------------------------
+# modality_diagnostics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_modality_diagnostics_matches_the_formula():
+    torch.manual_seed(1)
+    image = torch.randn(5, 4) * 3 + 1
+    text = torch.randn(7, 4)
+
+    def mean_pairwise_cosine(x):
+        values = [torch.nn.functional.cosine_similarity(x[i], x[j], dim=0).item()
+                  for i in range(len(x)) for j in range(len(x)) if i != j]
+        return sum(values) / len(values)
+
+    expected_gap = (image / image.norm(dim=1, keepdim=True)).mean(0) - (text / text.norm(dim=1, keepdim=True)).mean(0)
+    got = modality_diagnostics(image, text.numpy())
+    assert got["sim_image"] == pytest.approx(mean_pairwise_cosine(image), abs=1e-6)
+    assert got["sim_text"] == pytest.approx(mean_pairwise_cosine(text), abs=1e-6)
+    assert got["gap"] == pytest.approx(expected_gap.norm().item(), abs=1e-6)
+    # identical, collapsed embeddings: similarity 1, no gap
+    same = torch.ones(3, 4)
+    assert modality_diagnostics(same, 2 * same) == pytest.approx({"sim_image": 1.0, "sim_text": 1.0, "gap": 0.0})
+
+
+# --------------------------------------------------------------------------------------------------
+# train_heads / evaluate_pairs on a tiny synthetic problem: text = image @ W + noise
+# --------------------------------------------------------------------------------------------------
+
+D_IMG, D_TXT, EMBED = 24, 16, 32
+
+
+def make_problem(seed=0, num_train=64, num_eval_images=40, captions_per_image=2, views=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D_IMG, D_TXT, generator=torch.Generator().manual_seed(1234)) / math.sqrt(D_IMG)
+
+    def split(num_images):
+        image = torch.randn(num_images, D_IMG, generator=g)
+        c2i = torch.arange(num_images).repeat_interleave(captions_per_image)
+        text = image[c2i] @ w + 0.3 * torch.randn(c2i.numel(), D_TXT, generator=g)
+        augmented = None
+        if views:
+            augmented = image[:, None] + 0.1 * torch.randn(num_images, views, D_IMG, generator=g)
+        return FeatureSplit(image, text, c2i, augmented)
+
+    image = torch.randn(num_train, D_IMG, generator=g)
+    pairs = PairSet(image, image @ w + 0.3 * torch.randn(num_train, D_TXT, generator=g))
+    return pairs, split(num_eval_images), split(num_eval_images)
+
+
+def test_train_heads_learns_the_tiny_problem():
+    pairs, validation, test = make_problem()
+    trained = train_heads(pairs, embed_dim=EMBED, loss="infonce", lr=0.1, epochs=30, validation=validation, seed=0)
+    untrained = train_heads(pairs, embed_dim=EMBED, loss="infonce", lr=0.1, epochs=0, seed=0).heads
+    assert not torch.equal(flatten_parameters(trained.heads), flatten_parameters(untrained))
+    assert trained.train_loss[-1] < 0.5 * trained.train_loss[0]
+    assert [h["epoch"] for h in trained.history] == [0, 6, 12, 18, 24, 30]
+    chance = retrieval_metrics(torch.randn(40, 80), test.caption_to_image)["r_mean"]
+    metrics = retrieval_metrics(score_split(trained.heads, test), test.caption_to_image)
+    assert metrics["r_mean"] > chance + 30
+    # the kept state is the best-by-validation one
+    best = max(trained.history, key=lambda h: h["validation"]["r_mean"])
+    assert trained.best_epoch == best["epoch"]
+    assert retrieval_metrics(score_split(trained.heads, validation), validation.caption_to_image) == best["validation"]
+
+
+def test_wbce_without_similarity_equals_identity_similarity():
+    pairs, _, _ = make_problem(num_train=50)
+    with_identity = PairSet(pairs.image_features, pairs.text_features, torch.eye(50))
+    kwargs = dict(embed_dim=EMBED, loss="wbce", lr=0.5, epochs=5, batch_size=16, seed=3)
+    a = train_heads(pairs, **kwargs)
+    b = train_heads(with_identity, **kwargs)
+    assert torch.equal(flatten_parameters(a.heads), flatten_parameters(b.heads))
+    assert a.train_loss == b.train_loss
+
+
+def test_train_heads_is_reproducible_and_leaves_the_global_rng_alone():
+    pairs, validation, _ = make_problem()
+    kwargs = dict(embed_dim=EMBED, loss="infonce", lr=0.1, epochs=4, batch_size=16, validation=validation)
+    state = torch.get_rng_state()
+    a, b = train_heads(pairs, seed=7, **kwargs), train_heads(pairs, seed=7, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(flatten_parameters(a.heads), flatten_parameters(b.heads))
+    assert a.history == b.history
+    c = train_heads(pairs, seed=8, **kwargs)
+    assert not torch.equal(flatten_parameters(a.heads), flatten_parameters(c.heads))
+
+
+def test_learned_lrs_and_the_decay_epoch():
+    pairs, _, _ = make_problem()
+    base = dict(embed_dim=EMBED, loss="infonce", epochs=3, seed=0)
+    learned = PairSet(pairs.image_features, pairs.text_features, lr_img=0.2, lr_txt=0.05)
+    explicit = train_heads(pairs, lr_img=0.2, lr_txt=0.05, **base)
+    assert torch.equal(flatten_parameters(train_heads(learned, **base).heads), flatten_parameters(explicit.heads))
+    # decaying from epoch 1 on is training at 0.1 × lr throughout
+    decayed = train_heads(pairs, lr=0.2, decay_epoch=1, **base)
+    small = train_heads(pairs, lr=0.02, decay_epoch=99, **base)
+    assert torch.allclose(flatten_parameters(decayed.heads), flatten_parameters(small.heads), atol=1e-6)
+    with pytest.raises(ValueError, match="no learning rate for lr_img"):
+        train_heads(pairs, **base)
+    with pytest.raises(ValueError, match="loss='infonce' ignores it"):
+        train_heads(PairSet(pairs.image_features, pairs.text_features, torch.eye(64)), lr=0.1, **base)
+    with pytest.raises(ValueError, match=r"loss must be one of \['wbce', 'infonce'\], got 'mse'"):
+        train_heads(pairs, lr=0.1, **{**base, "loss": "mse"})
+    with pytest.raises(ValueError, match="lr_txt must be > 0, got -0.1"):
+        PairSet(pairs.image_features, pairs.text_features, lr_txt=-0.1)
+
+
+def test_full_split_training_with_several_captions_and_views():
+    _, validation, test = make_problem()
+    _, train, _ = make_problem(seed=5, num_eval_images=200, captions_per_image=3, views=2)
+    trained = train_heads(train, embed_dim=EMBED, loss="infonce", lr=0.1, epochs=8, batch_size=32, seed=0,
+                          validation=validation)
+    assert trained.train_loss[-1] < trained.train_loss[0]
+    assert trained.history[-1]["validation"]["r_mean"] > trained.history[0]["validation"]["r_mean"] + 20
+
+
+def test_diverged_training_scores_zero_and_warns():
+    pairs, validation, _ = make_problem()
+    with pytest.warns(RuntimeWarning, match="diverged at epoch"):
+        trained = train_heads(pairs, embed_dim=EMBED, loss="wbce", lr=1e30, epochs=5, eval_epochs=(0, 5),
+                              validation=validation)
+    assert trained.diverged_epoch is not None
+    assert trained.history[-1]["validation"]["r_mean"] == 0.0
+    assert trained.best_epoch == 0  # the untrained heads stay the selection
+
+
+def test_evaluate_pairs_selects_on_validation_and_summarises():
+    pairs, validation, test = make_problem()
+    result = evaluate_pairs(pairs, validation, test, seeds=(0, 1), embed_dim=EMBED, loss="infonce", lr=0.1,
+                            epochs=10, eval_epochs=(0, 5, 10))
+    assert [s.seed for s in result.seeds] == [0, 1]
+    for seed in result.seeds:
+        by_epoch = {h["epoch"]: h for h in seed.history}
+        assert seed.selected_epoch == max(by_epoch, key=lambda e: (by_epoch[e]["validation"]["r_mean"], -e))
+        assert seed.test == by_epoch[seed.selected_epoch]["test"]
+        assert seed.test_selected_on_test["r_mean"] >= seed.test["r_mean"]
+        assert set(seed.diagnostics) == {"sim_image", "sim_text", "gap"}
+    summary = result.summary()
+    assert set(summary) == {"validation", "test", "test_selected_on_test", "diagnostics"}
+    values = [s.test["r_mean"] for s in result.seeds]
+    assert summary["test"]["r_mean"] == pytest.approx({"mean": np.mean(values), "std": np.std(values)})
+    assert set(summary["test"]) == set(METRIC_NAMES)
+    assert result.settings["loss"] == "infonce" and result.to_dict()["summary"] == summary
+
+
+def test_evaluate_pairs_and_train_heads_share_defaults():
+    train_params = inspect.signature(train_heads).parameters
+    for name, param in inspect.signature(evaluate_pairs).parameters.items():
+        if name in train_params and name not in ("train", "validation"):
+            assert param.default == train_params[name].default, name
