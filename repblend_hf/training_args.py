@@ -35,8 +35,8 @@ def _check(ok: bool, message: str) -> None:
 class ExpertTrainingArguments(TrainingArguments):
     """Arguments of :class:`~repblend_hf.trainers.ExpertTrainer` (METHOD.md, "Expert trajectories").
 
-    Defaults that differ from ``TrainingArguments``: ``learning_rate=0.1`` (SGD, no momentum, no weight
-    decay), ``num_train_epochs=10``, ``per_device_train_batch_size=128``, ``lr_scheduler_type="constant"``,
+    Defaults that differ from ``TrainingArguments``: ``optim="sgd"``, ``learning_rate=0.1`` (no momentum, no
+    weight decay), ``num_train_epochs=10``, ``per_device_train_batch_size=128``, ``lr_scheduler_type="constant"``,
     ``max_grad_norm=0`` (no clipping), ``save_strategy="no"`` (an expert is saved whole when it is done),
     ``logging_steps=50``, ``report_to="none"``, ``remove_unused_columns=False``.
     """
@@ -48,6 +48,7 @@ class ExpertTrainingArguments(TrainingArguments):
     embed_dim: int = field(default=512, metadata={"help": "Output dimension of both projection heads (paper: 2304)."})
     temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature τ (not learned)."})
     learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the experts (paper: 0.1)."})
+    optim: str = field(default="sgd", metadata={"help": "Experts use plain SGD (no momentum, no weight decay)."})
     num_train_epochs: float = field(default=10, metadata={"help": "Epochs per expert (paper: 10)."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Expert batch size (paper: 128)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Experts use a constant learning rate."})
@@ -117,6 +118,9 @@ class DistillationArguments(TrainingArguments):
         "help": "Synthetic images per chunk in the pixel backward. 0 keeps one forward graph for the iteration "
                 "(each touched image: one forward, one backward); >0 recomputes the forward chunk by chunk so memory "
                 "stays flat in N (one more forward per image)."})
+    encoder_per_step: bool = field(default=False, metadata={
+        "help": "Run the image encoder inside every inner step, as the authors' code does (20 forwards per step, "
+                "again when TESLA recomputes). Same gradient, more encoder work; for benchmarks and checks."})
     num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
     eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
     max_steps: int = field(default=3000, metadata={"help": "Outer iterations (paper: 3000)."})

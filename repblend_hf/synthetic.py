@@ -1,0 +1,191 @@
+"""SyntheticSet: the learnable distilled image-text pairs, and their exact round trip to a Dataset.
+
+METHOD.md, "Distillation loop": the learnable tensors are the synthetic images (normalised pixels),
+the synthetic text embeddings (of the frozen text encoder), the learned soft similarity, and the two
+inner learning rates η, here parametrised as log η so they stay positive. DESIGN.md, "The Hub
+artefact": one row per pair with a viewable ``image`` (uint8 preview), the exact ``pixel_values``
+(float32 ``Array3D``), the ``text_embedding``, the row's similarity factors and, when known, the
+nearest real caption.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .configuration import RepBlendConfig
+from .similarity import SoftSimilarity, build_similarity
+
+__all__ = ["SyntheticSet"]
+
+DATA_FILE = "data/train-00000-of-00001.parquet"
+
+
+class SyntheticSet(nn.Module):
+    """The distilled set as an ``nn.Module`` of learnable tensors (the DistillationTrainer's model).
+
+    Parameters: ``pixel_values`` [N, 3, H, W], ``text_embeddings`` [N, d_txt], the similarity module's
+    parameters, and ``log_lr_img`` / ``log_lr_txt`` (η = exp(log η), clamped to bounds by
+    :meth:`inner_lrs`). ``config`` describes what the set is and is saved alongside.
+    """
+
+    def __init__(self, config: RepBlendConfig, pixel_values: torch.Tensor | None = None,
+                 text_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        n, s = config.num_pairs, config.image_size
+        self.config = config
+        if pixel_values is None:
+            pixel_values = torch.zeros(n, 3, s, s)
+        if text_embeddings is None:
+            text_embeddings = torch.zeros(n, config.text_dim)
+        if tuple(pixel_values.shape) != (n, 3, s, s):
+            raise ValueError(f"pixel_values must have shape {(n, 3, s, s)} (num_pairs, 3, image_size, image_size), "
+                             f"got {tuple(pixel_values.shape)}")
+        if tuple(text_embeddings.shape) != (n, config.text_dim):
+            raise ValueError(f"text_embeddings must have shape {(n, config.text_dim)} (num_pairs, text_dim), "
+                             f"got {tuple(text_embeddings.shape)}")
+        self.pixel_values = nn.Parameter(pixel_values.detach().clone().float())
+        self.text_embeddings = nn.Parameter(text_embeddings.detach().clone().float())
+        self.similarity: SoftSimilarity = build_similarity(config.similarity, n, rank=config.sim_rank,
+                                                           alpha=config.sim_alpha)
+        self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.lr_img)))
+        self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.lr_txt)))
+
+    @property
+    def num_pairs(self) -> int:
+        return self.config.num_pairs
+
+    def inner_lrs(self, lr_min: float = 0.0, lr_max: float = math.inf) -> dict[str, torch.Tensor]:
+        """The inner learning rates η per branch, ``exp(log η)`` clamped to ``[lr_min, lr_max]``."""
+        lo = math.log(lr_min) if lr_min > 0 else -math.inf
+        hi = math.log(lr_max)
+        return {"image": self.log_lr_img.clamp(lo, hi).exp(), "text": self.log_lr_txt.clamp(lo, hi).exp()}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimiser group: ``images``, ``texts``, ``similarity``, ``lrs``."""
+        return {"images": [self.pixel_values], "texts": [self.text_embeddings],
+                "similarity": list(self.similarity.parameters()), "lrs": [self.log_lr_img, self.log_lr_txt]}
+
+    def sync_config(self) -> RepBlendConfig:
+        """Write the current learned learning rates into ``config`` and return it."""
+        lrs = {k: v.detach() for k, v in self.inner_lrs().items()}
+        self.config.lr_img = float(lrs["image"])
+        self.config.lr_txt = float(lrs["text"])
+        return self.config
+
+    def forward(self, surrogate_grads: list[tuple[nn.Parameter, torch.Tensor]], loss: torch.Tensor) -> torch.Tensor:
+        """A scalar whose value is ``loss`` and whose gradient w.r.t. each parameter is the given one.
+
+        The DistillationTrainer computes the meta-gradient itself (TESLA or unrolled, then one pass
+        through the encoder to the pixels); going through ``forward`` lets ``Trainer`` / accelerate
+        run the usual backward (DDP averaging, grad scaling) on it.
+        """
+        out = loss.detach()
+        for param, grad in surrogate_grads:
+            out = out + (param * grad.detach()).sum() - (param.detach() * grad.detach()).sum()
+        return out
+
+    @classmethod
+    def from_real(cls, config: RepBlendConfig, images, caption_features: torch.Tensor,
+                  caption_offsets: torch.Tensor, image_encoder, seed: int = 0) -> SyntheticSet:
+        """Initialise from N random real pairs (METHOD.md: "initialised from N random real training pairs").
+
+        ``images`` is the train split's image column (PIL images), ``caption_features`` /
+        ``caption_offsets`` its cached text embeddings (see ``FeatureSplit``); each chosen image goes
+        through the encoder's eval transform and is paired with one random caption's embedding.
+        """
+        g = torch.Generator().manual_seed(seed)
+        n_real = len(caption_offsets) - 1
+        if config.num_pairs > n_real:
+            raise ValueError(f"num_pairs={config.num_pairs} exceeds the {n_real} training images; lower num_pairs")
+        chosen = torch.randperm(n_real, generator=g)[: config.num_pairs]
+        pixels, texts = [], []
+        for i in chosen.tolist():
+            pixels.append(image_encoder.eval_transform(images[i].convert("RGB")))
+            lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
+            texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
+        synthetic = cls(config, torch.stack(pixels), torch.stack(texts))
+        synthetic.init_indices = chosen
+        return synthetic
+
+    # ----- Dataset round trip ---------------------------------------------------------------------------------
+
+    def to_dataset(self, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                   nearest_captions: list[str] | None = None):
+        """One row per pair: ``image`` preview, exact ``pixel_values``, ``text_embedding``, similarity factors.
+
+        ``mean`` / ``std`` are the encoder's normalisation, used only to render the uint8 preview.
+        """
+        from datasets import Array3D, Dataset, Features, Image, List, Value
+
+        n, s = self.num_pairs, self.config.image_size
+        pixels = self.pixel_values.detach().cpu().float()
+        rows = [self.similarity.row_factors(i) for i in range(n)]
+        factor_names = sorted(rows[0]) if rows else []
+        columns = {
+            "image": [self._preview(pixels[i], mean, std) for i in range(n)],
+            "pixel_values": pixels.numpy(),
+            "text_embedding": self.text_embeddings.detach().cpu().float().numpy(),
+            **{f"similarity_{k}": [r[k].cpu().float().numpy() for r in rows] for k in factor_names},
+        }
+        features = {"image": Image(), "pixel_values": Array3D(shape=(3, s, s), dtype="float32"),
+                    "text_embedding": List(Value("float32"), length=self.config.text_dim),
+                    **{f"similarity_{k}": List(Value("float32")) for k in factor_names}}
+        if nearest_captions is not None:
+            columns["nearest_caption"] = list(nearest_captions)
+            features["nearest_caption"] = Value("string")
+        return Dataset.from_dict(columns, features=Features(features))
+
+    @staticmethod
+    def _preview(pixels: torch.Tensor, mean, std):
+        from PIL import Image as PILImage
+
+        mean = torch.tensor(mean or (0.5, 0.5, 0.5)).view(3, 1, 1)
+        std = torch.tensor(std or (0.5, 0.5, 0.5)).view(3, 1, 1)
+        img = (pixels * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+        return PILImage.fromarray(img)
+
+    @classmethod
+    def from_dataset(cls, dataset, config: RepBlendConfig) -> SyntheticSet:
+        """Rebuild the exact tensors from :meth:`to_dataset`'s rows (bit-exact float32)."""
+        needed = ["pixel_values", "text_embedding"]
+        missing = [c for c in needed if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"this dataset is not a distilled set: it lacks column(s) {missing} "
+                             f"(columns: {dataset.column_names}); expected a repblend_hf SyntheticSet export")
+        if len(dataset) != config.num_pairs:
+            raise ValueError(f"dataset has {len(dataset)} rows but config.num_pairs is {config.num_pairs}")
+        table = dataset.with_format("numpy")
+        synthetic = cls(config, torch.from_numpy(np.asarray(table["pixel_values"], dtype=np.float32)),
+                        torch.from_numpy(np.asarray(table["text_embedding"], dtype=np.float32)))
+        factor_columns = [c for c in dataset.column_names if c.startswith("similarity_")]
+        if factor_columns:
+            rows = [{c[len("similarity_"):]: torch.from_numpy(np.asarray(table[i][c], dtype=np.float32))
+                     for c in factor_columns} for i in range(len(dataset))]
+            synthetic.similarity.load_row_factors(rows)
+        return synthetic
+
+    def save_pretrained(self, directory: str | os.PathLike, mean=None, std=None,
+                        nearest_captions: list[str] | None = None) -> Path:
+        """Write ``config.json`` (learned lrs included) and the rows as Parquet, a layout ``load_dataset`` reads."""
+        directory = Path(directory)
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        self.sync_config().save_pretrained(directory)
+        self.to_dataset(mean, std, nearest_captions).to_parquet(str(directory / DATA_FILE))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SyntheticSet:
+        """Load a set written by :meth:`save_pretrained` from a local directory."""
+        from datasets import Dataset
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file() or not (directory / DATA_FILE).is_file():
+            raise ValueError(f"{directory} is not a saved distilled set: expected config.json and {DATA_FILE}")
+        config = RepBlendConfig.from_pretrained(directory)
+        return cls.from_dataset(Dataset.from_parquet(str(directory / DATA_FILE)), config)

@@ -1,0 +1,281 @@
+"""DistillationTrainer: RepBlend (and LoRS / MTT-VL) distillation as a ``transformers.Trainer``.
+
+METHOD.md, "Distillation loop". The model is the :class:`~repblend_hf.SyntheticSet`; one training
+step is one outer iteration. ``compute_loss`` samples an expert segment, runs the student's inner
+loop (:func:`~repblend_hf.distillation.matching_gradients`) and returns a scalar whose value is the
+matching loss and whose gradient is the meta-gradient, so the Trainer's own backward, optimiser
+step, logging, checkpointing and resume do the rest.
+
+DESIGN.md, "Where the speed comes from": for symmetric matching the frozen encoder runs once per
+iteration on the distinct synthetic images the iteration touches; the inner loop works on those
+features, the gradients of all inner steps are summed on the features, and one backward pass
+(optionally chunked) carries them to the pixels. This is exact because the encoder is frozen and in
+eval mode. The encoder stays outside the wrapped module, like timm's distillation teacher.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from ..distillation import matching_gradients, plan_inner_loop
+from ..evaluation import PairSet, embed_split, modality_diagnostics, train_heads
+from ..features import FeatureSplit
+from ..modeling import RetrievalHeads
+from ..synthetic import SyntheticSet
+from ..training_args import DistillationArguments
+from ..trajectories import ExpertTrajectories
+
+__all__ = ["DistillationTrainer"]
+
+
+class _Iterations(Dataset):
+    """One item per outer iteration; the iteration's randomness comes from (seed, step, rank)."""
+
+    def __init__(self, num_iterations: int):
+        self.num_iterations = num_iterations
+
+    def __len__(self) -> int:
+        return self.num_iterations
+
+    def __getitem__(self, i: int) -> dict[str, int]:
+        return {"iteration": i}
+
+
+class _PerStepEncoder(nn.Module):
+    """The frozen encoder called inside each inner step (the authors' design), counting its passes.
+
+    It registers no parameters of its own, so the student's image branch stays the head alone.
+    """
+
+    def __init__(self, encoder: nn.Module, encode, passes: dict[str, int]):
+        super().__init__()
+        self.__dict__["encoder"] = encoder  # not a submodule: its frozen weights are not student parameters
+        self.__dict__["encode"] = encode
+        self.__dict__["passes"] = passes
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        rows = len(pixels)
+        self.passes["forward"] += rows
+        out = self.encode(pixels)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._count_backward(rows))
+        return out
+
+    def _count_backward(self, rows: int) -> None:
+        self.passes["backward"] += rows
+
+
+class DistillationTrainer(Trainer):
+    """Optimise a SyntheticSet so that heads trained on it follow the expert trajectories.
+
+    Args:
+        model: the :class:`SyntheticSet` being distilled.
+        args: :class:`DistillationArguments`.
+        trajectories: the experts (:class:`ExpertTrajectories`); their branch sizes must match the heads.
+        image_encoder: the frozen :class:`~repblend_hf.encoders.FrozenImageEncoder` (kept unwrapped).
+        validation: cached features of the real validation split; evaluation trains fresh heads on the
+            current set and logs validation r_mean and the modality diagnostics.
+    """
+
+    def __init__(self, model: SyntheticSet, args: DistillationArguments, trajectories: ExpertTrajectories,
+                 image_encoder: nn.Module, validation: FeatureSplit | None = None, **kwargs):
+        self.image_encoder = image_encoder
+        self.trajectories = trajectories
+        self.validation = validation
+        config = model.config
+        self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim)
+        expected = {b: sum(p.numel() for p in h.parameters()) for b, h in self.heads.branches().items()}
+        if args.matching == "asymmetric":
+            expected["image"] += sum(p.numel() for p in image_encoder.model.parameters())
+        trajectories.check_compatible(expected)
+        if args.similarity != config.similarity:
+            raise ValueError(f"args.similarity={args.similarity!r} but the SyntheticSet was built with "
+                             f"config.similarity={config.similarity!r}; build the config from the arguments")
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.encoder_passes = {"forward": 0, "backward": 0}
+        kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
+        if validation is not None:
+            # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
+            kwargs.setdefault("eval_dataset", _Iterations(1))
+        super().__init__(model=model, args=args, **kwargs)
+        self.image_encoder.to(self.args.device)
+        self.heads.to(self.args.device)
+
+    # ----- optimiser --------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """SGD with momentum ``syn_momentum`` and one lr per group: images, texts, similarity, lrs."""
+        if self.optimizer is None:
+            args = self.args
+            lr = {"images": args.lr_img, "texts": args.lr_txt, "similarity": args.lr_sim, "lrs": args.lr_lr}
+            groups = [{"params": params, "lr": lr[name], "name": name}
+                      for name, params in self._synthetic.parameter_groups().items() if params]
+            self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
+        return self.optimizer
+
+    @property
+    def _synthetic(self) -> SyntheticSet:
+        return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+
+    # ----- one outer iteration ----------------------------------------------------------------------------
+
+    def _generator(self) -> torch.Generator:
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1009 + self.args.process_index
+        return torch.Generator().manual_seed(seed)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            return self.image_encoder(pixels).float()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        syn = self._synthetic
+        device = syn.pixel_values.device
+        g = self._generator()
+        segment = self.trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g, device=device)
+        plan = plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g)
+        touched = plan.touched.to(device)
+        plan.touched, plan.batches = touched, [b.to(device) for b in plan.batches]
+        plan.blends = [type(b)(b.lam, b.perm.to(device)) for b in plan.blends]
+
+        pixels = syn.pixel_values.detach()[touched]
+        symmetric = args.matching == "symmetric" and not args.encoder_per_step
+        student_encoder = None
+        if args.matching == "asymmetric":
+            student_encoder = self.image_encoder.model
+        elif args.encoder_per_step:
+            student_encoder = _PerStepEncoder(self.image_encoder, self._encode, self.encoder_passes)
+        if symmetric:
+            if args.encoder_chunk_size:
+                with torch.no_grad():
+                    feats = torch.cat([self._encode(c) for c in pixels.split(args.encoder_chunk_size)])
+                pixel_leaf = None
+            else:
+                pixel_leaf = pixels.requires_grad_(True)
+                feats = self._encode(pixel_leaf)
+            self.encoder_passes["forward"] += len(touched)
+            image_inputs = feats.detach().requires_grad_(True)
+        else:
+            image_inputs = pixels.requires_grad_(True)
+        text_inputs = syn.text_embeddings.detach()[touched].requires_grad_(True)
+        lrs = syn.inner_lrs(args.lr_min, args.lr_max)
+        eta = {b: v.detach().requires_grad_(True) for b, v in lrs.items()}
+        sim_params = list(syn.similarity.parameters())
+        targets = (lambda pos: syn.similarity(touched[pos])) if args.distill_loss == "wbce" else None
+        wrt = [image_inputs, text_inputs, eta["image"], eta["text"], *sim_params]
+        loss, grads, stats = matching_gradients(
+            self.heads, image_inputs, text_inputs, targets, plan, segment.start_params, segment.target_params, eta,
+            wrt, temperature=syn.config.temperature, distill_loss=args.distill_loss,
+            meta_gradient=args.meta_gradient, branch_normalization=args.branch_normalization,
+            image_encoder=student_encoder)
+        grads = [torch.zeros_like(t) if g_ is None else g_ for t, g_ in zip(wrt, grads)]
+        g_inputs, g_text, g_eta_img, g_eta_txt, *g_sim = grads
+
+        # Feature gradients → pixels: one backward through the frozen encoder (chunked on request).
+        if symmetric:
+            g_touched = self._pixel_gradient(pixels, pixel_leaf, feats, g_inputs)
+        else:
+            g_touched = g_inputs
+        g_pixels = torch.zeros_like(syn.pixel_values).index_add_(0, touched, g_touched)
+        g_texts = torch.zeros_like(syn.text_embeddings).index_add_(0, touched, g_text)
+        g_log = torch.autograd.grad([lrs["image"], lrs["text"]], [syn.log_lr_img, syn.log_lr_txt],
+                                    [g_eta_img, g_eta_txt], allow_unused=True)
+        g_log = [torch.zeros_like(p) if gl is None else gl for p, gl in zip((syn.log_lr_img, syn.log_lr_txt), g_log)]
+        if args.lr_grad_clip:
+            g_log = [gl.clamp(-args.lr_grad_clip, args.lr_grad_clip) for gl in g_log]
+
+        pairs = list(zip([syn.pixel_values, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
+                         [g_pixels, g_texts, *g_log, *g_sim]))
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(gr).all()) for _, gr in pairs)
+        self._skip_step = not finite
+        self._metrics["nonfinite_skipped"].append(float(not finite))
+        if not finite:
+            # Never let a non-finite value reach the synthetic set: zero surrogate now, and training_step
+            # drops the gradients so that SGD's momentum does not move the set either.
+            pairs = [(p, torch.zeros_like(p)) for p, _ in pairs]
+            loss = torch.zeros((), device=device)
+        self._log_iteration(loss, stats, lrs, plan, segment)
+        return model(surrogate_grads=pairs, loss=loss)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; after a skipped (non-finite) iteration the gradients are set to None."""
+        self._skip_step = False
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._skip_step:
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _pixel_gradient(self, pixels, pixel_leaf, feats, g_feats) -> torch.Tensor:
+        """``(∂ features / ∂ pixels)ᵀ g_feats`` for the touched images: one backward through the encoder."""
+        self.encoder_passes["backward"] += len(pixels)
+        if pixel_leaf is not None:
+            return torch.autograd.grad(feats, pixel_leaf, g_feats)[0]
+        out = []
+        for chunk, g_chunk in zip(pixels.split(self.args.encoder_chunk_size),
+                                  g_feats.split(self.args.encoder_chunk_size)):
+            leaf = chunk.detach().requires_grad_(True)
+            self.encoder_passes["forward"] += len(chunk)
+            out.append(torch.autograd.grad(self._encode(leaf), leaf, g_chunk)[0])
+        return torch.cat(out)
+
+    def _log_iteration(self, loss, stats, lrs, plan, segment) -> None:
+        m = self._metrics
+        m["matching_loss"].append(float(loss))
+        m["inner_loss_first"].append(stats["inner_loss_first"])
+        m["inner_loss_last"].append(stats["inner_loss_last"])
+        m["lr_img"].append(float(lrs["image"].detach()))
+        m["lr_txt"].append(float(lrs["text"].detach()))
+        m["blend_lambda"].append(sum(b.lam for b in plan.blends) / len(plan.blends))
+        m["start_epoch"].append(float(segment.start_epoch))
+        m["touched_images"].append(float(len(plan.touched)))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the iteration metrics averaged since the last log (TRL's ``_metrics`` pattern)."""
+        if self._metrics and "loss" in logs:
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ----- evaluation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def synthetic_pairs(self) -> PairSet:
+        """The current set as features: encoder features of the synthetic images, texts, S and η."""
+        syn = self._synthetic
+        feats = torch.cat([self._encode(c) for c in syn.pixel_values.detach().split(256)])
+        self.encoder_passes["forward"] += syn.num_pairs
+        lrs = syn.inner_lrs(self.args.lr_min, self.args.lr_max)
+        similarity = syn.similarity().detach() if self.args.distill_loss == "wbce" else None
+        return PairSet(feats.cpu(), syn.text_embeddings.detach().cpu(),
+                       None if similarity is None else similarity.cpu(),
+                       lr_img=float(lrs["image"]), lr_txt=float(lrs["text"]))
+
+    def evaluate(self, eval_dataset=None, ignore_keys: Sequence[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Train fresh heads on the current set and score them on the validation split (no test data)."""
+        if self.validation is None:
+            return {}
+        start = time.time()
+        pairs = self.synthetic_pairs()
+        rows = []
+        for seed in range(self.args.num_eval_seeds):
+            trained = train_heads(pairs, embed_dim=self._synthetic.config.embed_dim, loss=self.args.distill_loss,
+                                  epochs=self.args.eval_head_epochs, validation=self.validation,
+                                  temperature=self._synthetic.config.temperature, seed=seed)
+            best = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
+            rows.append({**best["validation"],
+                         **modality_diagnostics(*embed_split(trained.heads, self.validation))})
+        metrics = {f"{metric_key_prefix}_{k}": sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+

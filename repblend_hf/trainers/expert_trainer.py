@@ -1,0 +1,186 @@
+"""ExpertTrainer: train projection heads on the real data and record their trajectory.
+
+METHOD.md, "Expert trajectories": the two heads (encoders frozen) are trained with symmetric InfoNCE,
+SGD lr 0.1, batch 128, one random caption and one augmented view per image per step, and every head
+parameter is recorded at epoch 0 and after each epoch. With ``matching="asymmetric"`` (the LoRS /
+MTT-VL buffers) a trainable copy of the image encoder is trained from pixels as well and leads the
+``"image"`` branch vector.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback
+
+from ..features import FeatureSplit
+from ..losses import info_nce
+from ..modeling import RetrievalHeads, flatten_parameters, similarity_logits
+from ..training_args import ExpertTrainingArguments
+from ..trajectories import ExpertTrajectories, TrajectoryWriter
+
+__all__ = ["ExpertModel", "ExpertTrainer", "train_experts"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertModel(nn.Module):
+    """The retrieval heads (and, for asymmetric experts, a trainable image encoder) with an InfoNCE loss."""
+
+    def __init__(self, heads: RetrievalHeads, temperature: float, image_encoder: nn.Module | None = None):
+        super().__init__()
+        self.heads = heads
+        self.temperature = temperature
+        self.image_encoder = image_encoder
+
+    def train(self, mode: bool = True) -> ExpertModel:
+        super().train(mode)
+        if self.image_encoder is not None:
+            # Batch-norm statistics stay those of the pretrained encoder: the distillation student runs
+            # the encoder in eval mode too, so experts and student are the same function of θ.
+            self.image_encoder.eval()
+        return self
+
+    def forward(self, text_features: torch.Tensor, image_features: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        u = self.image_encoder(pixel_values) if self.image_encoder is not None else image_features
+        image_embeds, text_embeds = self.heads(u, text_features)
+        return {"loss": info_nce(similarity_logits(image_embeds, text_embeds, self.temperature))}
+
+    def branch_vectors(self) -> dict[str, torch.Tensor]:
+        """The flat parameter vector of each matched branch (``image`` leads with the encoder if trained)."""
+        image = flatten_parameters(self.heads.image_head)
+        if self.image_encoder is not None:
+            image = torch.cat([flatten_parameters(self.image_encoder), image])
+        return {"image": image, "text": flatten_parameters(self.heads.text_head)}
+
+
+class _FeaturePairs(Dataset):
+    """Image i → (one random cached augmented view, or the eval feature; one random caption's embedding)."""
+
+    def __init__(self, split: FeatureSplit):
+        self.split = split
+        self.offsets = split.caption_offsets()
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def _caption(self, i: int) -> torch.Tensor:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.split.caption_features[lo + int(torch.randint(hi - lo, (1,)))]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        views = self.split.augmented_image_features
+        if views is None:
+            image = self.split.image_features[i]
+        else:
+            image = views[i, int(torch.randint(views.shape[1], (1,)))]
+        return {"image_features": image, "text_features": self._caption(i)}
+
+
+class _PixelPairs(_FeaturePairs):
+    """Image i → (train-transformed pixels, one random caption's embedding), for asymmetric experts."""
+
+    def __init__(self, split: FeatureSplit, images, transform):
+        super().__init__(split)
+        self.images, self.transform = images, transform
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.transform(self.images[i].convert("RGB")), "text_features": self._caption(i)}
+
+
+class _TrajectoryRecorder(TrainerCallback):
+    """Records the branch vectors at the start (epoch 0) and after every epoch."""
+
+    def __init__(self, writer: TrajectoryWriter, expert_index: int):
+        self.writer, self.expert_index, self.epoch = writer, expert_index, 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.writer.discard(self.expert_index)
+        self.writer.record(self.expert_index, 0, _unwrap(model).branch_vectors())
+        self.epoch = 0
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.epoch += 1
+        self.writer.record(self.expert_index, self.epoch, _unwrap(model).branch_vectors())
+
+
+def _unwrap(model: nn.Module) -> ExpertModel:
+    return model.module if hasattr(model, "module") else model
+
+
+class ExpertTrainer(Trainer):
+    """A ``Trainer`` for one expert; the recording of its trajectory is a callback.
+
+    Compared with a plain ``Trainer`` it only adds the trajectory callback: the loss comes from
+    :class:`ExpertModel`, the optimiser is ``optim="sgd"`` from :class:`ExpertTrainingArguments`.
+    """
+
+    def __init__(self, model: ExpertModel, args: ExpertTrainingArguments, train_dataset: Dataset,
+                 writer: TrajectoryWriter, expert_index: int, **kwargs):
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.add_callback(_TrajectoryRecorder(writer, expert_index))
+
+
+def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory_dir: str, *,
+                  image_encoder=None, images=None, metadata: dict | None = None) -> ExpertTrajectories:
+    """Train ``args.num_experts`` experts into ``trajectory_dir``, skipping those already complete.
+
+    METHOD.md, "Expert trajectories". Expert ``e`` uses seed ``args.seed + e``. Symmetric experts
+    train on the cached features of ``train``; asymmetric ones (``args.matching="asymmetric"``) also
+    fine-tune a copy of ``image_encoder`` (a FrozenImageEncoder) on ``images`` (the train split's PIL
+    images) through its train-time transform. Each finished expert is written atomically, so a
+    killed run resumes where it stopped.
+    """
+    heads_template = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim)
+    probe = ExpertModel(heads_template, args.temperature, _trainable_copy(image_encoder, args))
+    info = {
+        "num_epochs": int(args.num_train_epochs),
+        "branch_sizes": {b: int(v.numel()) for b, v in probe.branch_vectors().items()},
+        "num_experts": args.num_experts,
+        "matching": args.matching,
+        "image_dim": int(train.image_features.shape[1]),
+        "text_dim": int(train.caption_features.shape[1]),
+        "embed_dim": args.embed_dim,
+        "temperature": args.temperature,
+        "learning_rate": args.learning_rate,
+        "batch_size": args.per_device_train_batch_size,
+        **(metadata or {}),
+    }
+    writer = TrajectoryWriter(trajectory_dir, info)
+    todo = [e for e in range(args.num_experts) if e not in writer.completed]
+    if len(todo) < args.num_experts:
+        logger.info("experts %s already complete in %s; training %s", writer.completed, trajectory_dir, todo)
+    for e in todo:
+        expert_args = dataclasses.replace(args, seed=args.seed + e)
+        torch.manual_seed(expert_args.seed)
+        model = ExpertModel(RetrievalHeads(*heads_template_dims(heads_template)), args.temperature,
+                            _trainable_copy(image_encoder, args))
+        if args.matching == "asymmetric":
+            dataset = _PixelPairs(train, images, image_encoder.train_transform)
+        else:
+            dataset = _FeaturePairs(train)
+        ExpertTrainer(model, expert_args, dataset, writer, e).train()
+    return ExpertTrajectories.load(trajectory_dir)
+
+
+def heads_template_dims(heads: RetrievalHeads) -> tuple[int, int, int]:
+    """(image_dim, text_dim, embed_dim) of a RetrievalHeads."""
+    return (heads.image_head.projection.in_features, heads.text_head.projection.in_features,
+            heads.image_head.projection.out_features)
+
+
+def _trainable_copy(image_encoder, args: ExpertTrainingArguments) -> nn.Module | None:
+    if args.matching != "asymmetric":
+        return None
+    if image_encoder is None:
+        raise ValueError("matching='asymmetric' trains the image encoder: pass image_encoder= and images=")
+    model = copy.deepcopy(image_encoder.model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,164 @@
+"""ExpertTrainer and DistillationTrainer on tiny random models (a handful of steps each)."""
+
+import pytest
+import torch
+
+from repblend_hf.configuration import RepBlendConfig
+from repblend_hf.distillation import matching_gradients, plan_inner_loop
+from repblend_hf.encoders import load_image_encoder
+from repblend_hf.features import FeatureSplit
+from repblend_hf.synthetic import SyntheticSet
+from repblend_hf.trainers import DistillationTrainer, train_experts
+from repblend_hf.training_args import DistillationArguments, ExpertTrainingArguments
+
+TEXT_DIM, EMBED, N, SIZE = 8, 8, 10, 32
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def real(encoder):
+    g = torch.Generator().manual_seed(1)
+    m, d = 120, encoder.feature_dim
+    image = torch.randn(m, d, generator=g)
+    mix = torch.randn(d, TEXT_DIM, generator=g) / d**0.5
+    text = (image @ mix).repeat_interleave(2, 0) + 0.1 * torch.randn(2 * m, TEXT_DIM, generator=g)
+    views = image.unsqueeze(1) + 0.05 * torch.randn(m, 2, d, generator=g)
+    return FeatureSplit(image, text, torch.arange(m).repeat_interleave(2), views)
+
+
+@pytest.fixture(scope="module")
+def experts_dir(real, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts")
+    args = ExpertTrainingArguments(output_dir=str(out / "run"), num_experts=2, num_train_epochs=3, embed_dim=EMBED,
+                                   disable_tqdm=True, logging_steps=1000)
+    train_experts(real, args, str(out / "trajectories"))
+    return out / "trajectories"
+
+
+@pytest.fixture(scope="module")
+def experts(experts_dir):
+    from repblend_hf.trajectories import ExpertTrajectories
+
+    return ExpertTrajectories.load(experts_dir)
+
+
+def _synthetic(encoder, seed=0, **config):
+    torch.manual_seed(seed)  # the low-rank similarity's L is drawn from the global generator
+    g = torch.Generator().manual_seed(seed)
+    cfg = RepBlendConfig(image_encoder="test_efficientnet", image_size=SIZE, image_dim=encoder.feature_dim,
+                         text_dim=TEXT_DIM, embed_dim=EMBED, num_pairs=N, sim_rank=2, **config)
+    return SyntheticSet(cfg, torch.randn(N, 3, SIZE, SIZE, generator=g), torch.randn(N, TEXT_DIM, generator=g))
+
+
+def _args(tmp_path, **kw):
+    defaults = dict(output_dir=str(tmp_path / "run"), max_steps=4, mini_batch_size=4, syn_steps=3, logging_steps=1,
+                    save_strategy="no", disable_tqdm=True, max_start_epoch=2, lr_img=1.0, lr_txt=1.0, lr_sim=0.1,
+                    lr_lr=1e-3, seed=3)
+    defaults.update(kw)
+    return DistillationArguments(**defaults)
+
+
+def test_experts_record_every_epoch_and_resume(experts, experts_dir, real, tmp_path):
+    assert len(experts) == 2 and experts.num_epochs == 3
+    first, last = experts.snapshot(0, 0), experts.snapshot(0, 3)
+    assert all(not torch.equal(first[b], last[b]) for b in first)
+    assert not torch.equal(experts.snapshot(0, 3)["image"], experts.snapshot(1, 3)["image"])  # seeds differ
+    # A third expert is added to the finished two without retraining them.
+    args = ExpertTrainingArguments(output_dir=str(tmp_path / "r"), num_experts=3, num_train_epochs=3,
+                                   embed_dim=EMBED, disable_tqdm=True)
+    mtime = (experts_dir / "expert_000.safetensors").stat().st_mtime_ns
+    again = train_experts(real, args, str(experts_dir))
+    assert len(again) == 3
+    assert (experts_dir / "expert_000.safetensors").stat().st_mtime_ns == mtime
+    assert torch.equal(again.snapshot(1, 3)["text"], experts.snapshot(1, 3)["text"])
+
+
+def test_distillation_changes_the_set_and_logs(encoder, experts, real, tmp_path):
+    syn = _synthetic(encoder)
+    before = {k: v.detach().clone() for k, v in syn.state_dict().items()}
+    trainer = DistillationTrainer(syn, _args(tmp_path, eval_strategy="steps", eval_steps=4, eval_head_epochs=3),
+                                  experts, encoder, validation=real)
+    trainer.train()
+    after = syn.state_dict()
+    for name in ("pixel_values", "text_embeddings", "log_lr_img", "similarity.diag", "similarity.right"):
+        assert not torch.equal(before[name], after[name]), name
+    logged = [h for h in trainer.state.log_history if "matching_loss" in h]
+    assert len(logged) == 4 and all(h["nonfinite_skipped"] == 0 for h in logged)
+    assert any("eval_r_mean" in h and "eval_sim_image" in h for h in trainer.state.log_history)
+    # One encoder forward and one backward per distinct touched image per iteration (+ N for the evaluation).
+    touched = sum(h["touched_images"] for h in logged)
+    assert trainer.encoder_passes == {"forward": touched + N, "backward": touched}
+
+
+def test_matching_loss_drops_on_a_fixed_segment(encoder, experts, tmp_path):
+    syn = _synthetic(encoder, similarity="none")
+    args = _args(tmp_path, max_steps=15, max_start_epoch=1, lr_img=0.3, lr_txt=3.0, blend_beta=0.0,
+                 distill_loss="infonce", similarity="none", lr_lr=1e-6)
+    trainer = DistillationTrainer(syn, args, experts, encoder)
+
+    def fixed_loss():
+        plan = plan_inner_loop(N, 3, 4, 0.0, torch.Generator().manual_seed(0))
+        seg = experts.sample_segment(1, 1, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            feats = encoder(syn.pixel_values.detach()[plan.touched])
+        feats.requires_grad_(True)
+        lrs = {b: v.detach() for b, v in syn.inner_lrs().items()}
+        return matching_gradients(trainer.heads, feats, syn.text_embeddings.detach()[plan.touched], None, plan,
+                                  seg.start_params, seg.target_params, lrs, [feats], temperature=0.07,
+                                  distill_loss="infonce")[0].item()
+
+    start = fixed_loss()
+    trainer.train()
+    end = fixed_loss()
+    assert end < start
+
+
+@pytest.mark.parametrize("meta_gradient", ["tesla", "unrolled"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_pixel_gradient_equals_per_step_encoder(encoder, experts, tmp_path, meta_gradient, chunk):
+    grads, passes = {}, {}
+    for per_step in (False, True):
+        syn = _synthetic(encoder)
+        args = _args(tmp_path, meta_gradient=meta_gradient, encoder_per_step=per_step, encoder_chunk_size=chunk,
+                     syn_steps=4, mini_batch_size=5)
+        trainer = DistillationTrainer(syn, args, experts, encoder)
+        trainer.create_optimizer()
+        loss = trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])})
+        loss.backward()
+        grads[per_step] = {n: p.grad.clone() for n, p in syn.named_parameters()}
+        passes[per_step] = dict(trainer.encoder_passes)
+    for name, g in grads[False].items():
+        assert torch.allclose(g, grads[True][name], rtol=1e-4, atol=1e-6), name
+    assert grads[False]["pixel_values"].abs().sum() > 0
+    touched = passes[False]["backward"]
+    assert touched <= N
+    assert passes[False]["forward"] == touched * (2 if chunk else 1)
+    steps_images = 4 * 5
+    assert passes[True]["forward"] == steps_images * (2 if meta_gradient == "tesla" else 1)
+    assert passes[True]["backward"] == steps_images
+
+
+def test_resume_continues_from_checkpoint(encoder, experts, tmp_path):
+    def run(out, max_steps, resume=None):
+        syn = _synthetic(encoder)
+        args = _args(tmp_path, output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=2)
+        DistillationTrainer(syn, args, experts, encoder).train(resume_from_checkpoint=resume)
+        return syn
+
+    full = run(tmp_path / "full", 4)
+    run(tmp_path / "cut", 2)  # a run that stopped after its checkpoint at step 2
+    resumed = run(tmp_path / "cut", 4, resume=str(tmp_path / "cut" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_trajectory_shapes_must_match_the_heads(encoder, experts, tmp_path):
+    syn = _synthetic(encoder)
+    syn.config.embed_dim = EMBED * 2
+    with pytest.raises(ValueError, match="image"):
+        DistillationTrainer(syn, _args(tmp_path), experts, encoder)
