@@ -1,0 +1,296 @@
+"""Configs: RepBlendConfig as a Hub artefact, run arguments with method presets, every invalid value rejected.
+
+PEFT ``tests/test_config.py`` style: one parametrised test over every check in each ``__post_init__``, each
+with the message the user sees.
+"""
+
+import json
+import re
+
+import pytest
+from transformers import AutoConfig, HfArgumentParser
+
+from repblend_hf import __version__
+from repblend_hf.configuration import METHODS, SIMILARITY_KINDS, RepBlendConfig
+from repblend_hf.training_args import METHOD_PRESETS, DistillationArguments, ExpertTrainingArguments
+
+PRESET_FIELDS = ("blend_beta", "matching", "distill_loss", "similarity", "meta_gradient")
+
+
+def _ids(cases):
+    return [",".join(f"{k}={v}" for k, v in kwargs.items()) for kwargs, _ in cases]
+
+# ----- RepBlendConfig ------------------------------------------------------------------------------------
+
+NON_DEFAULT = dict(
+    image_encoder="nfnet_l0", text_encoder="bert-base-uncased", text_pooling="cls", image_size=224,
+    image_dim=2304, text_dim=768, embed_dim=2304, num_pairs=499, temperature=0.05, similarity="lowrank",
+    sim_rank=20, sim_alpha=1.5, method="lors", lr_img=0.37, lr_txt=0.012, source_dataset="flickr30k",
+)
+
+
+def test_repblend_config_round_trip(tmp_path):
+    config = RepBlendConfig(**NON_DEFAULT)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "repblend"
+    assert saved["temperature"] == 0.05  # a generation key in transformers, kept because it is a declared field
+    assert saved["repblend_version"] == __version__
+
+    loaded = RepBlendConfig.from_pretrained(tmp_path)
+    auto = AutoConfig.from_pretrained(tmp_path)
+    assert type(auto) is RepBlendConfig
+    for cfg in (loaded, auto):
+        for name, value in NON_DEFAULT.items():
+            assert getattr(cfg, name) == value, name
+        assert cfg.repblend_version == __version__
+    drop = {"_name_or_path"}  # where it was loaded from; the only difference
+    assert {k: v for k, v in loaded.to_dict().items() if k not in drop} == {
+        k: v for k, v in config.to_dict().items() if k not in drop}
+
+
+def test_repblend_config_defaults_and_version_stamp(tmp_path):
+    config = RepBlendConfig()
+    assert (config.method, config.similarity, config.num_pairs) == ("repblend", "lowrank", 99)
+    assert config.temperature == 0.07
+    assert (config.lr_img, config.lr_txt) == (0.1, 0.1)
+    assert config.repblend_version == __version__
+    # A config saved by another version keeps its own stamp on load.
+    RepBlendConfig(repblend_version="0.0.1").save_pretrained(tmp_path)
+    assert RepBlendConfig.from_pretrained(tmp_path).repblend_version == "0.0.1"
+
+
+def test_repblend_config_from_dict_and_auto_for_model():
+    config = AutoConfig.for_model("repblend", num_pairs=9, sim_rank=3)
+    assert isinstance(config, RepBlendConfig) and config.num_pairs == 9
+    assert RepBlendConfig.from_dict(config.to_dict()).sim_rank == 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("similarity", SIMILARITY_KINDS)
+def test_repblend_config_valid_kinds(method, similarity):
+    config = RepBlendConfig(method=method, similarity=similarity)
+    assert (config.method, config.similarity) == (method, similarity)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(similarity="full", sim_rank=0),  # the rank only matters for a low-rank similarity
+    dict(similarity="none", sim_rank=1000),
+    dict(num_pairs=10, sim_rank=10),  # rank == N is allowed
+    dict(num_pairs=1, sim_rank=1),
+])
+def test_repblend_config_valid_edges(kwargs):
+    RepBlendConfig(**kwargs)
+
+
+REPBLEND_CONFIG_INVALID = [
+    (dict(method="dm"), f"method must be one of {METHODS}, got 'dm'"),
+    (dict(similarity="diag"), f"similarity must be one of {SIMILARITY_KINDS}, got 'diag'"),
+    (dict(text_pooling="max"), "text_pooling must be 'cls' or 'mean', got 'max'"),
+    (dict(num_pairs=0), "num_pairs must be > 0, got 0"),
+    (dict(num_pairs=-5), "num_pairs must be > 0, got -5"),
+    (dict(image_size=0), "image_size must be > 0, got 0"),
+    (dict(image_dim=0), "image_dim, text_dim, embed_dim must be > 0, got 0, 384, 512"),
+    (dict(text_dim=-1), "image_dim, text_dim, embed_dim must be > 0, got 1280, -1, 512"),
+    (dict(embed_dim=0), "image_dim, text_dim, embed_dim must be > 0, got 1280, 384, 0"),
+    (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
+    (dict(temperature=-0.07), "temperature must be > 0, got -0.07"),
+    (dict(sim_rank=0), "sim_rank must be in 1..num_pairs (99) for a low-rank similarity, got 0; "
+                       "use similarity='full' for a full-rank matrix"),
+    (dict(num_pairs=5, sim_rank=6), "sim_rank must be in 1..num_pairs (5) for a low-rank similarity, got 6"),
+    (dict(num_pairs=5), "sim_rank must be in 1..num_pairs (5) for a low-rank similarity, got 10"),  # default rank
+    (dict(sim_alpha=0.0), "sim_alpha must be > 0, got 0.0"),
+    (dict(lr_img=0.0), "lr_img and lr_txt (learned inner learning rates) must be > 0, got 0.0, 0.1"),
+    (dict(lr_txt=-1.0), "lr_img and lr_txt (learned inner learning rates) must be > 0, got 0.1, -1.0"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", REPBLEND_CONFIG_INVALID, ids=_ids(REPBLEND_CONFIG_INVALID))
+def test_repblend_config_invalid(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RepBlendConfig(**kwargs)
+
+
+def test_repblend_config_invalid_on_load(tmp_path):
+    """A hand-edited config.json goes through the same checks."""
+    RepBlendConfig().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "temperature": 0}))
+    with pytest.raises(ValueError, match=re.escape("temperature must be > 0, got 0")):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+# ----- DistillationArguments -----------------------------------------------------------------------------
+
+EXPECTED_PRESETS = {
+    "repblend": (1.0, "symmetric", "wbce", "lowrank", "tesla"),
+    "lors": (0.0, "asymmetric", "wbce", "lowrank", "tesla"),
+    "mtt_vl": (0.0, "asymmetric", "infonce", "none", "unrolled"),
+}
+
+
+def test_presets_cover_the_methods():
+    assert set(METHOD_PRESETS) == set(EXPECTED_PRESETS)
+    assert set(METHOD_PRESETS) <= set(METHODS)  # every distilled set's method is a config method
+    for preset in METHOD_PRESETS.values():
+        assert set(preset) == set(PRESET_FIELDS)
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_PRESETS))
+def test_distillation_preset_fills_fields(tmp_path, method):
+    args = DistillationArguments(output_dir=str(tmp_path), method=method)
+    assert tuple(getattr(args, name) for name in PRESET_FIELDS) == EXPECTED_PRESETS[method]
+
+
+@pytest.mark.parametrize("method, override, expected", [
+    ("repblend", dict(blend_beta=0.0), dict(blend_beta=0.0, matching="symmetric")),  # "w/o blending" ablation
+    ("repblend", dict(matching="asymmetric"), dict(blend_beta=1.0, matching="asymmetric")),  # "w/o symmetric"
+    ("repblend", dict(blend_beta=0.5), dict(blend_beta=0.5)),
+    ("lors", dict(blend_beta=1.0), dict(blend_beta=1.0, matching="asymmetric")),  # LoRS + blending
+    ("lors", dict(matching="symmetric"), dict(blend_beta=0.0, matching="symmetric")),
+    ("repblend", dict(meta_gradient="unrolled"), dict(meta_gradient="unrolled", distill_loss="wbce")),
+    ("repblend", dict(similarity="full"), dict(similarity="full", meta_gradient="tesla")),
+    ("mtt_vl", dict(distill_loss="wbce"), dict(distill_loss="wbce", similarity="none")),
+])
+def test_distillation_explicit_value_overrides_preset(tmp_path, method, override, expected):
+    args = DistillationArguments(output_dir=str(tmp_path), method=method, **override)
+    for name, value in expected.items():
+        assert getattr(args, name) == value, name
+    untouched = set(PRESET_FIELDS) - set(override)
+    preset = dict(zip(PRESET_FIELDS, EXPECTED_PRESETS[method]))
+    assert {name: getattr(args, name) for name in untouched} == {name: preset[name] for name in untouched}
+
+
+def test_distillation_defaults(tmp_path):
+    args = DistillationArguments(output_dir=str(tmp_path))
+    assert args.method == "repblend"
+    assert (args.max_steps, args.max_grad_norm, args.per_device_train_batch_size) == (3000, 0.0, 1)
+    assert args.lr_scheduler_type == "constant"
+    assert args.remove_unused_columns is False and args.encoder_per_step is False
+    assert args.save_total_limit == 2
+
+
+DISTILLATION_INVALID = [
+    (dict(method="dm"), "method must be one of ['lors', 'mtt_vl', 'repblend'], got 'dm'"),
+    (dict(syn_steps=0), "syn_steps must be > 0, got 0"),
+    (dict(expert_epochs=0), "expert_epochs must be > 0, got 0"),
+    (dict(max_start_epoch=0), "max_start_epoch must be > 0, got 0"),
+    (dict(mini_batch_size=1), "mini_batch_size must be > 1, got 1"),
+    (dict(lr_img=0.0), "lr_img must be > 0, got 0.0"),
+    (dict(lr_txt=-1.0), "lr_txt must be > 0, got -1.0"),
+    (dict(lr_sim=0.0), "lr_sim must be > 0, got 0.0"),
+    (dict(lr_lr=0.0), "lr_lr must be > 0, got 0.0"),
+    (dict(lr_init=0.0), "lr_init must be > 0, got 0.0"),
+    (dict(lr_min=0.0), "need 0 < lr_min <= lr_init <= lr_max, got 0.0, 0.1, 10.0"),
+    (dict(lr_min=0.5), "need 0 < lr_min <= lr_init <= lr_max, got 0.5, 0.1, 10.0"),
+    (dict(lr_max=0.05), "need 0 < lr_min <= lr_init <= lr_max, got 0.001, 0.1, 0.05"),
+    (dict(lr_grad_clip=-1.0), "lr_grad_clip must be >= 0 (0 disables), got -1.0"),
+    (dict(syn_momentum=1.0), "syn_momentum must be in [0, 1), got 1.0"),
+    (dict(syn_momentum=-0.1), "syn_momentum must be in [0, 1), got -0.1"),
+    (dict(blend_beta=-1.0), "blend_beta must be >= 0, got -1.0; use 0 to disable blending"),
+    (dict(matching="both"), "matching must be 'symmetric' or 'asymmetric', got 'both'"),
+    (dict(branch_normalization="sum"), "branch_normalization must be 'separate' or 'joint', got 'sum'"),
+    (dict(meta_gradient="truncated"), "meta_gradient must be 'tesla' or 'unrolled', got 'truncated'"),
+    (dict(distill_loss="mse"), "distill_loss must be 'wbce' or 'infonce', got 'mse'"),
+    (dict(similarity="diag"), "similarity must be 'lowrank', 'full' or 'none', got 'diag'"),
+    (dict(distill_loss="infonce"),  # with the repblend preset's lowrank similarity
+     "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')"),
+    (dict(method="mtt_vl", similarity="lowrank"),
+     "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')"),
+    (dict(encoder_chunk_size=-1), "encoder_chunk_size must be >= 0, got -1"),
+    (dict(num_eval_seeds=0), "num_eval_seeds must be > 0, got 0"),
+]
+
+
+
+@pytest.mark.parametrize("kwargs, message", DISTILLATION_INVALID, ids=_ids(DISTILLATION_INVALID))
+def test_distillation_invalid(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DistillationArguments(output_dir=str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr_grad_clip=0.0), dict(syn_momentum=0.0), dict(encoder_chunk_size=0), dict(mini_batch_size=2),
+    dict(lr_min=0.1, lr_init=0.1, lr_max=0.1), dict(blend_beta=0.0),
+])
+def test_distillation_valid_edges(tmp_path, kwargs):
+    DistillationArguments(output_dir=str(tmp_path), **kwargs)
+
+
+def test_distillation_parser_bool_false_and_float(tmp_path):
+    parser = HfArgumentParser(DistillationArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--blend_beta", "0", "--matching", "symmetric", "--encoder_per_step", "False",
+    ])
+    assert args.blend_beta == 0.0 and isinstance(args.blend_beta, float)
+    assert args.matching == "symmetric"
+    assert args.encoder_per_step is False
+    assert (args.distill_loss, args.similarity, args.meta_gradient) == ("wbce", "lowrank", "tesla")  # from preset
+
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--encoder_per_step",
+                                                  "--method", "lors"])
+    assert args.encoder_per_step is True
+    assert args.blend_beta == 0.0 and args.matching == "asymmetric"
+
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--encoder_per_step", "True"])
+    assert args.encoder_per_step is True
+
+
+def test_distillation_parser_rejects_invalid(tmp_path):
+    parser = HfArgumentParser(DistillationArguments)
+    with pytest.raises(ValueError, match=re.escape("blend_beta must be >= 0, got -1.0")):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--blend_beta", "-1"])
+
+
+def test_distillation_to_json_string(tmp_path):
+    args = DistillationArguments(output_dir=str(tmp_path), method="lors", blend_beta=1.0, syn_steps=4)
+    saved = json.loads(args.to_json_string())
+    assert saved["method"] == "lors" and saved["blend_beta"] == 1.0 and saved["syn_steps"] == 4
+    assert saved["matching"] == "asymmetric"  # the resolved preset is what gets written next to the outputs
+    assert saved["encoder_per_step"] is False
+    # Written arguments re-parse to the same run (argument files next to outputs can be reloaded).
+    (again,) = HfArgumentParser(DistillationArguments).parse_dict(
+        {k: saved[k] for k in ("output_dir", "method", *PRESET_FIELDS, "syn_steps", "lr_img", "lr_min")})
+    assert tuple(getattr(again, k) for k in PRESET_FIELDS) == tuple(saved[k] for k in PRESET_FIELDS)
+
+
+# ----- ExpertTrainingArguments ---------------------------------------------------------------------------
+
+
+def test_expert_defaults(tmp_path):
+    args = ExpertTrainingArguments(output_dir=str(tmp_path))
+    assert args.optim == "sgd"
+    assert args.learning_rate == 0.1
+    assert args.per_device_train_batch_size == 128
+    assert args.num_train_epochs == 10
+    assert args.max_grad_norm == 0.0
+    assert args.weight_decay == 0.0 and not args.optim_args  # plain SGD: no weight decay, no momentum
+    assert args.lr_scheduler_type == "constant"
+    assert args.save_strategy == "no"
+    assert args.report_to in ([], ["none"], "none")
+    assert args.remove_unused_columns is False
+    assert (args.num_experts, args.matching, args.embed_dim, args.temperature) == (8, "symmetric", 512, 0.07)
+
+
+def test_expert_parser_and_json(tmp_path):
+    (args,) = HfArgumentParser(ExpertTrainingArguments).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--matching", "asymmetric", "--num_experts", "2", "--num_train_epochs", "3",
+    ])
+    assert (args.matching, args.num_experts, args.num_train_epochs) == ("asymmetric", 2, 3.0)
+    assert json.loads(args.to_json_string())["num_experts"] == 2
+
+
+EXPERT_INVALID = [
+    (dict(num_experts=0), "num_experts must be > 0, got 0"),
+    (dict(matching="both"), "matching must be 'symmetric' or 'asymmetric', got 'both'"),
+    (dict(embed_dim=0), "embed_dim must be > 0, got 0"),
+    (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
+    (dict(num_train_epochs=0), "num_train_epochs must be a whole number >= 1 (snapshots are per epoch), got 0"),
+    (dict(num_train_epochs=2.5), "num_train_epochs must be a whole number >= 1 (snapshots are per epoch), got 2.5"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", EXPERT_INVALID, ids=_ids(EXPERT_INVALID))
+def test_expert_invalid(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExpertTrainingArguments(output_dir=str(tmp_path), **kwargs)
