@@ -38,7 +38,7 @@ class ExpertTrainingArguments(TrainingArguments):
     Defaults that differ from ``TrainingArguments``: ``optim="sgd"``, ``learning_rate=0.1`` (no momentum, no
     weight decay), ``num_train_epochs=10``, ``per_device_train_batch_size=128``, ``lr_scheduler_type="constant"``,
     ``max_grad_norm=0`` (no clipping), ``save_strategy="no"`` (an expert is saved whole when it is done),
-    ``logging_steps=50``, ``report_to="none"``, ``remove_unused_columns=False``.
+    ``logging_steps=50``, ``remove_unused_columns=False``.
     """
 
     num_experts: int = field(default=8, metadata={"help": "How many expert trajectories to train (paper: 20)."})
@@ -63,6 +63,9 @@ class ExpertTrainingArguments(TrainingArguments):
         _check(self.matching in ("symmetric", "asymmetric"),
                f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")
         _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.max_steps <= 0, f"experts are snapshotted once per epoch: set num_train_epochs, not max_steps "
+                                    f"(got max_steps={self.max_steps})")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _check(self.num_train_epochs >= 1 and float(self.num_train_epochs).is_integer(),
                f"num_train_epochs must be a whole number >= 1 (snapshots are per epoch), got {self.num_train_epochs}")
@@ -78,7 +81,7 @@ class DistillationArguments(TrainingArguments):
     Defaults that differ from ``TrainingArguments``: ``max_steps=3000``, ``lr_scheduler_type="constant"``,
     ``max_grad_norm=0`` (the groups have very different gradient scales; η is clipped separately),
     ``logging_steps=10``, ``save_steps=100``, ``save_total_limit=2``, ``per_device_train_batch_size=1``,
-    ``report_to="none"``, ``remove_unused_columns=False``.
+    ``remove_unused_columns=False``.
     """
 
     method: str = field(default="repblend", metadata={"help": f"Preset: one of {sorted(METHOD_PRESETS)}."})
@@ -163,3 +166,4 @@ class DistillationArguments(TrainingArguments):
                "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')")
         _check(self.encoder_chunk_size >= 0, f"encoder_chunk_size must be >= 0, got {self.encoder_chunk_size}")
         _check(self.num_eval_seeds > 0, f"num_eval_seeds must be > 0, got {self.num_eval_seeds}")
+        _check(self.eval_head_epochs > 0, f"eval_head_epochs must be > 0, got {self.eval_head_epochs}")

@@ -1,0 +1,154 @@
+"""Distil an image-text dataset into a few synthetic pairs with RepBlend (or LoRS / MTT-VL).
+
+    accelerate launch examples/distill.py                                   # embedded default, offline
+    accelerate launch examples/distill.py --config examples/configs/flickr30k_100.yaml
+    accelerate launch examples/distill.py --max_steps 200 --output_dir outputs/quick
+    accelerate launch examples/distill.py --resume_from_checkpoint latest   # after an interruption
+
+Stages (DESIGN.md, "Data flow"): load the dataset, encode every split once with the frozen encoders
+(cached by ``datasets``), train the expert trajectories (kept on disk and reused; an interrupted run
+keeps its finished experts), distil with :class:`DistillationTrainer` (checkpoints every
+``save_steps``), then evaluate the distilled set beside the random coreset and full data on the test
+split, save the set (config.json + Parquet rows) and draw its pictures. With no ``--config`` the
+embedded default's settings in ``examples/configs/fashion_scenes_99.yaml`` are used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+from repblend_hf import RepBlendConfig, SyntheticSet
+from repblend_hf.evaluation import evaluate_pairs
+from repblend_hf.pipeline import (
+    DataArguments,
+    evaluate_baseline,
+    format_table,
+    parse_with_config,
+    prepare_features,
+    results_record,
+    write_results,
+)
+from repblend_hf.plotting import plot_similarity, plot_synthetic_grid, plot_training_curves
+from repblend_hf.trainers import DistillationTrainer, train_experts
+from repblend_hf.training_args import DistillationArguments, ExpertTrainingArguments
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fashion_scenes_99.yaml"
+logger = logging.getLogger("distill")
+
+
+@dataclass
+class SetArguments:
+    """What the distilled set is (becomes its RepBlendConfig) and how experts and evaluation are run."""
+
+    num_pairs: int = field(default=99, metadata={"help": "Synthetic pairs N (the paper's '100 pairs' is 99 + S)."})
+    embed_dim: int = field(default=512, metadata={"help": "Projection head dimension (paper: 2304)."})
+    temperature: float = field(default=0.07, metadata={"help": "τ of the cosine logits."})
+    sim_rank: int = field(default=10, metadata={"help": "Rank r of the low-rank similarity."})
+    sim_alpha: float = field(default=3.0, metadata={"help": "Scale α of the low-rank similarity."})
+    num_experts: int = field(default=8, metadata={"help": "Expert trajectories (paper: 20)."})
+    expert_train_epochs: int = field(default=10, metadata={"help": "Epochs per expert (paper: 10)."})
+    trajectory_dir: str | None = field(default=None, metadata={
+        "help": "Where the experts live (default OUTPUT_DIR/experts); finished experts there are reused."})
+    eval_seeds: int = field(default=3, metadata={"help": "Seeds of the final evaluation."})
+    baselines: str = field(default="random,full", metadata={
+        "help": "Comma-separated baselines evaluated beside the set: random, herding, kcenter, full ('' for none)."})
+
+
+def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
+    out = Path(args.output_dir)
+    started = time.time()
+    prepared = prepare_features(data_args, with_captions=True)
+    train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
+    features_seconds = time.time() - started
+    logger.info("features ready in %.1fs: %d train images, %d captions", time.time() - started, train.num_images,
+                train.num_captions)
+
+    # Expert trajectories, reused from disk when already complete.
+    t0 = time.time()
+    expert_args = ExpertTrainingArguments(
+        output_dir=str(out / "expert_runs"), num_experts=set_args.num_experts,
+        num_train_epochs=set_args.expert_train_epochs, embed_dim=set_args.embed_dim,
+        temperature=set_args.temperature, matching=args.matching, seed=args.seed, disable_tqdm=args.disable_tqdm,
+        use_cpu=args.use_cpu, report_to="none")
+    trajectories = train_experts(
+        train, expert_args, set_args.trajectory_dir or str(out / "experts"),
+        image_encoder=prepared.image_encoder, images=prepared.dataset["train"]["image"]
+        if args.matching == "asymmetric" else None,
+        metadata={"dataset": data_args.dataset, "image_encoder": data_args.image_encoder,
+                  "text_encoder": data_args.text_encoder, "image_size": data_args.image_size})
+    experts_seconds = time.time() - t0
+
+    config = RepBlendConfig(
+        image_encoder=data_args.image_encoder, text_encoder=data_args.text_encoder,
+        text_pooling=prepared.text_encoder.pooling, image_size=data_args.image_size,
+        image_dim=prepared.image_encoder.feature_dim, text_dim=prepared.text_encoder.feature_dim,
+        embed_dim=set_args.embed_dim, num_pairs=set_args.num_pairs, temperature=set_args.temperature,
+        similarity=args.similarity, sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
+        lr_img=args.lr_init, lr_txt=args.lr_init, source_dataset=data_args.dataset)
+    synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
+                                       train.caption_offsets(), prepared.image_encoder, seed=args.seed)
+    trainer = DistillationTrainer(synthetic, args, trajectories, prepared.image_encoder, validation=validation)
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        logger.info("resuming from %s", resume or "scratch (no checkpoint yet)")
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    distill_seconds = time.time() - t0
+    if not trainer.is_world_process_zero():
+        return {}
+
+    # Final evaluation on the test split, beside the baselines.
+    seeds = list(range(set_args.eval_seeds))
+    pairs = trainer.synthetic_pairs()
+    result = evaluate_pairs(pairs, validation, test, seeds=seeds, embed_dim=config.embed_dim, loss=args.distill_loss,
+                            temperature=config.temperature)
+    records = [results_record(result, dataset=data_args.dataset, method=args.method, pairs=config.num_pairs)]
+    for name in filter(None, set_args.baselines.split(",")):
+        n = train.num_images if name == "full" else config.num_pairs
+        baseline = evaluate_baseline(name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds,
+                                     temperature=config.temperature)
+        records.append(results_record(baseline, dataset=data_args.dataset, method=name, pairs=n))
+    write_results(out / "results.json", records[0])
+    write_results(out / "baselines.json", {"baselines": records[1:]})
+    table = format_table(records)
+    (out / "results.md").write_text(table + "\n")
+
+    # The distilled set, with the nearest real caption of each synthetic text embedding as a readable hint.
+    text = torch.nn.functional.normalize(synthetic.text_embeddings.detach(), dim=-1)
+    real = torch.nn.functional.normalize(train.caption_features, dim=-1)
+    nearest = [train.captions[int(i)] for i in (text @ real.t()).argmax(1)]
+    enc = prepared.image_encoder
+    synthetic.save_pretrained(out / "synthetic_set", mean=enc.mean, std=enc.std, nearest_captions=nearest)
+    plot_synthetic_grid(synthetic.pixel_values.detach(), enc.mean, enc.std, out / "synthetic_images.png",
+                        captions=nearest)
+    plot_similarity(synthetic.similarity().detach(), out / "similarity.png")
+    plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    timings = {"features_s": round(features_seconds, 1),
+               "experts_s": round(experts_seconds, 1), "distillation_s": round(distill_seconds, 1),
+               "total_s": round(time.time() - started, 1), "iterations": trainer.state.global_step,
+               "encoder_passes": trainer.encoder_passes}
+    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(table)
+    print(f"timings: {timings}")
+    print(f"outputs in {out}")
+    return {"records": records, "timings": timings}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((DataArguments, SetArguments, DistillationArguments))
+    data_args, set_args, args = parse_with_config(parser, argv, DEFAULT_CONFIG)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return distill(data_args, set_args, args)
+
+
+if __name__ == "__main__":
+    main()

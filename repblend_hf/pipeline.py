@@ -1,0 +1,170 @@
+"""The shared front of every script: dataset → frozen encoders → cached features, and result tables.
+
+DESIGN.md, "Data flow": ``examples/distill.py``, ``examples/evaluate.py`` and the benchmarks all start
+by loading an image-text dataset, building the frozen encoders and encoding every split once
+(cached by ``datasets``); :func:`prepare_features` is that step, :class:`DataArguments` its
+command-line arguments (parsed with ``HfArgumentParser``). The baselines' evaluation protocols and
+the ``results.json`` schema live here too, so every script reports the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .coresets import select_coreset
+from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, load_image_encoder, load_text_encoder
+from .evaluation import METRIC_NAMES, EvaluationResult, PairSet, evaluate_pairs
+from .features import FeatureSplit, encode_dataset
+
+__all__ = ["DataArguments", "Prepared", "prepare_features", "evaluate_baseline", "BASELINE_PROTOCOLS",
+           "results_record", "write_results", "format_table", "parse_with_config"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataArguments:
+    """Which data and frozen encoders a run uses (shared by the example scripts)."""
+
+    dataset: str = field(default="fashion-scenes", metadata={
+        "help": "Anything load_image_text_dataset takes: 'fashion-scenes' (embedded default), 'flickr30k', 'coco', "
+                "a local folder with Karpathy-style JSON, or a datasets Hub id / folder."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder the JSON image paths are relative to."})
+    dataset_kwargs: str | None = field(default=None, metadata={
+        "help": "JSON object of extra load_image_text_dataset keywords, e.g. '{\"num_train\": 500}' for a small "
+                "fashion-scenes build."})
+    image_encoder: str = field(default=DEFAULT_IMAGE_ENCODER, metadata={"help": "timm model name."})
+    pretrained_image_encoder: bool = field(default=True, metadata={"help": "Load pretrained image weights."})
+    text_encoder: str = field(default=DEFAULT_TEXT_ENCODER, metadata={"help": "transformers model id or folder."})
+    text_pooling: str | None = field(default=None, metadata={
+        "help": "'cls' or 'mean' (default: mean for sentence-transformers models, else cls)."})
+    image_size: int = field(default=64, metadata={"help": "Image side in pixels (the synthetic images' size)."})
+    num_views: int = field(default=2, metadata={"help": "Augmented views per train image cached for the experts."})
+    encode_batch_size: int = field(default=128, metadata={"help": "Batch size of feature encoding."})
+
+
+@dataclass
+class Prepared:
+    """The loaded dataset, the frozen encoders and the cached features of every split."""
+
+    dataset: Any
+    image_encoder: Any
+    text_encoder: Any
+    features: dict[str, FeatureSplit]
+
+
+def prepare_features(args: DataArguments, with_captions: bool = False, **dataset_kwargs) -> Prepared:
+    """Load ``args.dataset``, build the frozen encoders and encode every split (a cache hit after the first run)."""
+    from .data import load_image_text_dataset
+
+    extra = json.loads(args.dataset_kwargs) if args.dataset_kwargs else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"--dataset_kwargs must be a JSON object, got {args.dataset_kwargs!r}")
+    dataset = load_image_text_dataset(args.dataset, image_root=args.image_root, **{**extra, **dataset_kwargs})
+    image_encoder = load_image_encoder(args.image_encoder, image_size=args.image_size,
+                                       pretrained=args.pretrained_image_encoder)
+    text_encoder = load_text_encoder(args.text_encoder, pooling=args.text_pooling)
+    encoded = encode_dataset(dataset, image_encoder, text_encoder, num_views=args.num_views,
+                             batch_size=args.encode_batch_size)
+    features = {split: FeatureSplit.from_dataset(ds, with_captions=with_captions) for split, ds in encoded.items()}
+    return Prepared(dataset, image_encoder, text_encoder, features)
+
+
+# How each baseline is trained (METHOD.md: "Report each baseline under the protocol where it is
+# strongest, and say which"). Coresets: InfoNCE, lr 0.1, the evaluation protocol's 100 epochs. Full data:
+# the same loss and lr, 30 epochs (each epoch is 10,000+ pairs, not 100).
+BASELINE_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "coreset": {"loss": "infonce", "lr": 0.1, "epochs": 100},
+    "full": {"loss": "infonce", "lr": 0.1, "epochs": 30},
+}
+
+
+def evaluate_baseline(method: str, features: dict[str, FeatureSplit], num_pairs: int, *, embed_dim: int,
+                      seeds: list[int], temperature: float = 0.07, **overrides) -> EvaluationResult:
+    """Evaluate a coreset (``random``, ``herding``, ``kcenter``; seed s selects with seed s) or ``full`` data."""
+    if method == "full":
+        protocol = {**BASELINE_PROTOCOLS["full"], **overrides}
+        return evaluate_pairs(features["train"], features["validation"], features["test"], seeds=seeds,
+                              embed_dim=embed_dim, temperature=temperature, **protocol)
+    protocol = {**BASELINE_PROTOCOLS["coreset"], **overrides}
+    per_seed = []
+    for seed in seeds:
+        selection = select_coreset(method, features["train"], num_pairs, seed=seed)
+        pairs = PairSet(*selection.pairs(features["train"]))
+        per_seed.append(evaluate_pairs(pairs, features["validation"], features["test"], seeds=[seed],
+                                       embed_dim=embed_dim, temperature=temperature, **protocol))
+    merged = EvaluationResult([s for r in per_seed for s in r.seeds], {**per_seed[0].settings, "seeds": seeds,
+                                                                      "coreset": method})
+    return merged
+
+
+def results_record(result: EvaluationResult, *, dataset: str, method: str, pairs: int) -> dict[str, Any]:
+    """The ``results.json`` schema: dataset, method, pairs, seeds and validation / test mean ± std per metric."""
+    summary = result.summary()
+    return {
+        "dataset": dataset,
+        "method": method,
+        "pairs": pairs,
+        "seeds": len(result.seeds),
+        "validation": {k: summary["validation"][k] for k in METRIC_NAMES},
+        "test": {k: summary["test"][k] for k in METRIC_NAMES},
+        "test_selected_on_test": {k: summary["test_selected_on_test"][k] for k in METRIC_NAMES},
+        "diagnostics": summary["diagnostics"],
+        "settings": result.settings,
+    }
+
+
+def write_results(path: str | Path, record: dict[str, Any]) -> Path:
+    """Write a :func:`results_record` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def format_table(records: list[dict[str, Any]], split: str = "test") -> str:
+    """A Markdown table of ``split`` metrics (mean ± std) with one row per record."""
+    header = "| method | pairs | " + " | ".join(METRIC_NAMES) + " |"
+    lines = [header, "|" + "---|" * (len(METRIC_NAMES) + 2)]
+    for r in records:
+        cells = [f"{r[split][k]['mean']:.1f} ± {r[split][k]['std']:.1f}" for k in METRIC_NAMES]
+        lines.append(f"| {r['method']} | {r['pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_with_config(parser, argv: list[str] | None = None, default_config: str | Path | None = None):
+    """``HfArgumentParser.parse_args_into_dataclasses`` with ``--config file.yaml`` underneath the command line.
+
+    The YAML's keys are the arguments' names; values given on the command line win over the file's.
+    ``default_config`` is read when no ``--config`` is given (``--config none`` reads nothing).
+    """
+    import argparse
+    import sys
+
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    config = known.config if known.config is not None else default_config
+    from_file: list[str] = []
+    if config is not None and str(config).lower() != "none":
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {config}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {config}: expected a mapping of argument names to values")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                value = str(value).lower()
+            if isinstance(value, (list, tuple)):
+                from_file += [f"--{key}", *map(str, value)]
+            elif value is not None:
+                from_file += [f"--{key}", str(value)]
+    return parser.parse_args_into_dataclasses(from_file + rest)
