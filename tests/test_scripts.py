@@ -72,3 +72,24 @@ def test_evaluate_script_writes_the_results_schema(tiny_karpathy_dir, tiny_text_
         assert set(record[split]) == {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean"}
         assert all(set(v) == {"mean", "std"} for v in record[split].values())
     assert "| herding | 10 |" in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_parses(config, tmp_path):
+    from transformers import HfArgumentParser
+
+    from repblend_hf.pipeline import DataArguments, parse_with_config
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from distill import SetArguments
+    finally:
+        sys.path.pop(0)
+    parser = HfArgumentParser((DataArguments, SetArguments, __import__("repblend_hf").DistillationArguments))
+    data_args, set_args, args = parse_with_config(parser, ["--config", str(config), "--output_dir", str(tmp_path)])
+    assert args.method == "repblend" and args.matching == "symmetric" and args.blend_beta == 1.0
+    assert args.output_dir == str(tmp_path)  # the command line wins over the file
+    if config.stem.startswith("coco"):
+        assert args.branch_normalization == "joint"
+    if config.stem == "fashion_scenes_99":
+        assert data_args.dataset == "fashion-scenes" and set_args.num_pairs == 99
