@@ -2,6 +2,7 @@
 
     python examples/evaluate.py --dataset fashion-scenes --method random --pairs 100 --seeds 3 --output_dir out
     python examples/evaluate.py --method distilled --distilled_set outputs/fashion-scenes-repblend-99/synthetic_set
+    python examples/evaluate.py --method distilled --distilled_set someone/fashion-scenes-repblend-99   # a Hub repo
 
 Trains fresh projection heads on the pairs (encoders frozen), selects the evaluation epoch on the
 validation split, and reports test retrieval as mean ± std over seeds (METHOD.md, "Evaluation
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser
@@ -38,7 +40,8 @@ class EvaluateArguments:
     seeds: int = field(default=3, metadata={"help": "Evaluation seeds (seed s also selects coreset s)."})
     output_dir: str = field(default="outputs/evaluate", metadata={"help": "Where results.json goes."})
     embed_dim: int = field(default=512, metadata={"help": "Projection head dimension."})
-    distilled_set: str | None = field(default=None, metadata={"help": "Folder of a saved distilled set."})
+    distilled_set: str | None = field(default=None, metadata={
+        "help": "A saved distilled set: a local folder, or a Hub dataset repo id (SyntheticSet.from_hub)."})
     loss: str | None = field(default=None, metadata={"help": "Override the protocol's loss ('infonce' or 'wbce')."})
     lr: float | None = field(default=None, metadata={"help": "Override the protocol's learning rate."})
     epochs: int | None = field(default=None, metadata={"help": "Override the protocol's number of epochs."})
@@ -47,14 +50,17 @@ class EvaluateArguments:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
         if self.method == "distilled" and not self.distilled_set:
-            raise ValueError("--method distilled needs --distilled_set FOLDER (a saved SyntheticSet)")
+            raise ValueError("--method distilled needs --distilled_set FOLDER or REPO_ID (a saved SyntheticSet)")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
 
 
 def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict):
-    """Encode a saved set's images with this run's image encoder (any architecture) and evaluate it."""
-    synthetic = SyntheticSet.from_pretrained(path)
+    """Encode a saved set's images with this run's image encoder (any architecture) and evaluate it.
+
+    ``path`` is a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id.
+    """
+    synthetic = SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
     with torch.no_grad():
         feats = torch.cat([prepared.image_encoder(c) for c in synthetic.pixel_values.detach().split(256)])
     has_s = synthetic.config.similarity != "none"

@@ -73,5 +73,28 @@ class RepBlendConfig(PretrainedConfig):
 
             self.repblend_version = __version__
 
+    @classmethod
+    def from_hub(cls, repo_id: str, *, revision: str | None = None, token: str | None = None,
+                 **kwargs) -> RepBlendConfig:
+        """Load the config of a distilled set pushed with ``SyntheticSet.push_to_hub`` (a Hub *dataset* repo).
+
+        DESIGN.md, "The Hub artefact". ``from_pretrained(repo_id)`` looks in *model* repos only
+        (transformers 5.x passes no ``repo_type`` down to the download), so this fetches ``config.json``
+        from the dataset repo and hands its folder to ``from_pretrained`` (``kwargs`` go there too).
+        """
+        import os
+
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        from .hub import check_distilled_set_config, not_a_distilled_set_error
+
+        try:
+            path = hf_hub_download(repo_id, "config.json", repo_type="dataset", revision=revision, token=token)
+        except RemoteEntryNotFoundError:
+            raise not_a_distilled_set_error(repo_id) from None
+        check_distilled_set_config(os.path.dirname(path), repo_id)
+        return cls.from_pretrained(os.path.dirname(path), **kwargs)
+
 
 AutoConfig.register("repblend", RepBlendConfig)

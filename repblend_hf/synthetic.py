@@ -189,3 +189,61 @@ class SyntheticSet(nn.Module):
             raise ValueError(f"{directory} is not a saved distilled set: expected config.json and {DATA_FILE}")
         config = RepBlendConfig.from_pretrained(directory)
         return cls.from_dataset(Dataset.from_parquet(str(directory / DATA_FILE)), config)
+
+    # ----- Hub ------------------------------------------------------------------------------------------------
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
+                    commit_message: str = "Upload distilled set with repblend_hf", card_data: dict | None = None,
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                    nearest_captions: list[str] | None = None, results: list[dict] | dict | None = None,
+                    grid_image: str | os.PathLike | None = None) -> str:
+        """Push the set as a Hub dataset repo, in one commit: the rows, ``config.json`` and a rendered card.
+
+        DESIGN.md, "The Hub artefact". The rows and ``config.json`` are what :meth:`save_pretrained`
+        writes (``mean`` / ``std`` / ``nearest_captions`` as there); the README comes from
+        ``hub_cards/synthetic_set.md`` with ``results`` (one ``results.json`` record or a list of
+        them: the table beside the baselines, and modality diagnostics when present), ``grid_image``
+        (a PNG of the synthetic images, uploaded as ``images/synthetic_grid.png``) and ``card_data``
+        (extra YAML metadata such as ``license`` or ``pretty_name``; tags add to the defaults).
+        Creates the repo if needed (``private`` applies then).
+        Returns the commit URL (a ``huggingface_hub.CommitInfo``; ``.oid`` is the new revision). A
+        failed push leaves the repo at its previous revision and raises ``RuntimeError`` saying so.
+        """
+        import tempfile
+
+        from .hub import GRID_IMAGE, SyntheticSetCardData, commit_files, render_synthetic_set_card
+
+        if grid_image is not None and (not Path(grid_image).is_file() or Path(grid_image).suffix.lower() != ".png"):
+            raise ValueError(f"grid_image must be an existing .png file, got {str(grid_image)!r}")
+        card = SyntheticSetCardData(repo_id, self.sync_config().to_dict(), results=results,
+                                    grid_image=GRID_IMAGE if grid_image is not None else None,
+                                    has_nearest_captions=nearest_captions is not None, metadata=dict(card_data or {}))
+        readme = str(render_synthetic_set_card(card)).encode()
+        with tempfile.TemporaryDirectory(prefix="repblend-push-") as staging:
+            self.save_pretrained(staging, mean, std, nearest_captions)
+            files = {"config.json": Path(staging) / "config.json", DATA_FILE: Path(staging) / DATA_FILE,
+                     "README.md": readme}
+            if grid_image is not None:
+                files[GRID_IMAGE] = Path(grid_image)
+            return commit_files(repo_id, files, token=token, private=private, commit_message=commit_message,
+                                local_hint="this SyntheticSet in memory is untouched: retry the push, or keep it "
+                                           "with save_pretrained(directory)")
+
+    @classmethod
+    def from_hub(cls, repo_id: str, revision: str | None = None, token: str | None = None) -> SyntheticSet:
+        """Download a set pushed with :meth:`push_to_hub` and rebuild its exact tensors (bit-exact float32).
+
+        DESIGN.md, "The Hub artefact". Fetches only ``config.json`` and ``data/*.parquet`` of the
+        dataset repo (``revision``: a branch or a revision id), then :meth:`from_pretrained`.
+        """
+        from huggingface_hub import snapshot_download
+
+        from .hub import check_distilled_set_config
+
+        local = snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token,
+                                  allow_patterns=["config.json", "data/*.parquet"])
+        check_distilled_set_config(local, repo_id)
+        if not (Path(local) / DATA_FILE).is_file():
+            raise ValueError(f"{repo_id} has a RepBlendConfig but not the rows file {DATA_FILE}; it was not pushed "
+                             "with SyntheticSet.push_to_hub (push the set again with it)")
+        return cls.from_pretrained(local)

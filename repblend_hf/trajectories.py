@@ -392,6 +392,52 @@ class ExpertTrajectories:
             return []
         return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _EXPERT_FILE.match(p.name)))
 
+    # --- Hub ---------------------------------------------------------------------------------------------------
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
+                    commit_message: str = "Upload expert trajectories with repblend_hf",
+                    card_data: dict | None = None) -> str:
+        """Push the trajectories as a Hub dataset repo, in one commit: the files of :meth:`save` and a card.
+
+        DESIGN.md, "The Hub artefact" (so others can skip the expert stage). Experts held as files are
+        uploaded from where they are; experts held in memory are written to a temporary directory
+        first. The README comes from ``hub_cards/trajectories.md``; ``card_data`` adds YAML metadata.
+        Returns the commit URL (``.oid`` is the new revision); a failed push leaves the repo at its
+        previous revision and raises ``RuntimeError`` saying so.
+        """
+        from .hub import TrajectoriesCardData, commit_files, render_trajectories_card
+
+        if not self._experts:
+            raise ValueError("these trajectories hold no expert; add experts (add_expert / TrajectoryWriter) first")
+        card = TrajectoriesCardData(repo_id, self.metadata, self.expert_indices, dict(card_data or {}))
+        files: dict[str, Path | bytes] = {
+            TRAJECTORIES_METADATA_NAME: (json.dumps(self.metadata, indent=2) + "\n").encode(),
+            "README.md": str(render_trajectories_card(card)).encode(),
+        }
+        with tempfile.TemporaryDirectory(prefix="repblend-push-") as staging:
+            for index in self.expert_indices:
+                source = self._experts[index]
+                files[expert_filename(index)] = (source if isinstance(source, Path) else
+                                                 _write_expert_file(Path(staging), index, source, self.num_epochs))
+            return commit_files(repo_id, files, token=token, private=private, commit_message=commit_message,
+                                local_hint="the local trajectories are untouched: retry the push")
+
+    @classmethod
+    def from_hub(cls, repo_id: str, revision: str | None = None, token: str | None = None) -> ExpertTrajectories:
+        """Download trajectories pushed with :meth:`push_to_hub` and open them with :meth:`load` (lazily).
+
+        DESIGN.md, "The Hub artefact". Fetches ``trajectories.json`` and every ``expert_*.safetensors``
+        of the dataset repo (``revision``: a branch or a revision id) into the Hub cache.
+        """
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token,
+                                       allow_patterns=[TRAJECTORIES_METADATA_NAME, "expert_*.safetensors"]))
+        if not (local / TRAJECTORIES_METADATA_NAME).is_file():
+            raise ValueError(f"{repo_id} holds no repblend_hf expert trajectories: no {TRAJECTORIES_METADATA_NAME}; "
+                             "push them with ExpertTrajectories.push_to_hub")
+        return cls.load(local)
+
 
 class TrajectoryWriter:
     """Records experts epoch by epoch and writes each one atomically when its last epoch arrives.
