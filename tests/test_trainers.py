@@ -162,3 +162,33 @@ def test_trajectory_shapes_must_match_the_heads(encoder, experts, tmp_path):
     syn.config.embed_dim = EMBED * 2
     with pytest.raises(ValueError, match="image"):
         DistillationTrainer(syn, _args(tmp_path), experts, encoder)
+
+
+def test_non_finite_iteration_is_skipped_not_applied(encoder, experts, tmp_path):
+    syn = _synthetic(encoder)
+    trainer = DistillationTrainer(syn, _args(tmp_path, max_steps=3, syn_momentum=0.9), experts, encoder)
+    real_sample = experts.sample_segment
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the second iteration's expert target holds a NaN
+        segment = real_sample(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            segment.target_params["text"][0] = float("nan")
+        return segment
+
+    experts.sample_segment = poisoned
+    snapshots = []
+    trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
+        "on_step_end": lambda self, args, state, control, **kw: snapshots.append(
+            {k: v.detach().clone() for k, v in syn.state_dict().items()})})())
+    try:
+        trainer.train()
+    finally:
+        experts.sample_segment = real_sample
+    skipped = [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h]
+    assert skipped == [0.0, 1.0, 0.0]
+    # Step 2 changed nothing (no gradient, and momentum was not applied either); step 3 moved on.
+    assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
+    assert not torch.equal(snapshots[1]["pixel_values"], snapshots[2]["pixel_values"])
+    assert all(torch.isfinite(v).all() for v in syn.state_dict().values())
