@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def main() -> None:
                                                     "test_selected_on_test": on_test, "per_seed": rows,
                                                     "timings": timings}, indent=2) + "\n")
     lines = [f"# fashion-scenes, 99 pairs: test retrieval, validation-selected epoch, seeds {seeds}", "",
-             f"Command: `.venv/bin/python benchmarks/compare_methods.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `.venv/bin/python benchmarks/compare_methods.py {shlex.join(sys.argv[1:])}`", "",
              "| method | " + " | ".join(METRICS) + " | r_mean (test-selected) |",
              "|---|" + "---|" * (len(METRICS) + 1)]
     for name, summary in table.items():

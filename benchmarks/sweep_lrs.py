@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,18 +22,26 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="lr_img=10,100,1000 lr_txt=10,100 lr_sim=1",
-                        help="Space-separated name=v1,v2 lists; every combination is run.")
+    parser.add_argument("--grid", action="append",
+                        help="Space-separated name=v1,v2 lists; every combination is run. Repeat --grid to run the "
+                             "union of several grids (default: 'lr_img=10,100,1000 lr_txt=10,100 lr_sim=1').")
     parser.add_argument("--work_dir", default="outputs/sweep_lrs")
     parser.add_argument("--output", default=str(HERE / "results" / "sweep_lrs"))
     args, passthrough = parser.parse_known_args()
 
     import distill
 
-    axes = [(kv.split("=")[0], kv.split("=")[1].split(",")) for kv in args.grid.split()]
+    grids = args.grid or ["lr_img=10,100,1000 lr_txt=10,100 lr_sim=1"]
+    points, keys = [], []
+    for grid in grids:
+        axes = [(kv.split("=")[0], kv.split("=")[1].split(",")) for kv in grid.split()]
+        keys += [k for k, _ in axes if k not in keys]
+        for values in itertools.product(*[v for _, v in axes]):
+            point = dict(zip([k for k, _ in axes], values))
+            if point not in points:
+                points.append(point)
     rows = []
-    for values in itertools.product(*[v for _, v in axes]):
-        point = dict(zip([k for k, _ in axes], values))
+    for point in points:
         name = "_".join(f"{k}{v}" for k, v in point.items())
         out = Path(args.work_dir) / name
         if not (out / "results.json").exists():
@@ -46,13 +55,12 @@ def main() -> None:
     rows.sort(key=lambda r: -r["validation_r_mean"])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"grid": args.grid, "passthrough": passthrough, "rows": rows},
+    out.with_suffix(".json").write_text(json.dumps({"grids": grids, "passthrough": passthrough, "rows": rows},
                                                    indent=2) + "\n")
-    keys = [k for k, _ in axes]
-    lines = [f"Command: `.venv/bin/python benchmarks/sweep_lrs.py {' '.join(sys.argv[1:])}`", "",
+    lines = [f"Command: `.venv/bin/python benchmarks/sweep_lrs.py {shlex.join(sys.argv[1:])}`", "",
              "| " + " | ".join(keys) + " | validation r_mean | test r_mean |", "|" + "---|" * (len(keys) + 2)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r[k]) for k in keys)
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys)
                      + f" | {r['validation_r_mean']:.1f} | {r['test_r_mean']:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
