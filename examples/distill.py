@@ -4,6 +4,7 @@
     accelerate launch examples/distill.py --config examples/configs/flickr30k_100.yaml
     accelerate launch examples/distill.py --max_steps 200 --output_dir outputs/quick
     accelerate launch examples/distill.py --resume_from_checkpoint latest   # after an interruption
+    accelerate launch examples/distill.py --push_to_hub --hub_model_id you/fashion-scenes-repblend-99
 
 Stages (DESIGN.md, "Data flow"): load the dataset, encode every split once with the frozen encoders
 (cached by ``datasets``), train the expert trajectories (kept on disk and reused; an interrupted run
@@ -64,6 +65,10 @@ class SetArguments:
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
     out = Path(args.output_dir)
+    # --push_to_hub / --hub_model_id push the distilled *dataset* at the end (main process only); Trainer's own
+    # push of model checkpoints is switched off.
+    push_repo = (args.hub_model_id or out.name) if args.push_to_hub else None
+    args.push_to_hub = False
     started = time.time()
     prepared = prepare_features(data_args, with_captions=True)
     train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
@@ -132,6 +137,11 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                         captions=nearest)
     plot_similarity(synthetic.similarity().detach(), out / "similarity.png")
     plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    if push_repo is not None:
+        commit = synthetic.push_to_hub(push_repo, token=args.hub_token, private=bool(args.hub_private_repo),
+                                       mean=enc.mean, std=enc.std, nearest_captions=nearest, results=records,
+                                       grid_image=out / "synthetic_images.png")
+        logger.info("pushed the distilled set to %s (revision %s)", push_repo, commit.oid)
     timings = {"features_s": round(features_seconds, 1),
                "experts_s": round(experts_seconds, 1), "distillation_s": round(distill_seconds, 1),
                "total_s": round(time.time() - started, 1), "iterations": trainer.state.global_step,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hub_server import TEST_USER, hub_fixture  # noqa: F401 - registers the "hub" fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def _launch(script, args, cwd, env_extra=None):
 
 
 @pytest.mark.slow
-def test_distill_script_end_to_end_and_resume(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):
+def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path, hub):
     out = tmp_path / "run"
     args = [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--config", "none", "--num_pairs", "8",
             "--sim_rank", "2", "--embed_dim", "8", "--num_experts", "2", "--expert_train_epochs", "3",
@@ -51,13 +52,23 @@ def test_distill_script_end_to_end_and_resume(tiny_karpathy_dir, tiny_text_encod
                                  "--output_dir", str(tmp_path / "ev")], tmp_path)
     assert "| distilled | 8 |" in ev.stdout
 
-    # Running again with more steps resumes from the last checkpoint and reuses the experts.
+    # Running again with more steps resumes from the last checkpoint, reuses the experts, and pushes the set
+    # (to the Hub stand-in) from the main process.
     expert_mtime = (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns
     args[args.index("--max_steps") + 1] = "6"
-    again = _launch("distill.py", [*args, "--resume_from_checkpoint", "latest"], tmp_path)
+    repo = f"{TEST_USER}/tiny-distilled"
+    again = _launch("distill.py", [*args, "--resume_from_checkpoint", "latest", "--push_to_hub", "--hub_model_id",
+                                   repo], tmp_path, env_extra=hub.env)
     assert "resuming from" in again.stderr and "checkpoint-4" in again.stderr
     assert (out / "checkpoint-6").exists()
     assert (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns == expert_mtime
+    check = subprocess.run([sys.executable, "-c", (
+        "import sys, torch; from datasets import load_dataset; from repblend_hf import SyntheticSet\n"
+        f"rows = load_dataset({repo!r}, split='train'); hub = SyntheticSet.from_hub({repo!r})\n"
+        f"local = SyntheticSet.from_pretrained({str(out / 'synthetic_set')!r})\n"
+        "same = all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), local.state_dict().values()))\n"
+        "print(len(rows), same)")], env={**os.environ, **hub.env}, capture_output=True, text=True, timeout=300)
+    assert check.stdout.split()[-2:] == ["8", "True"], check.stderr[-3000:]
 
 
 @pytest.mark.slow
