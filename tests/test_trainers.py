@@ -192,3 +192,19 @@ def test_non_finite_iteration_is_skipped_not_applied(encoder, experts, tmp_path)
     assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
     assert not torch.equal(snapshots[1]["pixel_values"], snapshots[2]["pixel_values"])
     assert all(torch.isfinite(v).all() for v in syn.state_dict().values())
+
+
+def test_bf16_runs_the_encoder_in_bf16_and_keeps_the_set_in_fp32(encoder, experts, tmp_path):
+    syn = _synthetic(encoder)
+    dtypes = []
+    hook = encoder.model.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    try:
+        trainer = DistillationTrainer(syn, _args(tmp_path, max_steps=2, bf16=True, use_cpu=True), experts, encoder)
+        trainer.train()
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in syn.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.heads.parameters())
+    logged = [h for h in trainer.state.log_history if "matching_loss" in h]
+    assert len(logged) == 2 and all(h["nonfinite_skipped"] == 0 for h in logged)
