@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from repblend_hf import RepBlendConfig, SyntheticSet
 from repblend_hf.evaluation import evaluate_pairs
@@ -32,6 +31,7 @@ from repblend_hf.pipeline import (
     DataArguments,
     evaluate_baseline,
     format_table,
+    last_complete_checkpoint,
     parse_with_config,
     prepare_features,
     results_record,
@@ -103,7 +103,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     trainer = DistillationTrainer(synthetic, args, trajectories, prepared.image_encoder, validation=validation)
     resume = args.resume_from_checkpoint
     if resume == "latest":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        resume = last_complete_checkpoint(out)
         logger.info("resuming from %s", resume or "scratch (no checkpoint yet)")
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)

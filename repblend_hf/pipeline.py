@@ -21,7 +21,8 @@ from .evaluation import METRIC_NAMES, EvaluationResult, PairSet, evaluate_pairs
 from .features import FeatureSplit, encode_dataset
 
 __all__ = ["DataArguments", "Prepared", "configure_cpu_threads", "prepare_features", "evaluate_baseline",
-           "BASELINE_PROTOCOLS", "results_record", "write_results", "format_table", "parse_with_config"]
+           "BASELINE_PROTOCOLS", "results_record", "write_results", "format_table", "parse_with_config",
+           "last_complete_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +189,28 @@ def parse_with_config(parser, argv: list[str] | None = None, default_config: str
             elif value is not None:
                 from_file += [f"--{key}", str(value)]
     return parser.parse_args_into_dataclasses(from_file + rest)
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely, or None.
+
+    Trainer writes a checkpoint's files one after another and ``trainer_state.json`` last, so a run
+    killed while saving leaves a ``checkpoint-N`` without it (or with a truncated one);
+    ``transformers.trainer_utils.get_last_checkpoint`` would pick that one, this skips it.
+    """
+    import re
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for step, path in steps:
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s", path)
+            continue
+        if state.get("global_step") == step:
+            return str(path)
+    return None

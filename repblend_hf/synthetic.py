@@ -109,7 +109,11 @@ class SyntheticSet(nn.Module):
             pixels.append(image_encoder.eval_transform(images[i].convert("RGB")))
             lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
             texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
-        synthetic = cls(config, torch.stack(pixels), torch.stack(texts))
+        # The similarity's random factor L is drawn from the global generator: fork it, so that the initial set is
+        # a function of `seed` alone (not of whatever consumed random numbers before, e.g. expert training).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            synthetic = cls(config, torch.stack(pixels), torch.stack(texts))
         synthetic.init_indices = chosen
         return synthetic
 

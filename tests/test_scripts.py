@@ -18,10 +18,13 @@ def _tiny_data_args(karpathy_dir, text_dir):
             "--encode_batch_size", "16"]
 
 
+_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def _launch(script, args, cwd, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / script), *args]
+    cmd = [*_LAUNCH, str(ROOT / "examples" / script), *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
