@@ -21,6 +21,7 @@ __all__ = [
     "flatten_parameters",
     "unflatten_parameters",
     "head_forward",
+    "branch_sizes",
     "similarity_logits",
 ]
 
@@ -72,6 +73,14 @@ def unflatten_parameters(module: nn.Module, flat: torch.Tensor) -> dict[str, tor
         raise ValueError(f"flat parameter vector has {flat.numel()} values but the head has {offset}; "
                          "were the trajectories made with another head dimension or encoder?")
     return out
+
+
+def branch_sizes(heads: RetrievalHeads, image_encoder: nn.Module | None = None) -> dict[str, int]:
+    """Parameters per matched branch: the heads, with the image encoder leading ``image`` when it is trained."""
+    sizes = {b: sum(p.numel() for p in h.parameters()) for b, h in heads.branches().items()}
+    if image_encoder is not None:
+        sizes["image"] += sum(p.numel() for p in image_encoder.parameters())
+    return sizes
 
 
 def head_forward(module: nn.Module, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -208,3 +208,33 @@ def test_bf16_runs_the_encoder_in_bf16_and_keeps_the_set_in_fp32(encoder, expert
     assert all(p.dtype == torch.float32 for p in trainer.heads.parameters())
     logged = [h for h in trainer.state.log_history if "matching_loss" in h]
     assert len(logged) == 2 and all(h["nonfinite_skipped"] == 0 for h in logged)
+
+
+def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
+    """LoRS-style: experts fine-tune the image encoder from pixels; the student unrolls encoder + heads."""
+    import numpy as np
+    from PIL import Image
+
+    from repblend_hf.modeling import RetrievalHeads, branch_sizes
+
+    rng = np.random.default_rng(0)
+    m = 16
+    images = [Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype("uint8")) for _ in range(m)]
+    split = FeatureSplit(torch.randn(m, encoder.feature_dim), torch.randn(2 * m, TEXT_DIM),
+                         torch.arange(m).repeat_interleave(2))
+    args = ExpertTrainingArguments(output_dir=str(tmp_path / "e"), num_experts=1, num_train_epochs=2, embed_dim=EMBED,
+                                   matching="asymmetric", per_device_train_batch_size=8, disable_tqdm=True)
+    with pytest.raises(ValueError, match="pass image_encoder= and images="):
+        train_experts(split, args, str(tmp_path / "bad"))
+    experts = train_experts(split, args, str(tmp_path / "traj"), image_encoder=encoder, images=images)
+    heads = RetrievalHeads(encoder.feature_dim, TEXT_DIM, EMBED)
+    assert experts.branch_sizes == branch_sizes(heads, encoder.model)
+    assert not torch.equal(experts.snapshot(0, 0)["image"], experts.snapshot(0, 2)["image"])
+
+    syn = _synthetic(encoder)
+    before = syn.pixel_values.detach().clone()
+    trainer = DistillationTrainer(syn, _args(tmp_path, method="lors", max_steps=1, max_start_epoch=1), experts,
+                                  encoder)
+    trainer.train()
+    assert not torch.equal(before, syn.pixel_values)
+    assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]

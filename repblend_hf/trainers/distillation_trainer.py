@@ -27,7 +27,7 @@ from transformers import Trainer
 from ..distillation import matching_gradients, plan_inner_loop
 from ..evaluation import PairSet, embed_split, modality_diagnostics, train_heads
 from ..features import FeatureSplit
-from ..modeling import RetrievalHeads
+from ..modeling import RetrievalHeads, branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
@@ -91,10 +91,8 @@ class DistillationTrainer(Trainer):
         self.validation = validation
         config = model.config
         self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim)
-        expected = {b: sum(p.numel() for p in h.parameters()) for b, h in self.heads.branches().items()}
-        if args.matching == "asymmetric":
-            expected["image"] += sum(p.numel() for p in image_encoder.model.parameters())
-        trajectories.check_compatible(expected)
+        trajectories.check_compatible(
+            branch_sizes(self.heads, image_encoder.model if args.matching == "asymmetric" else None))
         if args.similarity != config.similarity:
             raise ValueError(f"args.similarity={args.similarity!r} but the SyntheticSet was built with "
                              f"config.similarity={config.similarity!r}; build the config from the arguments")

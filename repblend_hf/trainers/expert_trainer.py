@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..features import FeatureSplit
 from ..losses import info_nce
-from ..modeling import RetrievalHeads, flatten_parameters, similarity_logits
+from ..modeling import RetrievalHeads, branch_sizes, flatten_parameters, similarity_logits
 from ..training_args import ExpertTrainingArguments
 from ..trajectories import ExpertTrajectories, TrajectoryWriter
 
@@ -137,11 +137,13 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     images) through its train-time transform. Each finished expert is written atomically, so a
     killed run resumes where it stopped.
     """
-    heads_template = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim)
-    probe = ExpertModel(heads_template, args.temperature, _trainable_copy(image_encoder, args))
+    if args.matching == "asymmetric" and (image_encoder is None or images is None):
+        raise ValueError("matching='asymmetric' trains the image encoder: pass image_encoder= and images=")
+    dims = (train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim)
+    trained_encoder = image_encoder.model if args.matching == "asymmetric" else None
     info = {
         "num_epochs": int(args.num_train_epochs),
-        "branch_sizes": {b: int(v.numel()) for b, v in probe.branch_vectors().items()},
+        "branch_sizes": branch_sizes(RetrievalHeads(*dims), trained_encoder),
         "num_experts": args.num_experts,
         "matching": args.matching,
         "image_dim": int(train.image_features.shape[1]),
@@ -159,8 +161,7 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     for e in todo:
         expert_args = dataclasses.replace(args, seed=args.seed + e)
         torch.manual_seed(expert_args.seed)
-        model = ExpertModel(RetrievalHeads(*heads_template_dims(heads_template)), args.temperature,
-                            _trainable_copy(image_encoder, args))
+        model = ExpertModel(RetrievalHeads(*dims), args.temperature, _trainable_copy(trained_encoder))
         if args.matching == "asymmetric":
             dataset = _PixelPairs(train, images, image_encoder.train_transform)
         else:
@@ -169,18 +170,11 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     return ExpertTrajectories.load(trajectory_dir)
 
 
-def heads_template_dims(heads: RetrievalHeads) -> tuple[int, int, int]:
-    """(image_dim, text_dim, embed_dim) of a RetrievalHeads."""
-    return (heads.image_head.projection.in_features, heads.text_head.projection.in_features,
-            heads.image_head.projection.out_features)
-
-
-def _trainable_copy(image_encoder, args: ExpertTrainingArguments) -> nn.Module | None:
-    if args.matching != "asymmetric":
+def _trainable_copy(encoder: nn.Module | None) -> nn.Module | None:
+    """A trainable copy of the frozen encoder's network (asymmetric experts), or None."""
+    if encoder is None:
         return None
-    if image_encoder is None:
-        raise ValueError("matching='asymmetric' trains the image encoder: pass image_encoder= and images=")
-    model = copy.deepcopy(image_encoder.model)
+    model = copy.deepcopy(encoder)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
