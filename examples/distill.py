@@ -16,6 +16,7 @@ embedded default's settings in ``examples/configs/fashion_scenes_99.yaml`` are u
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from repblend_hf import RepBlendConfig, SyntheticSet
@@ -70,7 +72,9 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     push_repo = (args.hub_model_id or out.name) if args.push_to_hub else None
     args.push_to_hub = False
     started = time.time()
-    prepared = prepare_features(data_args, with_captions=True)
+    state = PartialState()
+    with state.main_process_first():  # the main process encodes; the others then read the datasets cache
+        prepared = prepare_features(data_args, with_captions=True)
     train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
     features_seconds = time.time() - started
     logger.info("features ready in %.1fs: %d train images, %d captions", time.time() - started, train.num_images,
@@ -108,8 +112,30 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     distill_seconds = time.time() - t0
-    if not trainer.is_world_process_zero():
-        return {}
+    checksums = trainer.replica_checksums()
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"the synthetic set differs between processes after training ({checksums}); "
+                           "please report this with the command you ran")
+    summary = {}
+    if trainer.is_world_process_zero():
+        summary = _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, {
+            "features_s": round(features_seconds, 1), "experts_s": round(experts_seconds, 1),
+            "distillation_s": round(distill_seconds, 1), "processes": state.num_processes,
+            "replica_checksums": checksums}, started)
+    # A clean end for every process (without it about 1 multi-process launch in 10 aborts at exit).
+    accelerator = trainer.accelerator
+    del trainer
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, timings, started) -> dict:
+    """Main process: the test table beside the baselines, the saved set, its pictures and the optional push."""
+    out = Path(args.output_dir)
+    train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
 
     # Final evaluation on the test split, beside the baselines.
     seeds = list(range(set_args.eval_seeds))
@@ -142,9 +168,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                                        mean=enc.mean, std=enc.std, nearest_captions=nearest, results=records,
                                        grid_image=out / "synthetic_images.png")
         logger.info("pushed the distilled set to %s (revision %s)", push_repo, commit.oid)
-    timings = {"features_s": round(features_seconds, 1),
-               "experts_s": round(experts_seconds, 1), "distillation_s": round(distill_seconds, 1),
-               "total_s": round(time.time() - started, 1), "iterations": trainer.state.global_step,
+    timings = {**timings, "total_s": round(time.time() - started, 1), "iterations": trainer.state.global_step,
                "encoder_passes": trainer.encoder_passes}
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(table)

@@ -201,12 +201,14 @@ class FrozenTextEncoder(nn.Module):
 
 
 def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, image_size: int = 64, pretrained: bool = True,
-                       **model_kwargs) -> FrozenImageEncoder:
+                       init_seed: int = 0, **model_kwargs) -> FrozenImageEncoder:
     """Build a frozen timm image encoder with pooled features (``num_classes=0``).
 
     With ``pretrained=True``, names with packaged offline weights (``tf_efficientnet_lite0`` when the
     ``encoders`` extra is installed) load those; other names go through timm's own pretrained loading
-    (the Hub, or its cache). ``pretrained=False`` gives random weights (tests use timm ``test_*``).
+    (the Hub, or its cache). ``pretrained=False`` gives random weights (tests use timm ``test_*``) drawn
+    from ``init_seed``, so every process of a multi-process run and every resumed run builds the same
+    frozen encoder (and hits the same features cache).
     """
     import timm
 
@@ -216,7 +218,9 @@ def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, image_size: int = 64, 
                          "Any name from timm.list_models() works.")
     packaged = _PACKAGED_IMAGE_WEIGHTS.get(name)
     use_packaged = pretrained and packaged is not None and importlib.util.find_spec(packaged[0]) is not None
-    model = timm.create_model(name, pretrained=pretrained and not use_packaged, num_classes=0, **model_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model = timm.create_model(name, pretrained=pretrained and not use_packaged, num_classes=0, **model_kwargs)
     if use_packaged:
         packaged[1](model)
     return FrozenImageEncoder(model, name, image_size)

@@ -2,11 +2,14 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from hub_server import TEST_USER, hub_fixture  # noqa: F401 - registers the "hub" fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +25,12 @@ _LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes"
            "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def _launch(script, args, cwd, env_extra=None):
+def _launch(script, args, cwd, env_extra=None, processes=1):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", **(env_extra or {})}
-    cmd = [*_LAUNCH, str(ROOT / "examples" / script), *args]
+    # `--cpu --num_processes 2` starts one process; `--multi_gpu` with ACCELERATE_USE_CPU starts two gloo ranks.
+    launch = _LAUNCH if processes == 1 else [
+        *_LAUNCH[:3], "--multi_gpu", "--num_processes", str(processes), *_LAUNCH[5:]]
+    cmd = [*launch, str(ROOT / "examples" / script), *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -72,6 +78,71 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
         "same = all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), local.state_dict().values()))\n"
         "print(len(rows), same)")], env={**os.environ, **hub.env}, capture_output=True, text=True, timeout=300)
     assert check.stdout.split()[-2:] == ["8", "True"], check.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_distill_script_with_two_processes(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):
+    """2 gloo ranks: data-parallel experts, one segment per rank per step, replicas identical, outputs written once."""
+    from repblend_hf import SyntheticSet
+
+    args = [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--config", "none", "--num_pairs", "8",
+            "--sim_rank", "2", "--embed_dim", "8", "--num_experts", "2", "--expert_train_epochs", "2",
+            "--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no", "--mini_batch_size", "4",
+            "--syn_steps", "2", "--lr_img", "1", "--lr_txt", "1", "--lr_sim", "0.1", "--eval_seeds", "1",
+            "--baselines", "", "--disable_tqdm", "true", "--max_start_epoch", "1", "--seed", "3"]
+    two = _launch("distill.py", [*args, "--output_dir", str(tmp_path / "two")], tmp_path, processes=2)
+    one = _launch("distill.py", [*args, "--output_dir", str(tmp_path / "one")], tmp_path)
+
+    timings = json.loads((tmp_path / "two" / "timings.json").read_text())
+    assert timings["processes"] == 2 and timings["iterations"] == 3
+    assert len(timings["replica_checksums"]) == 2 and len(set(timings["replica_checksums"])) == 1
+    assert json.loads((tmp_path / "one" / "timings.json").read_text())["processes"] == 1
+    # Written once: one table, one results file, one checkpoint folder, the experts complete.
+    assert two.stdout.count("timings:") == 1 and two.stdout.count("| repblend | 8 |") == 1
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(p.name for p in (tmp_path / "two" / "experts").glob("*.safetensors")) == [
+        "expert_000.safetensors", "expert_001.safetensors"]
+    # Two segments per step instead of one: a different set from the one-process run (same seed, same init).
+    a = SyntheticSet.from_pretrained(tmp_path / "two" / "synthetic_set").state_dict()
+    b = SyntheticSet.from_pretrained(tmp_path / "one" / "synthetic_set").state_dict()
+    assert not torch.equal(a["pixel_values"], b["pixel_values"])
+    assert one.stdout.count("timings:") == 1
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):
+    """SIGKILL the launched run after its first checkpoint; the same command with ``--resume_from_checkpoint latest``
+    finishes with the same synthetic set as a run that was never interrupted."""
+    from repblend_hf import SyntheticSet
+
+    args = [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--config", "none", "--num_pairs", "8",
+            "--sim_rank", "2", "--embed_dim", "8", "--num_experts", "2", "--expert_train_epochs", "2",
+            "--max_steps", "60", "--save_steps", "2", "--eval_strategy", "no", "--mini_batch_size", "4",
+            "--syn_steps", "2", "--lr_img", "0.1", "--lr_txt", "0.1", "--lr_sim", "0.01", "--eval_seeds", "1",
+            "--baselines", "", "--disable_tqdm", "true", "--max_start_epoch", "1",
+            "--trajectory_dir", str(tmp_path / "experts")]
+    _launch("distill.py", [*args, "--output_dir", str(tmp_path / "whole")], tmp_path)
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.Popen([*_LAUNCH, str(ROOT / "examples" / "distill.py"), *args, "--output_dir", str(killed)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-2" / "trainer_state.json").exists() and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its worker, mid-run
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it was killed; raise --max_steps"
+
+    resumed = _launch("distill.py", [*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"],
+                      tmp_path)
+    assert "resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
+    a = SyntheticSet.from_pretrained(tmp_path / "whole" / "synthetic_set").state_dict()
+    b = SyntheticSet.from_pretrained(killed / "synthetic_set").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

@@ -15,11 +15,13 @@ eval mode. The encoder stays outside the wrapped module, like timm's distillatio
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer
@@ -206,9 +208,20 @@ class DistillationTrainer(Trainer):
         """The Trainer's step; after a skipped (non-finite) iteration the gradients are set to None."""
         self._skip_step = False
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._skip_step:
+        skip = self._skip_step
+        if self.args.world_size > 1:  # skip on every process or none, so that the replicas stay identical
+            skip = bool(self.accelerator.gather(torch.tensor([float(skip)], device=self.args.device)).max())
+        if skip:
             self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def replica_checksums(self) -> list[str]:
+        """SHA-256 of the synthetic set's tensors on every process (all equal when data-parallel works)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self._synthetic.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return gather_object([digest.hexdigest()])
 
     def _pixel_gradient(self, pixels, pixel_leaf, feats, g_feats) -> torch.Tensor:
         """``(∂ features / ∂ pixels)ᵀ g_feats`` for the touched images: one backward through the encoder."""

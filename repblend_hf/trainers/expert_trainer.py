@@ -14,6 +14,9 @@ import dataclasses
 import logging
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
@@ -50,7 +53,17 @@ class ExpertModel(nn.Module):
                 pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         u = self.image_encoder(pixel_values) if self.image_encoder is not None else image_features
         image_embeds, text_embeds = self.heads(u, text_features)
-        return {"loss": info_nce(similarity_logits(image_embeds, text_embeds, self.temperature))}
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"loss": info_nce(similarity_logits(image_embeds, text_embeds, self.temperature))}
+        # Data-parallel expert (open_clip's "local loss, gather with grad"): this process's rows against every
+        # process's columns, in both directions. DDP averages the gradients over processes, which gives exactly
+        # the gradient of the InfoNCE over the global batch, so B per process x P processes = one expert at B*P.
+        rank, rows = dist.get_rank(), len(image_embeds)
+        all_images, all_texts = _gather_with_grad(image_embeds), _gather_with_grad(text_embeds)
+        target = torch.arange(rows, device=image_embeds.device) + rank * rows
+        image_to_text = similarity_logits(image_embeds, all_texts, self.temperature)
+        text_to_image = similarity_logits(text_embeds, all_images, self.temperature)
+        return {"loss": 0.5 * (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target))}
 
     def branch_vectors(self) -> dict[str, torch.Tensor]:
         """The flat parameter vector of each matched branch (``image`` leads with the encoder if trained)."""
@@ -58,6 +71,27 @@ class ExpertModel(nn.Module):
         if self.image_encoder is not None:
             image = torch.cat([flatten_parameters(self.image_encoder), image])
         return {"image": image, "text": flatten_parameters(self.heads.text_head)}
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward sums the gradients of every process (works on gloo and NCCL)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows, ctx.rank = len(tensor), dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    return _GatherWithGrad.apply(tensor)
 
 
 class _FeaturePairs(Dataset):
@@ -95,19 +129,21 @@ class _PixelPairs(_FeaturePairs):
 
 
 class _TrajectoryRecorder(TrainerCallback):
-    """Records the branch vectors at the start (epoch 0) and after every epoch."""
+    """Records the branch vectors at the start (epoch 0) and after every epoch (main process only)."""
 
     def __init__(self, writer: TrajectoryWriter, expert_index: int):
         self.writer, self.expert_index, self.epoch = writer, expert_index, 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.writer.discard(self.expert_index)
-        self.writer.record(self.expert_index, 0, _unwrap(model).branch_vectors())
         self.epoch = 0
+        if state.is_world_process_zero:
+            self.writer.discard(self.expert_index)
+            self.writer.record(self.expert_index, 0, _unwrap(model).branch_vectors())
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         self.epoch += 1
-        self.writer.record(self.expert_index, self.epoch, _unwrap(model).branch_vectors())
+        if state.is_world_process_zero:  # DDP keeps the replicas identical: one process writes
+            self.writer.record(self.expert_index, self.epoch, _unwrap(model).branch_vectors())
 
 
 def _unwrap(model: nn.Module) -> ExpertModel:
@@ -136,7 +172,17 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     fine-tune a copy of ``image_encoder`` (a FrozenImageEncoder) on ``images`` (the train split's PIL
     images) through its train-time transform. Each finished expert is written atomically, so a
     killed run resumes where it stopped.
+
+    Under ``accelerate launch`` with P processes every expert is trained data-parallel: each process
+    takes B / P pairs of each batch of B = ``args.per_device_train_batch_size`` and the InfoNCE is
+    computed over the gathered batch of B, so an expert is the same function of its data as in one
+    process. The main process writes the trajectories; every process returns them.
     """
+    state = PartialState()
+    if args.per_device_train_batch_size % state.num_processes:
+        raise ValueError(f"the expert batch ({args.per_device_train_batch_size}) must divide evenly over the "
+                         f"{state.num_processes} processes; set per_device_train_batch_size to a multiple of "
+                         f"{state.num_processes}")
     if args.matching == "asymmetric" and (image_encoder is None or images is None):
         raise ValueError("matching='asymmetric' trains the image encoder: pass image_encoder= and images=")
     dims = (train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim)
@@ -154,12 +200,14 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         "batch_size": args.per_device_train_batch_size,
         **(metadata or {}),
     }
-    writer = TrajectoryWriter(trajectory_dir, info)
+    with state.main_process_first():  # the main process creates the directory and its metadata
+        writer = TrajectoryWriter(trajectory_dir, info)
     todo = [e for e in range(args.num_experts) if e not in writer.completed]
     if len(todo) < args.num_experts:
         logger.info("experts %s already complete in %s; training %s", writer.completed, trajectory_dir, todo)
     for e in todo:
-        expert_args = dataclasses.replace(args, seed=args.seed + e)
+        expert_args = dataclasses.replace(args, seed=args.seed + e, per_device_train_batch_size=(
+            args.per_device_train_batch_size // state.num_processes))
         torch.manual_seed(expert_args.seed)
         model = ExpertModel(RetrievalHeads(*dims), args.temperature, _trainable_copy(trained_encoder))
         if args.matching == "asymmetric":
@@ -167,6 +215,7 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         else:
             dataset = _FeaturePairs(train)
         ExpertTrainer(model, expert_args, dataset, writer, e).train()
+    state.wait_for_everyone()  # every expert is on disk before any process reads them
     return ExpertTrajectories.load(trajectory_dir)
 
 
