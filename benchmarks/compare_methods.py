@@ -45,6 +45,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--baselines", default="random,full")
     parser.add_argument("--work_dir", default="outputs/compare_methods")
+    parser.add_argument("--experts_dir", default=None,
+                        help="Where the shared experts live (default: WORK_DIR); reuse them across budgets.")
+    parser.add_argument("--asymmetric_experts", type=int, default=None,
+                        help="Experts for the asymmetric variants (default: as the config). Each trains the image "
+                             "encoder from pixels, ~90 s per epoch on 2 cores at 64 px.")
+    parser.add_argument("--asymmetric_expert_epochs", type=int, default=None,
+                        help="Epochs of the asymmetric experts (default: as the config). Segments start before "
+                             "max_start_epoch and span expert_epochs, so max_start_epoch - 1 + expert_epochs "
+                             "epochs give the same segments as more.")
     parser.add_argument("--output", default=str(HERE / "results" / "methods_99"))
     args, passthrough = parser.parse_known_args()
 
@@ -62,10 +71,15 @@ def main() -> None:
         for seed in seeds:
             out = work / name / f"seed{seed}"
             done = out / "results.json"
+            experts = []
+            if matching == "asymmetric" and args.asymmetric_experts:
+                experts += ["--num_experts", str(args.asymmetric_experts)]
+            if matching == "asymmetric" and args.asymmetric_expert_epochs:
+                experts += ["--expert_train_epochs", str(args.asymmetric_expert_epochs)]
             if not done.exists():  # finished runs are kept: the benchmark resumes where it stopped
                 distill.main(["--seed", str(seed), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
-                              "--trajectory_dir", str(work / f"experts_{matching}"), "--save_strategy", "no",
-                              *overrides, *passthrough])
+                              "--trajectory_dir", str(Path(args.experts_dir or work) / f"experts_{matching}"),
+                              "--save_strategy", "no", *experts, *overrides, *passthrough])
             record = json.loads(done.read_text())
             rows.setdefault(name, []).append({k: record["test"][k]["mean"] for k in METRICS})
             selected_on_test.setdefault(name, []).append({k: record["test_selected_on_test"][k]["mean"]

@@ -124,6 +124,13 @@ class DistillationArguments(TrainingArguments):
     encoder_per_step: bool = field(default=False, metadata={
         "help": "Run the image encoder inside every inner step, as the authors' code does (20 forwards per step, "
                 "again when TESLA recomputes). Same gradient, more encoder work; for benchmarks and checks."})
+    nonfinite_patience: int = field(default=3, metadata={
+        "help": "After this many consecutive iterations with a non-finite matching loss or gradient (each one "
+                "skipped, nothing applied) the lrs of the offending groups are multiplied by nonfinite_lr_factor."})
+    nonfinite_lr_factor: float = field(default=0.5, metadata={"help": "Factor applied to the offending lrs."})
+    nonfinite_max_lowerings: int = field(default=3, metadata={
+        "help": "When non-finite iterations continue after this many lowerings the run stops with an error; the "
+                "checkpoints on disk hold only finite values."})
     num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
     eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
     max_steps: int = field(default=3000, metadata={"help": "Outer iterations (paper: 3000)."})
@@ -165,5 +172,10 @@ class DistillationArguments(TrainingArguments):
         _check(self.distill_loss != "infonce" or self.similarity == "none",
                "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')")
         _check(self.encoder_chunk_size >= 0, f"encoder_chunk_size must be >= 0, got {self.encoder_chunk_size}")
+        _check(self.nonfinite_patience > 0, f"nonfinite_patience must be > 0, got {self.nonfinite_patience}")
+        _check(0 < self.nonfinite_lr_factor < 1,
+               f"nonfinite_lr_factor must be in (0, 1), got {self.nonfinite_lr_factor}")
+        _check(self.nonfinite_max_lowerings >= 0,
+               f"nonfinite_max_lowerings must be >= 0, got {self.nonfinite_max_lowerings}")
         _check(self.num_eval_seeds > 0, f"num_eval_seeds must be > 0, got {self.num_eval_seeds}")
         _check(self.eval_head_epochs > 0, f"eval_head_epochs must be > 0, got {self.eval_head_epochs}")

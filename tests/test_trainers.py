@@ -194,6 +194,39 @@ def test_non_finite_iteration_is_skipped_not_applied(encoder, experts, tmp_path)
     assert all(torch.isfinite(v).all() for v in syn.state_dict().values())
 
 
+def test_repeated_non_finite_iterations_lower_the_lrs_then_stop(encoder, experts, tmp_path):
+    from repblend_hf.trainers import NonFiniteError
+
+    syn = _synthetic(encoder)
+    args = _args(tmp_path, max_steps=20, save_strategy="steps", save_steps=2, nonfinite_patience=2,
+                 nonfinite_max_lowerings=1, nonfinite_lr_factor=0.5)
+    trainer = DistillationTrainer(syn, args, experts, encoder)
+    real_sample = experts.sample_segment
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):  # from iteration 3 on an inf in the image target: an inf loss, every group offends
+        segment = real_sample(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            segment.target_params["image"][0] = float("inf")
+        return segment
+
+    experts.sample_segment = poisoned
+    try:
+        with pytest.raises(NonFiniteError, match=r"4 consecutive iterations .*lowering their learning rates 1 times"
+                                                 r".*checkpoint-4.*--resume_from_checkpoint latest"):
+            trainer.train()
+    finally:
+        experts.sample_segment = real_sample
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {"images": 0.5, "texts": 0.5, "similarity": 0.05, "lrs": args.lr_lr * 0.5}  # a NaN loss: every group
+    assert trainer.lr_scheduler.get_last_lr() == [0.5, 0.5, 0.05, args.lr_lr * 0.5]  # kept by the constant schedule
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
 def test_bf16_runs_the_encoder_in_bf16_and_keeps_the_set_in_fp32(encoder, experts, tmp_path):
     syn = _synthetic(encoder)
     dtypes = []

@@ -1,6 +1,6 @@
 """Trainers: ``transformers.Trainer`` subclasses for the expert and distillation stages."""
 
-from .distillation_trainer import DistillationTrainer
+from .distillation_trainer import DistillationTrainer, NonFiniteError
 from .expert_trainer import ExpertModel, ExpertTrainer, train_experts
 
-__all__ = ["DistillationTrainer", "ExpertModel", "ExpertTrainer", "train_experts"]
+__all__ = ["DistillationTrainer", "NonFiniteError", "ExpertModel", "ExpertTrainer", "train_experts"]

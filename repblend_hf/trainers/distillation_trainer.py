@@ -16,6 +16,7 @@ eval mode. The encoder stays outside the wrapped module, like timm's distillatio
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -34,7 +35,14 @@ from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
 
-__all__ = ["DistillationTrainer"]
+__all__ = ["DistillationTrainer", "NonFiniteError"]
+
+logger = logging.getLogger(__name__)
+_GROUPS = ("images", "texts", "similarity", "lrs")  # the optimiser's parameter groups
+
+
+class NonFiniteError(RuntimeError):
+    """Distillation kept producing non-finite values after the learning rates were lowered."""
 
 
 class _Iterations(Dataset):
@@ -193,8 +201,12 @@ class DistillationTrainer(Trainer):
 
         pairs = list(zip([syn.pixel_values, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
                          [g_pixels, g_texts, *g_log, *g_sim]))
-        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(gr).all()) for _, gr in pairs)
-        self._skip_step = not finite
+        group_of = {id(p): group for group, params in syn.parameter_groups().items() for p in params}
+        bad = {group_of[id(p)] for p, gr in pairs if not bool(torch.isfinite(gr).all())}
+        if not bool(torch.isfinite(loss)):
+            bad |= set(group_of.values())
+        finite = not bad
+        self._skip_step, self._bad_groups = not finite, bad
         self._metrics["nonfinite_skipped"].append(float(not finite))
         if not finite:
             # Never let a non-finite value reach the synthetic set: zero surrogate now, and training_step
@@ -206,14 +218,46 @@ class DistillationTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; after a skipped (non-finite) iteration the gradients are set to None."""
-        self._skip_step = False
+        self._skip_step, self._bad_groups = False, set()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        skip = self._skip_step
+        bad = torch.tensor([float(g in self._bad_groups) for g in _GROUPS], device=self.args.device)
         if self.args.world_size > 1:  # skip on every process or none, so that the replicas stay identical
-            skip = bool(self.accelerator.gather(torch.tensor([float(skip)], device=self.args.device)).max())
-        if skip:
+            bad = self.accelerator.gather(bad[None]).amax(0)
+        if bool(bad.any()):
             self.optimizer.zero_grad(set_to_none=True)
+            self._on_nonfinite({g for g, b in zip(_GROUPS, bad.tolist()) if b})
+        else:
+            self._nonfinite_streak = 0
         return loss
+
+    def _on_nonfinite(self, groups: set[str]) -> None:
+        """Count consecutive skipped iterations; lower the offending lrs every ``nonfinite_patience``, then stop."""
+        args = self.args
+        self._nonfinite_streak = getattr(self, "_nonfinite_streak", 0) + 1
+        self._nonfinite_lowerings = getattr(self, "_nonfinite_lowerings", 0)
+        if self._nonfinite_streak % args.nonfinite_patience:
+            return
+        if self._nonfinite_lowerings >= args.nonfinite_max_lowerings:
+            from ..pipeline import last_complete_checkpoint
+
+            lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+            raise NonFiniteError(
+                f"{self._nonfinite_streak} consecutive iterations (up to step {self.state.global_step + 1}) gave a "
+                f"non-finite matching loss or gradient in {sorted(groups)}, after lowering their learning rates "
+                f"{self._nonfinite_lowerings} times (now {lrs}). Nothing non-finite was applied; the last checkpoint "
+                f"is {last_complete_checkpoint(args.output_dir) or 'none (no checkpoint was saved yet)'}. Check the "
+                "expert trajectories for NaN/inf, then lower the learning rates of these groups (--lr_img, --lr_txt, "
+                "--lr_sim, --lr_lr) and run again with --resume_from_checkpoint latest.")
+        self._nonfinite_lowerings += 1
+        scheduler = self.lr_scheduler
+        for i, group in enumerate(self.optimizer.param_groups):
+            if group["name"] in groups:
+                group["lr"] *= args.nonfinite_lr_factor
+                if hasattr(scheduler, "base_lrs"):  # the constant schedule would restore the old lr next step
+                    scheduler.base_lrs[i] *= args.nonfinite_lr_factor
+        logger.warning("%d consecutive non-finite iterations in %s: their learning rates are now x%g (%s)",
+                       self._nonfinite_streak, sorted(groups), args.nonfinite_lr_factor,
+                       {g["name"]: g["lr"] for g in self.optimizer.param_groups})
 
     def replica_checksums(self) -> list[str]:
         """SHA-256 of the synthetic set's tensors on every process (all equal when data-parallel works)."""
