@@ -124,6 +124,9 @@ class DistillationArguments(TrainingArguments):
     encoder_per_step: bool = field(default=False, metadata={
         "help": "Run the image encoder inside every inner step, as the authors' code does (20 forwards per step, "
                 "again when TESLA recomputes). Same gradient, more encoder work; for benchmarks and checks."})
+    segments_per_iteration: int = field(default=1, metadata={
+        "help": "Expert segments matched per outer iteration (each with its own inner-loop plan) against one encoder "
+                "pass over the pairs they touch; their matching losses are averaged. More signal per encoder pass."})
     nonfinite_patience: int = field(default=3, metadata={
         "help": "After this many consecutive iterations with a non-finite matching loss or gradient (each one "
                 "skipped, nothing applied) the lrs of the offending groups are multiplied by nonfinite_lr_factor."})
@@ -172,6 +175,8 @@ class DistillationArguments(TrainingArguments):
         _check(self.distill_loss != "infonce" or self.similarity == "none",
                "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')")
         _check(self.encoder_chunk_size >= 0, f"encoder_chunk_size must be >= 0, got {self.encoder_chunk_size}")
+        _check(self.segments_per_iteration > 0,
+               f"segments_per_iteration must be > 0, got {self.segments_per_iteration}")
         _check(self.nonfinite_patience > 0, f"nonfinite_patience must be > 0, got {self.nonfinite_patience}")
         _check(0 < self.nonfinite_lr_factor < 1,
                f"nonfinite_lr_factor must be in (0, 1), got {self.nonfinite_lr_factor}")

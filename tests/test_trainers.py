@@ -143,6 +143,35 @@ def test_pixel_gradient_equals_per_step_encoder(encoder, experts, tmp_path, meta
     assert passes[True]["backward"] == steps_images
 
 
+def test_several_segments_share_one_encoder_pass_and_average(encoder, experts, tmp_path, monkeypatch):
+    import repblend_hf.trainers.distillation_trainer as module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        out = matching_gradients(*args, **kwargs)
+        calls.append((args[4], out))  # (plan, (loss, grads, stats))
+        return out
+
+    monkeypatch.setattr(module, "matching_gradients", spy)
+    syn = _synthetic(encoder)
+    trainer = DistillationTrainer(syn, _args(tmp_path, segments_per_iteration=3, syn_steps=2, mini_batch_size=3),
+                                  experts, encoder)
+    trainer.create_optimizer()
+    trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])}).backward()
+    assert len(calls) == 3
+    plans = [plan for plan, _ in calls]
+    union = torch.unique(torch.cat([torch.cat(p.batch_indices) for p in plans]))
+    assert torch.equal(plans[0].touched, union) and len(union) > len(torch.unique(torch.cat(plans[0].batch_indices)))
+    # One encoder forward and backward per distinct image of the union, not per segment.
+    assert trainer.encoder_passes == {"forward": len(union), "backward": len(union)}
+    logged = trainer._metrics["matching_loss"][-1]
+    assert logged == pytest.approx(sum(float(out[0]) for _, out in calls) / 3, rel=1e-6)
+    # The text embeddings' gradient is the segments' average, scattered to the touched rows.
+    g_text = sum(out[1][1] for _, out in calls) / 3
+    torch.testing.assert_close(syn.text_embeddings.grad[union], g_text)
+
+
 def test_resume_continues_from_checkpoint(encoder, experts, tmp_path):
     def run(out, max_steps, resume=None):
         syn = _synthetic(encoder)

@@ -147,11 +147,18 @@ class DistillationTrainer(Trainer):
         syn = self._synthetic
         device = syn.pixel_values.device
         g = self._generator()
-        segment = self.trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g, device=device)
-        plan = plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g)
-        touched = plan.touched.to(device)
-        plan.touched, plan.batches = touched, [b.to(device) for b in plan.batches]
-        plan.blends = [type(b)(b.lam, b.perm.to(device)) for b in plan.blends]
+        segments, plans = [], []
+        for _ in range(args.segments_per_iteration):  # each segment with its own inner-loop plan
+            segments.append(self.trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g,
+                                                             device=device))
+            plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g))
+        # The plans share one encoder pass over the union of the pairs they touch.
+        touched = torch.unique(torch.cat([p.touched for p in plans])) if len(plans) > 1 else plans[0].touched
+        for plan in plans:
+            plan.batches = [torch.searchsorted(touched, plan.touched[b]).to(device) for b in plan.batches]
+            plan.touched = touched.to(device)
+            plan.blends = [type(b)(b.lam, b.perm.to(device)) for b in plan.blends]
+        touched = touched.to(device)
 
         pixels = syn.pixel_values.detach()[touched]
         symmetric = args.matching == "symmetric" and not args.encoder_per_step
@@ -178,12 +185,17 @@ class DistillationTrainer(Trainer):
         sim_params = list(syn.similarity.parameters())
         targets = (lambda pos: syn.similarity(touched[pos])) if args.distill_loss == "wbce" else None
         wrt = [image_inputs, text_inputs, eta["image"], eta["text"], *sim_params]
-        loss, grads, stats = matching_gradients(
-            self.heads, image_inputs, text_inputs, targets, plan, segment.start_params, segment.target_params, eta,
-            wrt, temperature=syn.config.temperature, distill_loss=args.distill_loss,
-            meta_gradient=args.meta_gradient, branch_normalization=args.branch_normalization,
-            image_encoder=student_encoder)
-        grads = [torch.zeros_like(t) if g_ is None else g_ for t, g_ in zip(wrt, grads)]
+        # The matching losses of the segments are averaged: so are their gradients on the shared leaves.
+        loss, grads, stats = 0.0, [torch.zeros_like(t) for t in wrt], []
+        for segment, plan in zip(segments, plans):
+            loss_s, grads_s, stats_s = matching_gradients(
+                self.heads, image_inputs, text_inputs, targets, plan, segment.start_params, segment.target_params,
+                eta, wrt, temperature=syn.config.temperature, distill_loss=args.distill_loss,
+                meta_gradient=args.meta_gradient, branch_normalization=args.branch_normalization,
+                image_encoder=student_encoder)
+            loss = loss + loss_s / len(plans)
+            grads = [acc if g_ is None else acc + g_ / len(plans) for acc, g_ in zip(grads, grads_s)]
+            stats.append(stats_s)
         g_inputs, g_text, g_eta_img, g_eta_txt, *g_sim = grads
 
         # Feature gradients → pixels: one backward through the frozen encoder (chunked on request).
@@ -213,7 +225,7 @@ class DistillationTrainer(Trainer):
             # drops the gradients so that SGD's momentum does not move the set either.
             pairs = [(p, torch.zeros_like(p)) for p, _ in pairs]
             loss = torch.zeros((), device=device)
-        self._log_iteration(loss, stats, lrs, plan, segment)
+        self._log_iteration(loss, stats, lrs, plans, segments, len(touched))
         return model(surrogate_grads=pairs, loss=loss)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -280,16 +292,17 @@ class DistillationTrainer(Trainer):
             out.append(torch.autograd.grad(self._encode(leaf), leaf, g_chunk)[0])
         return torch.cat(out)
 
-    def _log_iteration(self, loss, stats, lrs, plan, segment) -> None:
+    def _log_iteration(self, loss, stats, lrs, plans, segments, touched: int) -> None:
         m = self._metrics
         m["matching_loss"].append(float(loss))
-        m["inner_loss_first"].append(stats["inner_loss_first"])
-        m["inner_loss_last"].append(stats["inner_loss_last"])
+        for key in ("inner_loss_first", "inner_loss_last"):
+            m[key].append(sum(s[key] for s in stats) / len(stats))
         m["lr_img"].append(float(lrs["image"].detach()))
         m["lr_txt"].append(float(lrs["text"].detach()))
-        m["blend_lambda"].append(sum(b.lam for b in plan.blends) / len(plan.blends))
-        m["start_epoch"].append(float(segment.start_epoch))
-        m["touched_images"].append(float(len(plan.touched)))
+        blends = [b.lam for plan in plans for b in plan.blends]
+        m["blend_lambda"].append(sum(blends) / len(blends))
+        m["start_epoch"].append(sum(float(s.start_epoch) for s in segments) / len(segments))
+        m["touched_images"].append(float(touched))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the iteration metrics averaged since the last log (TRL's ``_metrics`` pattern)."""
