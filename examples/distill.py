@@ -163,6 +163,7 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
                         captions=nearest)
     plot_similarity(synthetic.similarity().detach(), out / "similarity.png")
     plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the log history behind the curves
     if push_repo is not None:
         commit = synthetic.push_to_hub(push_repo, token=args.hub_token, private=bool(args.hub_private_repo),
                                        mean=enc.mean, std=enc.std, nearest_captions=nearest, results=records,
