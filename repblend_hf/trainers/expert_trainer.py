@@ -57,7 +57,7 @@ class ExpertModel(nn.Module):
             return {"loss": info_nce(similarity_logits(image_embeds, text_embeds, self.temperature))}
         # Data-parallel expert (open_clip's "local loss, gather with grad"): this process's rows against every
         # process's columns, in both directions. DDP averages the gradients over processes, which gives exactly
-        # the gradient of the InfoNCE over the global batch, so B per process x P processes = one expert at B*P.
+        # the gradient of the InfoNCE over the global batch: P processes with B/P rows each = one process with B.
         rank, rows = dist.get_rank(), len(image_embeds)
         all_images, all_texts = _gather_with_grad(image_embeds), _gather_with_grad(text_embeds)
         target = torch.arange(rows, device=image_embeds.device) + rank * rows
