@@ -1,0 +1,100 @@
+"""benchmarks/speed.py end to end on tiny random models: the JSON, the report and the plots it writes."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _speed_module():
+    spec = importlib.util.spec_from_file_location("speed_benchmark", ROOT / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_args(tmp_path, text_dir):
+    return ["--device", "cpu", "--image_encoder", "test_efficientnet", "--pretrained", "false", "--text_encoder",
+            str(text_dir), "--embed_dim", "8", "--num_pairs", "6", "--image_sizes", "32", "--syn_steps", "2",
+            "--mini_batch_size", "4", "--sim_rank", "2", "--encoder_chunk_size", "4", "--warmup", "0", "--timed", "1",
+            "--threads", "1", "--results_dir", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work"),
+            "--tag", "tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The benchmark sets torch's thread count for its process (one thread here: fast on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_speed_benchmark_writes_every_measurement_and_resumes(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):
+    speed = _speed_module()
+    timings = tmp_path / "timings.json"
+    timings.write_text(json.dumps({"features_s": 1.0, "experts_s": 2.0, "distillation_s": 3.0, "total_s": 6.0,
+                                   "iterations": 10}))
+    argv = [*_tiny_args(tmp_path, tiny_text_encoder_dir), "--variants", "floor,repblend,repblend_per_step,lors",
+            "--in_process", "--dataset", str(tiny_karpathy_dir), "--expert_image_size", "32", "--expert_batches", "1",
+            "--timings", str(timings)]
+    speed.main(argv)
+
+    results = tmp_path / "results"
+    store = json.loads((results / "speed_tiny.json").read_text())
+    assert set(store) >= {"runs", "experts", "end_to_end", "environment", "settings", "last_command"}
+    runs = {r["variant"]: r for r in store["runs"].values()}
+    assert set(runs) == {"floor", "repblend", "repblend_per_step", "lors"}
+    for variant, r in runs.items():
+        assert "error" not in r, r
+        assert r["num_pairs"] == 6 and r["image_size"] == 32 and r["dtype"] == "fp32" and r["device"] == "cpu"
+        assert r["s_per_iter"] > 0 and len(r["s_per_iter_timed"]) == 1
+        assert {"peak_mem_mb", "peak_mem_increase_mb", "mem_kind", "touched_images", "other_processes_cores"} <= set(r)
+        assert r["encoder_passes_per_iter"]["hooked_forward"] > 0, variant
+    assert runs["floor"]["encoder_s_per_iter"] > 0 and runs["floor"]["heads_s_per_iter"] > 0
+    # The trainer's own counter and the hook agree on the symmetric paths; (b) runs the encoder in every step.
+    for variant in ("repblend", "repblend_per_step"):
+        p = runs[variant]["encoder_passes_per_iter"]
+        assert (p["trainer_forward"], p["trainer_backward"]) == (p["hooked_forward"], p["hooked_backward"])
+    assert runs["repblend_per_step"]["encoder_passes_per_iter"]["hooked_forward"] == 2 * 2 * 4  # steps × batch × 2
+    assert all(r["nonfinite_iterations"] == 0 for v, r in runs.items() if v != "floor")
+
+    (experts,) = store["experts"].values()
+    assert experts["cached_epoch_s"] > 0 and experts["encoding_epoch_s"] > 0
+    assert experts["ratio"] > 0 and experts["ratio_same_loop"] > 1
+    assert experts["train_images"] == 40 and experts["steps_per_epoch"] == 1
+    assert store["end_to_end"]["timings"]["total_s"] == 6.0
+
+    report = (results / "speed_tiny.md").read_text()
+    assert report.startswith("# Distillation speed and memory") and "Command: `" in report
+    assert "(a)/floor ≤ 1.2×" in report and "total **6.0 s**" in report
+    for name in ("speed_vs_n_tiny.png", "memory_vs_n_tiny.png"):
+        assert (results / name).stat().st_size > 0
+
+    assert "encode_captions_s" not in experts["encoding_per_batch_s"]
+
+    # A rerun keeps the finished configurations instead of measuring them again; encoding the captions in every
+    # batch too is another expert measurement, kept beside the first.
+    speed.main([*argv, "--expert_encode_captions"])
+    again = json.loads((results / "speed_tiny.json").read_text())
+    assert again["runs"] == store["runs"]
+    assert len(again["experts"]) == 2 and all(again["experts"][k] == v for k, v in store["experts"].items())
+    (with_captions,) = [v for k, v in again["experts"].items() if k not in store["experts"]]
+    assert with_captions["captions_encoded"] and with_captions["encoding_per_batch_s"]["encode_captions_s"] > 0
+    assert "frozen text encoder" in (results / "speed_tiny.md").read_text()
+
+
+@pytest.mark.slow
+def test_speed_benchmark_measures_in_a_fresh_process(tiny_text_encoder_dir, tmp_path):
+    speed = _speed_module()
+    speed.main([*_tiny_args(tmp_path, tiny_text_encoder_dir), "--variants", "repblend", "--skip_experts",
+                "--timings", str(tmp_path / "missing.json")])
+    store = json.loads((tmp_path / "results" / "speed_tiny.json").read_text())
+    (record,) = store["runs"].values()
+    assert "error" not in record, record
+    assert record["s_per_iter"] > 0 and record["mem_kind"].startswith("cpu VmHWM")
+    assert "No `timings.json` found" in (tmp_path / "results" / "speed_tiny.md").read_text()
