@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--baselines", default="random,full")
     parser.add_argument("--work_dir", default="outputs/compare_methods")
+    parser.add_argument("--output", default=str(HERE / "results" / "methods_99"))
     add_expert_arguments(parser)
     args, passthrough = parser.parse_known_args()
 
