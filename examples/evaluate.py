@@ -63,7 +63,8 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict):
     synthetic = SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
     with torch.no_grad():
         feats = torch.cat([prepared.image_encoder(c) for c in synthetic.pixel_values.detach().split(256)])
-    has_s = synthetic.config.similarity != "none"
+    # With a learned S the set's own protocol is wBCE against it; --loss infonce trains with identity targets.
+    has_s = synthetic.config.similarity != "none" and overrides.get("loss") != "infonce"
     pairs = PairSet(feats, synthetic.text_embeddings.detach(), synthetic.similarity().detach() if has_s else None,
                     lr_img=synthetic.config.lr_img, lr_txt=synthetic.config.lr_txt)
     protocol = {"loss": "wbce" if has_s else "infonce", **overrides}
