@@ -60,6 +60,12 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
                                  "--distilled_set", str(out / "synthetic_set"), "--seeds", "1",
                                  "--output_dir", str(tmp_path / "ev")], tmp_path)
     assert "| distilled | 8 |" in ev.stdout
+    # The coresets' protocol on the same set: InfoNCE with identity targets instead of its learned S.
+    ev = _launch("evaluate.py", [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--method", "distilled",
+                                 "--distilled_set", str(out / "synthetic_set"), "--seeds", "1", "--loss", "infonce",
+                                 "--lr", "0.1", "--output_dir", str(tmp_path / "ev_infonce")], tmp_path)
+    settings = json.loads((tmp_path / "ev_infonce" / "results.json").read_text())["settings"]
+    assert settings["loss"] == "infonce" and settings["lr"] == 0.1, settings
 
     # Running again with more steps resumes from the last checkpoint, reuses the experts, and pushes the set
     # (to the Hub stand-in) from the main process.
