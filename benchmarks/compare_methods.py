@@ -102,6 +102,20 @@ def extra_data_args(extra: list[str]) -> list[str]:
     return [x for i, x in enumerate(extra) if x in names or (i > 0 and extra[i - 1] in names)]
 
 
+PROTOCOL_NOTE = ("Coresets and full data: InfoNCE, lr 0.1 (their strongest protocol). Distilled sets: their own "
+                 "protocol (wBCE against the learned similarity with the learned η; InfoNCE with the learned η for "
+                 "MTT-VL), or with --infonce_protocol whichever of that and InfoNCE at lr 0.1 scores higher on the "
+                 "validation split (column 'protocol'). s / iteration: distillation wall time (Trainer.train) / "
+                 "iterations, on this machine.")
+
+
+def table_row(method: str, protocol: str, cells: list[str], test_selected_r_mean: float, per_iteration: str) -> str:
+    """One Markdown row: method, the protocol it is reported under, the metrics, test-selected r_mean, s/it."""
+    how = {"own": "own (InfoNCE, learned η)" if method == "mtt_vl" else "own (wBCE, learned S and η)",
+           "infonce": "InfoNCE, lr 0.1"}[protocol]
+    return f"| {method} | {how} | " + " | ".join(cells) + f" | {test_selected_r_mean:.1f} | {per_iteration} |"
+
+
 def strongest(runs: list[dict]) -> tuple[str, list[dict]]:
     """The protocol with the highest mean validation r_mean over seeds, and each seed's scores under it."""
     protocols = [p for p in ("own", "infonce") if all(p in r for r in runs)]
@@ -159,15 +173,9 @@ def main() -> None:
         cells = [f"{summary[k]['mean']:.1f} ± {summary[k]['std']:.1f}" for k in METRICS]
         runs = timings.get(name, [])
         per_iteration = f"{np.mean([t['distillation_s'] / t['iterations'] for t in runs]):.2f}" if runs else "—"
-        how = {"own": "own (wBCE, learned S and η)" if name != "mtt_vl" else "own (InfoNCE, learned η)",
-               "infonce": "InfoNCE, lr 0.1"}[protocol.get(name, "infonce")]
-        lines.append(f"| {name} | {how} | " + " | ".join(cells) + f" | {on_test[name]['r_mean']['mean']:.1f} | "
-                     f"{per_iteration} |")
-    lines += ["", "Coresets and full data: InfoNCE, lr 0.1 (their strongest protocol). Distilled sets: their own "
-              "protocol (wBCE against the learned similarity with the learned η; InfoNCE with the learned η for "
-              "MTT-VL), or with --infonce_protocol whichever of that and InfoNCE at lr 0.1 scores higher on the "
-              "validation split (column 'protocol'). s / iteration: distillation wall time (Trainer.train) / "
-              "iterations, on this machine."]
+        lines.append(table_row(name, protocol.get(name, "infonce"), cells, on_test[name]["r_mean"]["mean"],
+                               per_iteration))
+    lines += ["", PROTOCOL_NOTE]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

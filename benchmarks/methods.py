@@ -27,11 +27,13 @@ sys.path.insert(0, str(HERE))
 
 from compare_methods import (  # noqa: E402
     METRICS,
+    PROTOCOL_NOTE,
     VARIANTS,
     add_expert_arguments,
     run_variant,
     strongest,
     summarize,
+    table_row,
 )
 
 CORESETS = ("random", "herding", "kcenter")
@@ -136,14 +138,10 @@ def main() -> None:
             times = seconds.get(str(pairs), {}).get(method)
             per_iteration = f"{sum(times) / len(times):.2f}" if times else "—"
             selected_on_test = table_on_test[str(pairs)][method]["r_mean"]["mean"]
-            how = {"own": "own", "infonce": "InfoNCE, lr 0.1"}[protocol.get(str(pairs), {}).get(method, "infonce")]
-            lines.append(f"| {method} | {how} | " + " | ".join(cells) +
-                         f" | {selected_on_test:.1f} | {per_iteration} |")
+            lines.append(table_row(method, protocol.get(str(pairs), {}).get(method, "infonce"), cells,
+                                   selected_on_test, per_iteration))
         lines.append("")
-    lines += ["Coresets and full data: InfoNCE, lr 0.1, their strongest protocol (full data is listed under the "
-              "first size). Distilled sets: 'own' is wBCE against the learned similarity with the learned η "
-              "(InfoNCE with the learned η for MTT-VL); with --infonce_protocol the protocol scoring higher on the "
-              "validation split is reported. s / iteration: distillation wall time / iterations on this machine."]
+    lines += ["Full data is listed under the first size. " + PROTOCOL_NOTE]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
