@@ -108,6 +108,7 @@ class DistillationTrainer(Trainer):
                              f"config.similarity={config.similarity!r}; build the config from the arguments")
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.encoder_passes = {"forward": 0, "backward": 0}
+        self._nonfinite_streak = self._nonfinite_lowerings = 0  # consecutive skipped iterations, lr lowerings
         kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
         if validation is not None:
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
@@ -245,8 +246,7 @@ class DistillationTrainer(Trainer):
     def _on_nonfinite(self, groups: set[str]) -> None:
         """Count consecutive skipped iterations; lower the offending lrs every ``nonfinite_patience``, then stop."""
         args = self.args
-        self._nonfinite_streak = getattr(self, "_nonfinite_streak", 0) + 1
-        self._nonfinite_lowerings = getattr(self, "_nonfinite_lowerings", 0)
+        self._nonfinite_streak += 1
         if self._nonfinite_streak % args.nonfinite_patience:
             return
         if self._nonfinite_lowerings >= args.nonfinite_max_lowerings:
