@@ -45,7 +45,11 @@ def matching_of(name: str) -> str:
     return "asymmetric" if ("asymmetric" in overrides or "lors" in overrides or "mtt_vl" in overrides) else "symmetric"
 
 
-def add_expert_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments :func:`run_variant` reads (besides ``work_dir``)."""
+    parser.add_argument("--infonce_protocol", action="store_true",
+                        help="Also evaluate each distilled set under the coresets' protocol (InfoNCE, lr 0.1) and "
+                             "report each method under its stronger protocol, chosen on validation.")
     parser.add_argument("--experts_dir", default=None,
                         help="Where the shared experts live (default: WORK_DIR); reuse them across budgets.")
     parser.add_argument("--asymmetric_experts", type=int, default=None,
@@ -75,7 +79,7 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
     timing = out / "timings.json"
     run = {"own": _scores(json.loads(done.read_text())),
            "timings": json.loads(timing.read_text()) if timing.exists() else None}
-    if getattr(args, "infonce_protocol", False):
+    if args.infonce_protocol:
         # The coresets' protocol (InfoNCE, lr 0.1, S = I) on the same distilled set: a method is reported under
         # whichever of its own protocol and this one scores higher on the *validation* split.
         import evaluate
@@ -130,10 +134,7 @@ def main() -> None:
     parser.add_argument("--baselines", default="random,full")
     parser.add_argument("--work_dir", default="outputs/compare_methods")
     parser.add_argument("--output", default=str(HERE / "results" / "methods_99"))
-    parser.add_argument("--infonce_protocol", action="store_true",
-                        help="Also evaluate each distilled set under the coresets' protocol (InfoNCE, lr 0.1) and "
-                             "report each method under its stronger protocol, chosen on validation.")
-    add_expert_arguments(parser)
+    add_run_arguments(parser)
     args, passthrough = parser.parse_known_args()
 
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -29,7 +29,7 @@ from compare_methods import (  # noqa: E402
     METRICS,
     PROTOCOL_NOTE,
     VARIANTS,
-    add_expert_arguments,
+    add_run_arguments,
     run_variant,
     strongest,
     summarize,
@@ -78,10 +78,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work_dir", default="outputs/methods")
     parser.add_argument("--output", default=str(HERE / "results" / "methods"))
-    parser.add_argument("--infonce_protocol", action="store_true",
-                        help="Also evaluate each distilled set under InfoNCE, lr 0.1 and report each method under "
-                             "its stronger protocol, chosen on validation.")
-    add_expert_arguments(parser)
+    add_run_arguments(parser)
     args, passthrough = parser.parse_known_args()
     for name in filter(None, args.variants.split(",")):
         if name not in VARIANTS:

@@ -309,9 +309,7 @@ def _measure_floor(spec, args, synthetic, trajectories, encoder, counter) -> dic
     for step in range(spec["warmup"] + spec["timed"]):
         g = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + step)
         segment = trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g, device=device)
-        plan = plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g)
-        plan.touched, plan.batches = plan.touched.to(device), [b.to(device) for b in plan.batches]
-        plan.blends = [type(b)(b.lam, b.perm.to(device)) for b in plan.blends]
+        plan = plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g).to(device)
         touched = plan.touched
         before = dict(counter.counts)
         _sync(device)

@@ -54,6 +54,16 @@ class InnerLoopPlan:
         """Step k's global pair indices."""
         return [self.touched[b] for b in self.batches]
 
+    def to(self, device: torch.device | str) -> InnerLoopPlan:
+        """The same plan with its index tensors on ``device``."""
+        return InnerLoopPlan(self.touched.to(device), [b.to(device) for b in self.batches],
+                             [type(b)(b.lam, b.perm.to(device)) for b in self.blends])
+
+    def within(self, touched: torch.Tensor) -> InnerLoopPlan:
+        """The same steps with positions into ``touched``, a sorted superset of this plan's ``touched``."""
+        return InnerLoopPlan(touched, [torch.searchsorted(touched, self.touched[b]) for b in self.batches],
+                             self.blends)
+
 
 def plan_inner_loop(num_pairs: int, syn_steps: int, mini_batch_size: int, blend_beta: float,
                     generator: torch.Generator) -> InnerLoopPlan:

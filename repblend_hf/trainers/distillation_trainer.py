@@ -154,12 +154,11 @@ class DistillationTrainer(Trainer):
                                                              device=device))
             plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g))
         # The plans share one encoder pass over the union of the pairs they touch.
-        touched = torch.unique(torch.cat([p.touched for p in plans])) if len(plans) > 1 else plans[0].touched
-        for plan in plans:
-            plan.batches = [torch.searchsorted(touched, plan.touched[b]).to(device) for b in plan.batches]
-            plan.touched = touched.to(device)
-            plan.blends = [type(b)(b.lam, b.perm.to(device)) for b in plan.blends]
-        touched = touched.to(device)
+        if len(plans) > 1:
+            union = torch.unique(torch.cat([p.touched for p in plans]))
+            plans = [p.within(union) for p in plans]
+        plans = [p.to(device) for p in plans]
+        touched = plans[0].touched
 
         pixels = syn.pixel_values.detach()[touched]
         symmetric = args.matching == "symmetric" and not args.encoder_per_step
