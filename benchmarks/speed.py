@@ -13,11 +13,16 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
   iteration on the distinct synthetic images the iteration touches, its pixel backward chunked by
   ``--encoder_chunk_size`` (memory flat in N, one more no-grad forward per image);
 - ``repblend_unchunked``: the same with ``encoder_chunk_size=0`` (one forward, one backward per image);
+- ``repblend_unfolded``: (a) with ``fold_batchnorm=False`` (the encoder's BatchNorms run as such);
 - ``repblend_per_step`` (b): ``encoder_per_step=True``, the authors' design: the encoder runs inside every
-  inner step and again when TESLA recomputes the step;
+  inner step and again when TESLA recomputes the step, its BatchNorms not folded (as in their code);
 - ``lors`` (c): ``method="lors"``: asymmetric matching, the image encoder is unrolled in the inner loop;
 - ``floor``: the least work any implementation must do: one encoder forward and one input-gradient
-  backward of the touched images, plus the inner loop on features alone (timed separately and summed).
+  backward of the touched images, plus the inner loop on features alone (timed separately and summed),
+  with the same encoder function as (a) (BatchNorms folded).
+
+``--profile`` runs the timed iterations under ``torch.profiler`` and adds the seconds per phase (the
+trainer's ``record_function`` labels) and the ops with the most self time to the report.
 
 Each (variant, N, image size, dtype) runs ``DistillationTrainer.train()`` for ``--warmup + --timed``
 iterations in a fresh subprocess (so peak memory does not leak between configurations) and reports the
@@ -49,6 +54,7 @@ rerun unless ``--force``); ``speed[_TAG].md`` and the plots ``speed_vs_n[_TAG].p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -70,10 +76,12 @@ VARIANTS: dict[str, dict[str, object]] = {
     "floor": {"method": "repblend"},
     "repblend": {"method": "repblend"},  # encoder_chunk_size comes from --encoder_chunk_size
     "repblend_unchunked": {"method": "repblend", "encoder_chunk_size": 0},
-    "repblend_per_step": {"method": "repblend", "encoder_per_step": True},
+    "repblend_unfolded": {"method": "repblend", "fold_batchnorm": False},
+    "repblend_per_step": {"method": "repblend", "encoder_per_step": True, "fold_batchnorm": False},
     "lors": {"method": "lors"},
 }
 LABELS = {"floor": "floor", "repblend": "(a) RepBlend", "repblend_unchunked": "RepBlend, unchunked",
+          "repblend_unfolded": "RepBlend, BatchNorms not folded",
           "repblend_per_step": "(b) RepBlend, encoder per step", "lors": "(c) LoRS"}
 TARGETS = {"per_step_over_repblend": 2.4, "repblend_over_floor": 1.2, "experts_ratio": 50.0}
 MB = 2**20
@@ -171,8 +179,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _step_timer(device: str, counters: dict):
-    """A TrainerCallback timing each training step and the encoder passes in it; memory from train begin to end."""
+def _step_timer(device: str, counters: dict, on_step=None):
+    """A TrainerCallback timing each training step and the encoder passes in it; memory from train begin to end.
+
+    ``on_step`` (the profiler's ``step``) is called after each step's time is taken.
+    """
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -195,6 +206,8 @@ def _step_timer(device: str, counters: dict):
             self.seconds.append(time.perf_counter() - self.t0)
             after = self._snapshot()
             self.passes.append({k: after[k] - self.before[k] for k in after})
+            if on_step is not None:
+                on_step()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.peak = self.memory.stop()
@@ -249,12 +262,17 @@ def measure(spec: dict) -> dict:
         args = _distillation_args(spec, tmp)
         synthetic = _synthetic_set(spec, encoder.feature_dim, args.similarity)
         trajectories = ExpertTrajectories.load(spec["trajectory_dir"])
-        counter = EncoderPassCounter(encoder.model)
-        if spec["variant"] == "floor":
-            out = _measure_floor(spec, args, synthetic, trajectories, encoder, counter)
-        else:
-            out = _measure_trainer(spec, args, synthetic, trajectories, encoder, counter)
+        # LoRS unrolls encoder.model; every other variant calls the encoder itself (its folded copy by default).
+        counter = EncoderPassCounter(encoder.model if spec["variant"] == "lors" else encoder)
+        with _profiler(spec) as profiler:
+            step = profiler.step if profiler is not None else None
+            if spec["variant"] == "floor":
+                out = _measure_floor(spec, args, synthetic, trajectories, encoder, counter, step)
+            else:
+                out = _measure_trainer(spec, args, synthetic, trajectories, encoder, counter, step)
         counter.handle.remove()
+        if profiler is not None:
+            out["profile"] = profile_summary(profiler.key_averages(), spec["timed"], spec["device"])
     other_cores = _other_processes_cores(cpu_before, _cpu_times())
     timed = out.pop("seconds")[spec["warmup"]:]
     passes = out.pop("passes")[spec["warmup"]:]
@@ -264,7 +282,7 @@ def measure(spec: dict) -> dict:
             "threads": torch.get_num_threads(), "other_processes_cores": round(other_cores, 2), **out}
 
 
-def _measure_trainer(spec, args, synthetic, trajectories, encoder, counter) -> dict:
+def _measure_trainer(spec, args, synthetic, trajectories, encoder, counter, on_step=None) -> dict:
     from transformers import PrinterCallback
 
     from repblend_hf.trainers import DistillationTrainer
@@ -274,7 +292,7 @@ def _measure_trainer(spec, args, synthetic, trajectories, encoder, counter) -> d
     counters = {"hooked": counter.counts}
     if spec["variant"] != "lors":  # the trainer counts the passes of the symmetric path itself
         counters["trainer"] = trainer.encoder_passes
-    timer = _step_timer(spec["device"], counters)
+    timer = _step_timer(spec["device"], counters, on_step)
     trainer.add_callback(timer)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "touched_images" in h]
@@ -283,19 +301,22 @@ def _measure_trainer(spec, args, synthetic, trajectories, encoder, counter) -> d
             "nonfinite_iterations": int(sum(h["nonfinite_skipped"] for h in logged))}
 
 
-def _measure_floor(spec, args, synthetic, trajectories, encoder, counter) -> dict:
+def _measure_floor(spec, args, synthetic, trajectories, encoder, counter, on_step=None) -> dict:
     """The floor: encoder forward + input-gradient backward of the touched images, and the feature-space inner loop.
 
     The same plan and expert segment sampling as one RepBlend iteration, without the Trainer shell, the
     chunking, the optimiser step or the scatter of the gradients into the set.
     """
     import torch
+    from torch.profiler import record_function
 
     from repblend_hf.distillation import matching_gradients, plan_inner_loop
     from repblend_hf.modeling import RetrievalHeads
 
     device = spec["device"]
     syn = synthetic.to(device)
+    if args.fold_batchnorm:  # the same encoder function as (a) runs
+        encoder.fold_batchnorm_()
     encoder.to(device)
     heads = RetrievalHeads(encoder.feature_dim, spec["text_dim"], spec["embed_dim"]).to(device)
 
@@ -315,7 +336,8 @@ def _measure_floor(spec, args, synthetic, trajectories, encoder, counter) -> dic
         _sync(device)
         t0 = time.perf_counter()
         pixel_leaf = syn.pixel_values.detach()[touched].requires_grad_(True)
-        feats = encode(pixel_leaf)
+        with record_function("repblend:encoder_forward"):
+            feats = encode(pixel_leaf)
         _sync(device)
         t1 = time.perf_counter()
         image_inputs = feats.detach().requires_grad_(True)
@@ -323,15 +345,17 @@ def _measure_floor(spec, args, synthetic, trajectories, encoder, counter) -> dic
         eta = {b: v.detach().requires_grad_(True) for b, v in syn.inner_lrs(args.lr_min, args.lr_max).items()}
         sim_params = list(syn.similarity.parameters())
         wrt = [image_inputs, text_inputs, eta["image"], eta["text"], *sim_params]
-        _, grads, _ = matching_gradients(
-            heads, image_inputs, text_inputs, lambda pos, rows=touched: syn.similarity(rows[pos]), plan,
-            segment.start_params, segment.target_params, eta, wrt, temperature=syn.config.temperature,
-            distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
-            branch_normalization=args.branch_normalization)
+        with record_function("repblend:inner_loop"):
+            _, grads, _ = matching_gradients(
+                heads, image_inputs, text_inputs, lambda pos, rows=touched: syn.similarity(rows[pos]), plan,
+                segment.start_params, segment.target_params, eta, wrt, temperature=syn.config.temperature,
+                distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
+                branch_normalization=args.branch_normalization)
         g_feats = grads[0] if grads[0] is not None else torch.zeros_like(feats)
         _sync(device)
         t2 = time.perf_counter()
-        torch.autograd.grad(feats, pixel_leaf, g_feats)
+        with record_function("repblend:pixel_backward"):
+            torch.autograd.grad(feats, pixel_leaf, g_feats)
         _sync(device)
         t3 = time.perf_counter()
         seconds.append(t3 - t0)
@@ -339,11 +363,55 @@ def _measure_floor(spec, args, synthetic, trajectories, encoder, counter) -> dic
         heads_s.append(t2 - t1)
         passes.append({f"hooked_{k}": counter.counts[k] - before[k] for k in before})
         touched_counts.append(len(touched))
+        if on_step is not None:
+            on_step()
     timed = slice(spec["warmup"], None)
     return {"seconds": seconds, "passes": passes, **memory.stop(),
             "encoder_s_per_iter": statistics.median(encoder_s[timed]),
             "heads_s_per_iter": statistics.median(heads_s[timed]),
             "touched_images": statistics.mean(touched_counts)}
+
+
+# ----- the profile (--profile) ---------------------------------------------------------------------------------------
+
+PHASES = ("encoder_forward", "inner_loop", "pixel_backward")  # the trainer's record_function labels, "repblend:..."
+
+
+@contextlib.contextmanager
+def _profiler(spec: dict):
+    """``torch.profiler`` over the timed iterations when ``spec["profile"]``, else ``None``."""
+    if not spec.get("profile"):
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if spec["device"] == "cuda" else [])
+    when = schedule(wait=0, warmup=spec["warmup"], active=spec["timed"], repeat=1)
+    with profile(activities=activities, schedule=when) as p:
+        yield p
+
+
+def profile_summary(events, iterations: int, device: str, top: int = 12) -> dict:
+    """Seconds per iteration of each phase (the ``repblend:*`` labels, the optimiser step) and the top ops.
+
+    ``events`` is ``profiler.key_averages()``. On CUDA the device time is used, on CPU the CPU time; the
+    top ops are ranked by their self time (time in the op, not in the ops it calls).
+    """
+    total, own = (("device_time_total", "self_device_time_total") if device == "cuda"
+                  else ("cpu_time_total", "self_cpu_time_total"))
+    per_iter = lambda us: us / 1e6 / iterations  # noqa: E731
+    phases = {e.key.split(":", 1)[1]: per_iter(getattr(e, total)) for e in events if e.key.startswith("repblend:")}
+    steps = [e for e in events if e.key.startswith("ProfilerStep")]
+    optimiser = [e for e in events if e.key.startswith("Optimizer.step")]
+    if optimiser:
+        phases["optimizer_step"] = per_iter(sum(getattr(e, total) for e in optimiser))
+    if steps and device != "cuda":
+        phases["iteration"] = per_iter(sum(e.cpu_time_total for e in steps))
+    ops = sorted((e for e in events if not e.key.startswith(("repblend:", "ProfilerStep", "Optimizer."))),
+                 key=lambda e: getattr(e, own), reverse=True)[:top]
+    return {"time": total, "phases_s_per_iter": phases,
+            "top_ops": [{"op": e.key, "self_s_per_iter": per_iter(getattr(e, own)),
+                         "calls_per_iter": e.count / iterations} for e in ops]}
 
 
 # ----- expert trajectories: cached features vs encoding every batch ------------------------------------------------
@@ -474,7 +542,13 @@ def config_key(spec: dict) -> str:
     encoder = spec["image_encoder"] + ("" if spec["pretrained"] else "(random)")
     return (f"{spec['device']}|{encoder}|{spec['dtype']}|{spec['image_size']}px|N={spec['num_pairs']}|"
             f"{spec['variant']}|steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
-            f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}")
+            f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}"
+            + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else ""))
+
+
+def folds_batchnorm(spec: dict) -> bool:
+    """Whether the variant's encoder has its BatchNorms folded (keeps measurements made before folding apart)."""
+    return spec["variant"] != "lors" and bool(VARIANTS[spec["variant"]].get("fold_batchnorm", True))
 
 
 def run_config(spec: dict, in_process: bool, timeout: int) -> dict:
@@ -554,10 +628,11 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
         "right branch sizes (written with `TrajectoryWriter`): their values do not change the cost of an iteration.",
         "",
         "Variants: (a) `repblend` = RepBlend as implemented (encoder once per iteration on the touched images, "
-        "chunked pixel backward); `repblend_unchunked` = the same in one graph; (b) `repblend_per_step` = "
-        "`encoder_per_step=True` (the authors' design); (c) `lors` = `method=\"lors\"` (encoder unrolled in the "
-        "inner loop); `floor` = one encoder forward + one input-gradient backward of the touched images + the "
-        "inner loop on features alone.", "",
+        "BatchNorms folded into the convolutions, chunked pixel backward); `repblend_unchunked` = the same in one "
+        "graph; `repblend_unfolded` = (a) without the BatchNorm folding; (b) `repblend_per_step` = "
+        "`encoder_per_step=True`, BatchNorms not folded (the authors' design); (c) `lors` = `method=\"lors\"` "
+        "(encoder unrolled in the inner loop); `floor` = one encoder forward + one input-gradient backward of the "
+        "touched images (BatchNorms folded, as in (a)) + the inner loop on features alone.", "",
         "## Targets", "",
         "| target | measured | where | met |", "|---|---|---|---|",
     ]
@@ -638,6 +713,24 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
         touched = next((r["touched_images"] for v in variants if (r := get(row, v)) and "touched_images" in r), None)
         lines.append(f"| {row[0]} | {row[1]} | {row[2]} | {_fmt(touched, '.0f')} | " + " | ".join(cells) + " |")
 
+    profiled = [(row, v) for row in rows for v in variants if (get(row, v) or {}).get("profile")]
+    if profiled:
+        lines += ["", "## Profile (torch.profiler over the timed iterations)", "",
+                  "Seconds per iteration in each phase: the trainer's `record_function` labels (encoder forward: the "
+                  "frozen encoder on the touched images, no-grad when chunked; inner loop: the student's steps, "
+                  "TESLA's meta-gradient and, for (b) and LoRS, the encoder inside them; pixel backward: the chunked "
+                  "re-forward and the input-gradient backward) and the optimiser step; then the ops with the most "
+                  "self time. The profiler's own overhead inflates the totals.", ""]
+        for row, v in profiled:
+            prof = get(row, v)["profile"]
+            ph = prof["phases_s_per_iter"]
+            lines += [f"### {LABELS[v]}, {row[0]}, {row[1]} px, N={row[2]}", "",
+                      "| " + " | ".join(ph) + " |", "|" + "---|" * len(ph),
+                      "| " + " | ".join(f"{x:.3f}" for x in ph.values()) + " |", "",
+                      "| op | self s / iter | calls / iter |", "|---|---|---|"]
+            lines += [f"| `{o['op']}` | {o['self_s_per_iter']:.3f} | {o['calls_per_iter']:.0f} |"
+                      for o in prof["top_ops"]]
+            lines.append("")
     lines += ["", "## Expert trajectories: cached features vs encoding every batch", ""]
     if experts is None:
         lines.append("Not measured (`--skip_experts`, or `--report_only` before any expert measurement).")
@@ -764,6 +857,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results_dir", default=str(HERE / "results"))
     p.add_argument("--tag", default=None, help="Suffix of the output names (speed_TAG.json ...); --quick: 'quick'.")
     p.add_argument("--work_dir", default="outputs/speed", help="Where the random trajectories are kept.")
+    p.add_argument("--profile", action="store_true",
+                   help="Run the timed iterations under torch.profiler: time per phase and the top ops in the report. "
+                        "The profiler adds overhead, so give it its own --tag.")
     p.add_argument("--force", action="store_true", help="Measure again configurations already in the JSON.")
     p.add_argument("--report_only", action="store_true",
                    help="Measure nothing: write the report and plots of this grid from the JSON.")
@@ -839,7 +935,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "image_encoder": args.image_encoder, "pretrained": args.pretrained, "text_dim": text_dim,
                 "embed_dim": args.embed_dim, "syn_steps": args.syn_steps, "mini_batch_size": args.mini_batch_size,
                 "sim_rank": args.sim_rank, "encoder_chunk_size": args.encoder_chunk_size, "warmup": args.warmup,
-                "timed": args.timed, "threads": args.threads, "seed": args.seed}
+                "timed": args.timed, "threads": args.threads, "seed": args.seed, "profile": args.profile}
         key = config_key(spec)
         head = f"[{i}/{len(configs)}] {device} {dtype} {size}px N={n} {variant}:"
         record = store["runs"].get(key)

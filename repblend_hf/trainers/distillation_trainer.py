@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from accelerate.utils import gather_object
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import Dataset
 from transformers import Trainer
 
@@ -114,6 +115,10 @@ class DistillationTrainer(Trainer):
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
             kwargs.setdefault("eval_dataset", _Iterations(1))
         super().__init__(model=model, args=args, **kwargs)
+        if args.fold_batchnorm and args.matching == "symmetric" and hasattr(image_encoder, "fold_batchnorm_"):
+            folded = image_encoder.fold_batchnorm_()
+            logger.info("the synthetic-pixel passes use the encoder with %d BatchNorms folded into its convolutions",
+                        folded)
         self.image_encoder.to(self.args.device)
         self.heads.to(self.args.device)
 
@@ -168,13 +173,14 @@ class DistillationTrainer(Trainer):
         elif args.encoder_per_step:
             student_encoder = _PerStepEncoder(self.image_encoder, self._encode, self.encoder_passes)
         if symmetric:
-            if args.encoder_chunk_size:
-                with torch.no_grad():
-                    feats = torch.cat([self._encode(c) for c in pixels.split(args.encoder_chunk_size)])
-                pixel_leaf = None
-            else:
-                pixel_leaf = pixels.requires_grad_(True)
-                feats = self._encode(pixel_leaf)
+            with record_function("repblend:encoder_forward"):
+                if args.encoder_chunk_size:
+                    with torch.no_grad():
+                        feats = torch.cat([self._encode(c) for c in pixels.split(args.encoder_chunk_size)])
+                    pixel_leaf = None
+                else:
+                    pixel_leaf = pixels.requires_grad_(True)
+                    feats = self._encode(pixel_leaf)
             self.encoder_passes["forward"] += len(touched)
             image_inputs = feats.detach().requires_grad_(True)
         else:
@@ -188,11 +194,12 @@ class DistillationTrainer(Trainer):
         # The matching losses of the segments are averaged: so are their gradients on the shared leaves.
         loss, grads, stats = 0.0, [torch.zeros_like(t) for t in wrt], []
         for segment, plan in zip(segments, plans):
-            loss_s, grads_s, stats_s = matching_gradients(
-                self.heads, image_inputs, text_inputs, targets, plan, segment.start_params, segment.target_params,
-                eta, wrt, temperature=syn.config.temperature, distill_loss=args.distill_loss,
-                meta_gradient=args.meta_gradient, branch_normalization=args.branch_normalization,
-                image_encoder=student_encoder)
+            with record_function("repblend:inner_loop"):  # the student's steps and the meta-gradient
+                loss_s, grads_s, stats_s = matching_gradients(
+                    self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
+                    segment.target_params, eta, wrt, temperature=syn.config.temperature,
+                    distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
+                    branch_normalization=args.branch_normalization, image_encoder=student_encoder)
             loss = loss + loss_s / len(plans)
             grads = [acc if g_ is None else acc + g_ / len(plans) for acc, g_ in zip(grads, grads_s)]
             stats.append(stats_s)
@@ -200,7 +207,8 @@ class DistillationTrainer(Trainer):
 
         # Feature gradients → pixels: one backward through the frozen encoder (chunked on request).
         if symmetric:
-            g_touched = self._pixel_gradient(pixels, pixel_leaf, feats, g_inputs)
+            with record_function("repblend:pixel_backward"):
+                g_touched = self._pixel_gradient(pixels, pixel_leaf, feats, g_inputs)
         else:
             g_touched = g_inputs
         g_pixels = torch.zeros_like(syn.pixel_values).index_add_(0, touched, g_touched)
