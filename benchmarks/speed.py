@@ -13,6 +13,8 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
   iteration on the distinct synthetic images the iteration touches, its pixel backward chunked by
   ``--encoder_chunk_size`` (memory flat in N, one more no-grad forward per image);
 - ``repblend_unchunked``: the same with ``encoder_chunk_size=0`` (one forward, one backward per image);
+- ``repblend_chunks_kept``: (a) with ``encoder_recompute=False`` (chunked calls, every chunk's graph kept: one
+  forward and one backward per image at the chunk's batch size);
 - ``repblend_unfolded``: (a) with ``fold_batchnorm=False`` (the encoder's BatchNorms run as such);
 - ``repblend_per_step`` (b): ``encoder_per_step=True``, the authors' design: the encoder runs inside every
   inner step and again when TESLA recomputes the step, its BatchNorms not folded (as in their code);
@@ -76,12 +78,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "floor": {"method": "repblend"},
     "repblend": {"method": "repblend"},  # encoder_chunk_size comes from --encoder_chunk_size
     "repblend_unchunked": {"method": "repblend", "encoder_chunk_size": 0},
+    "repblend_chunks_kept": {"method": "repblend", "encoder_recompute": False},
     "repblend_unfolded": {"method": "repblend", "fold_batchnorm": False},
     "repblend_per_step": {"method": "repblend", "encoder_per_step": True, "fold_batchnorm": False},
     "lors": {"method": "lors"},
 }
 LABELS = {"floor": "floor", "repblend": "(a) RepBlend", "repblend_unchunked": "RepBlend, unchunked",
           "repblend_unfolded": "RepBlend, BatchNorms not folded",
+          "repblend_chunks_kept": "RepBlend, chunk graphs kept",
           "repblend_per_step": "(b) RepBlend, encoder per step", "lors": "(c) LoRS"}
 TARGETS = {"per_step_over_repblend": 2.4, "repblend_over_floor": 1.2, "experts_ratio": 50.0}
 MB = 2**20
@@ -629,7 +633,8 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
         "",
         "Variants: (a) `repblend` = RepBlend as implemented (encoder once per iteration on the touched images, "
         "BatchNorms folded into the convolutions, chunked pixel backward); `repblend_unchunked` = the same in one "
-        "graph; `repblend_unfolded` = (a) without the BatchNorm folding; (b) `repblend_per_step` = "
+        "graph; `repblend_chunks_kept` = (a) keeping every chunk's graph instead of recomputing it; "
+        "`repblend_unfolded` = (a) without the BatchNorm folding; (b) `repblend_per_step` = "
         "`encoder_per_step=True`, BatchNorms not folded (the authors' design); (c) `lors` = `method=\"lors\"` "
         "(encoder unrolled in the inner loop); `floor` = one encoder forward + one input-gradient backward of the "
         "touched images (BatchNorms folded, as in (a)) + the inner loop on features alone.", "",

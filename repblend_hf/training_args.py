@@ -118,9 +118,13 @@ class DistillationArguments(TrainingArguments):
     similarity: str | None = field(default=None, metadata={
         "help": "Learned similarity kind: 'lowrank', 'full' or 'none' (preset). Rank and scale are in the config."})
     encoder_chunk_size: int = field(default=0, metadata={
-        "help": "Synthetic images per chunk in the pixel backward. 0 keeps one forward graph for the iteration "
-                "(each touched image: one forward, one backward); >0 recomputes the forward chunk by chunk so memory "
-                "stays flat in N (one more forward per image)."})
+        "help": "Synthetic images per encoder call in the symmetric path (0: all touched images in one call). With "
+                "encoder_recompute each chunk's forward graph is freed and recomputed in the pixel backward, so "
+                "memory stays at one chunk's graph (one more forward per image)."})
+    encoder_recompute: bool = field(default=True, metadata={
+        "help": "With encoder_chunk_size > 0: recompute each chunk's forward in the pixel backward (memory of one "
+                "chunk) instead of keeping every chunk's graph (one forward and one backward per image, the memory "
+                "of all touched images; small chunks can still be faster per image, e.g. on CPU)."})
     encoder_per_step: bool = field(default=False, metadata={
         "help": "Run the image encoder inside every inner step, as the authors' code does (20 forwards per step, "
                 "again when TESLA recomputes). Same gradient, more encoder work; for benchmarks and checks."})

@@ -174,13 +174,14 @@ class DistillationTrainer(Trainer):
             student_encoder = _PerStepEncoder(self.image_encoder, self._encode, self.encoder_passes)
         if symmetric:
             with record_function("repblend:encoder_forward"):
-                if args.encoder_chunk_size:
+                if args.encoder_chunk_size and args.encoder_recompute:
                     with torch.no_grad():
                         feats = torch.cat([self._encode(c) for c in pixels.split(args.encoder_chunk_size)])
                     pixel_leaf = None
-                else:
+                else:  # one graph over the touched images, built chunk by chunk when asked
                     pixel_leaf = pixels.requires_grad_(True)
-                    feats = self._encode(pixel_leaf)
+                    chunks = pixel_leaf.split(args.encoder_chunk_size) if args.encoder_chunk_size else [pixel_leaf]
+                    feats = torch.cat([self._encode(c) for c in chunks])
             self.encoder_passes["forward"] += len(touched)
             image_inputs = feats.detach().requires_grad_(True)
         else:
