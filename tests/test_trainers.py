@@ -301,6 +301,9 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
     trainer.train()
     assert not torch.equal(before, syn.pixel_values)
     assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]
+    # The unrolled encoder's passes are counted: 3 steps × 4 images, run again when TESLA recomputes a step;
+    # three backwards per image and step (the step's gradient, and the recomputation's double backward).
+    assert trainer.encoder_passes == {"forward": 2 * 3 * 4, "backward": 3 * 3 * 4}
 
 
 def test_symmetric_distillation_folds_the_encoder_batchnorms_with_the_same_result(experts, tmp_path):

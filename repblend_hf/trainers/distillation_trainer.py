@@ -108,7 +108,12 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"args.similarity={args.similarity!r} but the SyntheticSet was built with "
                              f"config.similarity={config.similarity!r}; build the config from the arguments")
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        # Images through the frozen encoder (forward) and images whose encoder output got a gradient (backward):
+        # counted where the symmetric path calls the encoder, and by a hook for the encoder that LoRS unrolls.
         self.encoder_passes = {"forward": 0, "backward": 0}
+        self._unrolling = False
+        if args.matching == "asymmetric":
+            image_encoder.model.register_forward_hook(self._count_unrolled_pass)
         self._nonfinite_streak = self._nonfinite_lowerings = 0  # consecutive skipped iterations, lr lowerings
         kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
         if validation is not None:
@@ -196,11 +201,15 @@ class DistillationTrainer(Trainer):
         loss, grads, stats = 0.0, [torch.zeros_like(t) for t in wrt], []
         for segment, plan in zip(segments, plans):
             with record_function("repblend:inner_loop"):  # the student's steps and the meta-gradient
-                loss_s, grads_s, stats_s = matching_gradients(
-                    self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
-                    segment.target_params, eta, wrt, temperature=syn.config.temperature,
-                    distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
-                    branch_normalization=args.branch_normalization, image_encoder=student_encoder)
+                self._unrolling = True
+                try:
+                    loss_s, grads_s, stats_s = matching_gradients(
+                        self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
+                        segment.target_params, eta, wrt, temperature=syn.config.temperature,
+                        distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
+                        branch_normalization=args.branch_normalization, image_encoder=student_encoder)
+                finally:
+                    self._unrolling = False
             loss = loss + loss_s / len(plans)
             grads = [acc if g_ is None else acc + g_ / len(plans) for acc, g_ in zip(grads, grads_s)]
             stats.append(stats_s)
@@ -286,6 +295,16 @@ class DistillationTrainer(Trainer):
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return gather_object([digest.hexdigest()])
+
+    def _count_unrolled_pass(self, module, inputs, output) -> None:
+        """Forward hook on the encoder that asymmetric matching unrolls: count its passes in the inner loop."""
+        if not self._unrolling:
+            return
+        rows = len(output)
+        self.encoder_passes["forward"] += rows
+        if output.requires_grad:
+            output.register_hook(lambda grad: self.encoder_passes.__setitem__(
+                "backward", self.encoder_passes["backward"] + rows))
 
     def _pixel_gradient(self, pixels, pixel_leaf, feats, g_feats) -> torch.Tensor:
         """``(∂ features / ∂ pixels)ᵀ g_feats`` for the touched images: one backward through the encoder."""
