@@ -607,7 +607,7 @@ def _ratio(a: dict | None, b: dict | None, key: str = "s_per_iter") -> float | N
 
 
 def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict, runs: dict[tuple, dict],
-                 experts: dict | None, end_to_end: dict | None) -> str:
+                 expert_records: list[dict], end_to_end: dict | None) -> str:
     """The Markdown report of the current command's configurations, with the ratios against the targets."""
     variants, rows = grid["variants"], [(d, s, n) for d in grid["dtypes"] for s in grid["image_sizes"]
                                         for n in grid["num_pairs"]]
@@ -657,10 +657,10 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
         lines.append(f"| (a)/floor ≤ {TARGETS['repblend_over_floor']}× | worst {measured[worst]:.2f}× "
                      f"({worst[0]}, {worst[1]} px, N={worst[2]}) | {met} of {len(measured)} configurations | "
                      f"{'yes' if met == len(measured) else 'no'} |")
-    if experts is not None:
+    for e in expert_records:
         lines.append(f"| experts: cached / encoding every batch ≥ {TARGETS['experts_ratio']:.0f}× | "
-                     f"{experts['ratio']:.1f}× | {experts['dataset']}, {experts['image_size']} px | "
-                     f"{'yes' if experts['ratio'] >= TARGETS['experts_ratio'] else 'no'} |")
+                     f"{e['ratio']:.1f}× | {e['dataset']}, {e['image_size']} px, {_expert_setting(e)} | "
+                     f"{'yes' if e['ratio'] >= TARGETS['experts_ratio'] else 'no'} |")
 
     lines += ["", "## Seconds per iteration", "",
               "| dtype | px | N | " + " | ".join(LABELS[v] for v in variants) + " | (b)/(a) | (a)/floor |",
@@ -739,31 +739,32 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
                       for o in prof["top_ops"]]
             lines.append("")
     lines += ["", "## Expert trajectories: cached features vs encoding every batch", ""]
-    if experts is None:
+    if not expert_records:
         lines.append("Not measured (`--skip_experts`, or `--report_only` before any expert measurement).")
-    else:
-        pb = experts["encoding_per_batch_s"]
+    for record in expert_records:  # every expert measurement in this JSON
+        pb = record["encoding_per_batch_s"]
+        lines.append(f"### {_expert_setting(record)}")
         lines += [
-            f"{experts['dataset']}, {experts['train_images']} train images, `{experts['image_encoder']}` at "
-            f"{experts['image_size']} px, batch {experts['batch_size']} "
-            f"({experts['steps_per_epoch']} steps per epoch), "
-            f"one symmetric expert, fp32, {experts['device']}.", "",
-            f"- cached features (`train_experts` on the `FeatureSplit`): {experts['cached_epoch_s']:.2f} s per epoch "
-            f"(wall time of `train_experts` over {experts['cached_epochs_timed']} epoch(s), Trainer set-up and the "
+            f"{record['dataset']}, {record['train_images']} train images, `{record['image_encoder']}` at "
+            f"{record['image_size']} px, batch {record['batch_size']} "
+            f"({record['steps_per_epoch']} steps per epoch), "
+            f"one symmetric expert, fp32, {record['device']}.", "",
+            f"- cached features (`train_experts` on the `FeatureSplit`): {record['cached_epoch_s']:.2f} s per epoch "
+            f"(wall time of `train_experts` over {record['cached_epochs_timed']} epoch(s), Trainer set-up and the "
             "trajectory write included, so an upper bound);",
-            f"- encoding every batch: {experts['encoding_epoch_s']:.1f} s per epoch, extrapolated from the median of "
-            f"{experts['encoding_batches_timed']} timed batch(es) "
+            f"- encoding every batch: {record['encoding_epoch_s']:.1f} s per epoch, extrapolated from the median of "
+            f"{record['encoding_batches_timed']} timed batch(es) "
             f"(decode + train transform {pb['load_transform_s']:.3f} s, "
             f"frozen image encoder {pb['encode_s']:.3f} s, "
             + (f"frozen text encoder {pb['encode_captions_s']:.3f} s, " if "encode_captions_s" in pb else "")
             + f"head step {pb['heads_s']:.4f} s per batch; "
-            + ("captions encoded too);" if experts.get("captions_encoded") else "caption embeddings from the cache);"),
-            f"- ratio: **{experts['ratio']:.1f}×** (target ≥ {TARGETS['experts_ratio']:.0f}×); within the "
+            + ("captions encoded too);" if record.get("captions_encoded") else "caption embeddings from the cache);"),
+            f"- ratio: **{record['ratio']:.1f}×** (target ≥ {TARGETS['experts_ratio']:.0f}×); within the "
             f"hand-written loop alone (its head step on cached features vs the whole batch): "
-            f"{_fmt(experts.get('ratio_same_loop'), '.1f', '×')}."]
-        if _oversubscribed(experts, env):
-            lines += ["", f"**Unreliable:** other processes used {experts['other_processes_cores']:.1f} cores on "
-                      "average during this measurement; rerun with `--force` on an idle machine."]
+            f"{_fmt(record.get('ratio_same_loop'), '.1f', '×')}.", ""]
+        if _oversubscribed(record, env):
+            lines += [f"**Unreliable:** other processes used {record['other_processes_cores']:.1f} cores on "
+                      "average during this measurement; rerun with `--force` on an idle machine.", ""]
     lines += ["", "## End to end at default settings", ""]
     if end_to_end is None:
         lines.append("No `timings.json` found; run `accelerate launch examples/distill.py --output_dir "
@@ -778,6 +779,12 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def _expert_setting(e: dict) -> str:
+    """What the encode-every-batch side of an expert measurement runs, and how many cached epochs were timed."""
+    encoded = "images and captions encoded every batch" if e.get("captions_encoded") else "images encoded every batch"
+    return f"{encoded}, cached side timed over {e['cached_epochs_timed']} epoch(s)"
 
 
 def plot(path: Path, runs: dict[tuple, dict], grid: dict, key: str, ylabel: str, title: str) -> Path:
@@ -974,7 +981,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_experts:
         key = (f"{device}|{args.image_encoder}{'' if args.pretrained else '(random)'}|{args.expert_image_size}px|"
                f"{args.dataset}|d={args.embed_dim}|threads={args.threads}"
-               + ("|captions_encoded" if args.expert_encode_captions else ""))
+               + ("|captions_encoded" if args.expert_encode_captions else "")
+               + (f"|cached_epochs={args.expert_cached_epochs}" if args.expert_cached_epochs != 1 else ""))
         experts = store["experts"].get(key)
         if (experts is None or args.force) and not args.report_only:
             print(f"experts: one epoch from cached features vs {args.expert_batches} batches encoding images ...",
@@ -997,7 +1005,8 @@ def main(argv: list[str] | None = None) -> dict:
     store["settings"] = settings
     save()
     ok = {k: r for k, r in runs.items() if "error" not in r}
-    write_report(results_dir / f"speed{suffix}.md", command, env, settings, grid, runs, experts, end_to_end)
+    write_report(results_dir / f"speed{suffix}.md", command, env, settings, grid, runs,
+                 [] if args.skip_experts else list(store["experts"].values()), end_to_end)
     plot(results_dir / f"speed_vs_n{suffix}.png", ok, grid, "s_per_iter", "seconds per iteration",
          f"Distillation iteration time ({device}, {args.image_encoder})")
     plot(results_dir / f"memory_vs_n{suffix}.png", ok, grid, "peak_mem_increase_mb", "peak memory increase (MB)",
