@@ -105,13 +105,12 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     the model cannot be traced (control flow on tensor values), which is logged.
     """
     import torch.fx as fx
+    from timm.layers import BatchNormAct2d
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
             return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
-
-    from timm.layers import BatchNormAct2d
 
     foldable = {nn.BatchNorm2d, BatchNormAct2d}  # exact types: a subclass may do more in its forward
     if model.training:
