@@ -12,6 +12,8 @@ columns instead of running the encoders again. Columns added by :func:`encode_da
 
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +84,19 @@ def _encode_features(image_dim: int, text_dim: int, num_views: int):
     return features
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's and Python's global generators (timm's train transforms draw from ``random``), then restore."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
                    view_splits: tuple[str, ...] = ("train",), batch_size: int = 64, seed: int = 0,
                    desc: str | None = None):
@@ -118,12 +133,12 @@ def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
         out[TEXT_FEATURES] = [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         if num_views:
             # Views are a function of (seed, first row of the batch): reproducible for a fixed batch_size.
-            torch.manual_seed(seed * 1_000_003 + indices[0])
-            views = [image_encoder.encode_images(batch["image"], train=True).numpy() for _ in range(num_views)]
+            with _seeded(seed * 1_000_003 + indices[0]):
+                views = [image_encoder.encode_images(batch["image"], train=True).numpy() for _ in range(num_views)]
             out[AUGMENTED_FEATURES] = np.stack(views, axis=1)
         return out
 
-    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v1", dataset._fingerprint, image_encoder.fingerprint,
+    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v2", dataset._fingerprint, image_encoder.fingerprint,
                                text_encoder.fingerprint, num_views, seed, batch_size])
     features = Features({**dataset.features, **_encode_features(image_encoder.feature_dim, text_encoder.feature_dim,
                                                                 num_views)})

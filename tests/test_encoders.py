@@ -79,6 +79,25 @@ def test_encode_dataset_columns_and_cache_hit(disk_dataset, image_encoder, text_
     assert other._fingerprint != encoded._fingerprint
 
 
+def test_augmented_views_do_not_depend_on_global_random_state(disk_dataset, image_encoder, text_encoder):
+    """timm's train transforms draw crops from Python's ``random``: a fresh encode must give the same views."""
+    import random
+
+    in_memory = Dataset.from_dict(disk_dataset.to_dict(), features=disk_dataset.features)  # no cache files
+    views = []
+    for state in (1, 2):
+        random.seed(state)
+        torch.manual_seed(state)
+        encoded = encode_dataset(in_memory, image_encoder, text_encoder, num_views=2, batch_size=4)
+        views.append(np.asarray(encoded[AUGMENTED_FEATURES], dtype=np.float32))
+        after = (random.random(), torch.rand(1))
+        random.seed(state)
+        torch.manual_seed(state)
+        assert after == (random.random(), torch.rand(1))  # the global generators are left as they were
+    assert not np.allclose(views[0][:, 0], views[0][:, 1])  # two different views of each image
+    np.testing.assert_array_equal(views[0], views[1])
+
+
 def test_encode_dataset_needs_the_schema(disk_dataset, image_encoder, text_encoder):
     with pytest.raises(ValueError, match=r"no column\(s\) \['captions'\].*column_mapping"):
         encode_dataset(disk_dataset.remove_columns("captions"), image_encoder, text_encoder)
