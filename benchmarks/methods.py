@@ -39,7 +39,7 @@ from compare_methods import (  # noqa: E402
 CORESETS = ("random", "herding", "kcenter")
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(table: dict, path: Path, title: str = "fashion-scenes") -> None:
     """r_mean (mean ± std over seeds) against the number of pairs, one line per method."""
     import matplotlib
 
@@ -59,10 +59,11 @@ def plot(table: dict, path: Path) -> None:
     if full is not None:
         ax.axhline(full["mean"], color="black", linestyle="--", linewidth=1, label="full data")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(sizes, [str(p) for p in sizes])
     ax.set_xlabel("synthetic / selected pairs")
     ax.set_ylabel("test r_mean (validation-selected)")
-    ax.set_title("fashion-scenes")
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -124,7 +125,9 @@ def main() -> None:
         "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
         "protocol": protocol},
         indent=2) + "\n")
-    plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png")
+    steps = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_steps"), None)
+    plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png",
+         "fashion-scenes" + (f", {steps} distillation iterations per method" if steps else ""))
     lines = [f"# fashion-scenes: test retrieval (validation-selected epoch), mean ± std over seeds {seeds}", "",
              f"Command: `.venv/bin/python benchmarks/methods.py {shlex.join(sys.argv[1:])}`", ""]
     for pairs in sizes:
