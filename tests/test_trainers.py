@@ -125,7 +125,7 @@ def test_pixel_gradient_equals_per_step_encoder(encoder, experts, tmp_path, meta
     for per_step in (False, True):
         syn = _synthetic(encoder)
         args = _args(tmp_path, meta_gradient=meta_gradient, encoder_per_step=per_step, encoder_chunk_size=chunk,
-                     encoder_recompute=recompute, syn_steps=4, mini_batch_size=5)
+                     encoder_recompute=recompute, syn_steps=4, mini_batch_size=5, segments_per_iteration=1)
         trainer = DistillationTrainer(syn, args, experts, encoder)
         trainer.create_optimizer()
         loss = trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])})
@@ -199,10 +199,10 @@ def test_non_finite_iteration_is_skipped_not_applied(encoder, experts, tmp_path)
     real_sample = experts.sample_segment
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):  # the second iteration's expert target holds a NaN
+    def poisoned(*args, **kwargs):  # the second iteration's expert targets hold a NaN
         segment = real_sample(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:
+        if trainer.state.global_step == 1:
             segment.target_params["text"][0] = float("nan")
         return segment
 
@@ -301,9 +301,10 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
     trainer.train()
     assert not torch.equal(before, syn.pixel_values)
     assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]
-    # The unrolled encoder's passes are counted: 3 steps × 4 images, run again when TESLA recomputes a step;
-    # three backwards per image and step (the step's gradient, and the recomputation's double backward).
-    assert trainer.encoder_passes == {"forward": 2 * 3 * 4, "backward": 3 * 3 * 4}
+    # The unrolled encoder's passes are counted: 3 steps × 4 images per segment, run again when TESLA recomputes
+    # a step; three backwards per image and step (the step's gradient, and the recomputation's double backward).
+    k = trainer.args.segments_per_iteration
+    assert trainer.encoder_passes == {"forward": k * 2 * 3 * 4, "backward": k * 3 * 3 * 4}
 
 
 def test_symmetric_distillation_folds_the_encoder_batchnorms_with_the_same_result(experts, tmp_path):
