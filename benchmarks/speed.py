@@ -296,9 +296,7 @@ def _measure_trainer(spec, args, synthetic, trajectories, encoder, counter, on_s
 
     trainer = DistillationTrainer(synthetic, args, trajectories, encoder)
     trainer.remove_callback(PrinterCallback)
-    counters = {"hooked": counter.counts}
-    if spec["variant"] != "lors":  # the trainer counts the passes of the symmetric path itself
-        counters["trainer"] = trainer.encoder_passes
+    counters = {"hooked": counter.counts, "trainer": trainer.encoder_passes}  # the trainer counts its own too
     timer = _step_timer(spec["device"], counters, on_step)
     trainer.add_callback(timer)
     trainer.train()

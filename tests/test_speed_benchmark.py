@@ -56,8 +56,8 @@ def test_speed_benchmark_writes_every_measurement_and_resumes(tiny_karpathy_dir,
         assert {"peak_mem_mb", "peak_mem_increase_mb", "mem_kind", "touched_images", "other_processes_cores"} <= set(r)
         assert r["encoder_passes_per_iter"]["hooked_forward"] > 0, variant
     assert runs["floor"]["encoder_s_per_iter"] > 0 and runs["floor"]["heads_s_per_iter"] > 0
-    # The trainer's own counter and the hook agree on the symmetric paths; (b) runs the encoder in every step.
-    for variant in ("repblend", "repblend_per_step"):
+    # The trainer's own counter and the hook agree on every path; (b) runs the encoder in every step.
+    for variant in ("repblend", "repblend_per_step", "lors"):
         p = runs[variant]["encoder_passes_per_iter"]
         assert (p["trainer_forward"], p["trainer_backward"]) == (p["hooked_forward"], p["hooked_backward"])
     assert runs["repblend_per_step"]["encoder_passes_per_iter"]["hooked_forward"] == 2 * 2 * 4  # steps × batch × 2

@@ -197,11 +197,9 @@ def test_non_finite_iteration_is_skipped_not_applied(encoder, experts, tmp_path)
     syn = _synthetic(encoder)
     trainer = DistillationTrainer(syn, _args(tmp_path, max_steps=3, syn_momentum=0.9), experts, encoder)
     real_sample = experts.sample_segment
-    calls = {"n": 0}
 
     def poisoned(*args, **kwargs):  # the second iteration's expert targets hold a NaN
         segment = real_sample(*args, **kwargs)
-        calls["n"] += 1
         if trainer.state.global_step == 1:
             segment.target_params["text"][0] = float("nan")
         return segment
@@ -294,11 +292,13 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
     assert experts.branch_sizes == branch_sizes(heads, encoder.model)
     assert not torch.equal(experts.snapshot(0, 0)["image"], experts.snapshot(0, 2)["image"])
 
-    syn = _synthetic(encoder)
+    fresh = load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)  # never folded before
+    syn = _synthetic(fresh)
     before = syn.pixel_values.detach().clone()
     trainer = DistillationTrainer(syn, _args(tmp_path, method="lors", max_steps=1, max_start_epoch=1), experts,
-                                  encoder)
+                                  fresh)
     trainer.train()
+    assert fresh.fast_model is None  # LoRS trains the encoder it unrolls: its BatchNorms are never folded
     assert not torch.equal(before, syn.pixel_values)
     assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]
     # The unrolled encoder's passes are counted: 3 steps × 4 images per segment, run again when TESLA recomputes
@@ -319,10 +319,3 @@ def test_symmetric_distillation_folds_the_encoder_batchnorms_with_the_same_resul
         sets[fold] = syn.pixel_values.detach().clone()
     assert not torch.equal(sets[True], sets[False])  # the folded encoder really ran (float rounding differs)
     torch.testing.assert_close(sets[True], sets[False], rtol=1e-4, atol=1e-5)
-
-
-def test_asymmetric_distillation_never_folds(encoder, experts, tmp_path):
-    fresh = load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)
-    with pytest.raises(ValueError):  # heads-only experts do not fit LoRS; the trainer checks before folding
-        DistillationTrainer(_synthetic(fresh), _args(tmp_path, method="lors"), experts, fresh)
-    assert fresh.fast_model is None

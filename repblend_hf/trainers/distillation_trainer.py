@@ -111,9 +111,6 @@ class DistillationTrainer(Trainer):
         # Images through the frozen encoder (forward) and images whose encoder output got a gradient (backward):
         # counted where the symmetric path calls the encoder, and by a hook for the encoder that LoRS unrolls.
         self.encoder_passes = {"forward": 0, "backward": 0}
-        self._unrolling = False
-        if args.matching == "asymmetric":
-            image_encoder.model.register_forward_hook(self._count_unrolled_pass)
         self._nonfinite_streak = self._nonfinite_lowerings = 0  # consecutive skipped iterations, lr lowerings
         kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
         if validation is not None:
@@ -201,7 +198,8 @@ class DistillationTrainer(Trainer):
         loss, grads, stats = 0.0, [torch.zeros_like(t) for t in wrt], []
         for segment, plan in zip(segments, plans):
             with record_function("repblend:inner_loop"):  # the student's steps and the meta-gradient
-                self._unrolling = True
+                counting = (self.image_encoder.model.register_forward_hook(self._count_unrolled_pass)
+                            if args.matching == "asymmetric" else None)
                 try:
                     loss_s, grads_s, stats_s = matching_gradients(
                         self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
@@ -209,7 +207,8 @@ class DistillationTrainer(Trainer):
                         distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
                         branch_normalization=args.branch_normalization, image_encoder=student_encoder)
                 finally:
-                    self._unrolling = False
+                    if counting is not None:
+                        counting.remove()
             loss = loss + loss_s / len(plans)
             grads = [acc if g_ is None else acc + g_ / len(plans) for acc, g_ in zip(grads, grads_s)]
             stats.append(stats_s)
@@ -297,9 +296,7 @@ class DistillationTrainer(Trainer):
         return gather_object([digest.hexdigest()])
 
     def _count_unrolled_pass(self, module, inputs, output) -> None:
-        """Forward hook on the encoder that asymmetric matching unrolls: count its passes in the inner loop."""
-        if not self._unrolling:
-            return
+        """Forward hook on the encoder that asymmetric matching unrolls, held while the inner loop runs."""
         rows = len(output)
         self.encoder_passes["forward"] += rows
         if output.requires_grad:
