@@ -89,6 +89,12 @@ class DistillationArguments(TrainingArguments):
     expert_epochs: int = field(default=1, metadata={"help": "Epochs between θ⁰ and the target θ* on the expert."})
     max_start_epoch: int = field(default=2, metadata={"help": "The start epoch is drawn from 0..max_start_epoch-1."})
     mini_batch_size: int = field(default=20, metadata={"help": "Synthetic pairs per inner step."})
+    straddle_batches: bool = field(default=False, metadata={
+        "help": "Let an inner mini-batch take the rest of a permutation and continue into the next one. Off: a fresh "
+                "permutation starts when fewer than mini_batch_size pairs are left, as in the released code."})
+    inner_dropout: float = field(default=0.1, metadata={
+        "help": "Dropout of the heads in the inner loop (the released code runs the student in train mode, p = 0.1); "
+                "each step's masks are drawn once and reused when TESLA recomputes the step. 0 disables."})
     lr_img: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic images."})
     lr_txt: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic texts."})
     lr_sim: float = field(default=10.0, metadata={"help": "Outer SGD learning rate of the similarity parameters."})
@@ -165,6 +171,7 @@ class DistillationArguments(TrainingArguments):
         _check(self.expert_epochs > 0, f"expert_epochs must be > 0, got {self.expert_epochs}")
         _check(self.max_start_epoch > 0, f"max_start_epoch must be > 0, got {self.max_start_epoch}")
         _check(self.mini_batch_size > 1, f"mini_batch_size must be > 1, got {self.mini_batch_size}")
+        _check(0 <= self.inner_dropout < 1, f"inner_dropout must be in [0, 1), got {self.inner_dropout}")
         for name in ("lr_img", "lr_txt", "lr_sim", "lr_lr", "lr_init"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(0 < self.lr_min <= self.lr_init <= self.lr_max,

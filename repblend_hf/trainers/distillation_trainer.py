@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from ..distillation import matching_gradients, plan_inner_loop
-from ..evaluation import PairSet, embed_split, modality_diagnostics, train_heads
+from ..evaluation import PairSet, ReferenceDiagnostics, embed_split, modality_diagnostics, train_heads
 from ..features import FeatureSplit
 from ..modeling import RetrievalHeads, branch_sizes
 from ..synthetic import SyntheticSet
@@ -92,14 +92,21 @@ class DistillationTrainer(Trainer):
         trajectories: the experts (:class:`ExpertTrajectories`); their branch sizes must match the heads.
         image_encoder: the frozen :class:`~repblend_hf.encoders.FrozenImageEncoder` (kept unwrapped).
         validation: cached features of the real validation split; evaluation trains fresh heads on the
-            current set and logs validation r_mean and the modality diagnostics.
+            current set and logs validation r_mean and the modality diagnostics of the validation split's
+            embeddings under those heads (``eval_val_sim_image`` / ``eval_val_sim_text`` / ``eval_val_gap``).
+        reference: optional :class:`~repblend_hf.evaluation.ReferenceDiagnostics`; evaluation then also logs
+            the modality diagnostics of the synthetic pairs themselves under one fixed model trained on full data
+            (``eval_set_*``, RepBlend Figs. 1-2) beside those of a random real subset of the same size
+            (``eval_real_subset_*``).
     """
 
     def __init__(self, model: SyntheticSet, args: DistillationArguments, trajectories: ExpertTrajectories,
-                 image_encoder: nn.Module, validation: FeatureSplit | None = None, **kwargs):
+                 image_encoder: nn.Module, validation: FeatureSplit | None = None,
+                 reference: ReferenceDiagnostics | None = None, **kwargs):
         self.image_encoder = image_encoder
         self.trajectories = trajectories
         self.validation = validation
+        self.reference = reference
         config = model.config
         self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim)
         trajectories.check_compatible(
@@ -153,13 +160,14 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         syn = self._synthetic
-        device = syn.pixel_values.device
+        device = syn.images.device
         g = self._generator()
         segments, plans = [], []
         for _ in range(args.segments_per_iteration):  # each segment with its own inner-loop plan
             segments.append(self.trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g,
                                                              device=device))
-            plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g))
+            plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g,
+                                         straddle=args.straddle_batches))
         # The plans share one encoder pass over the union of the pairs they touch.
         if len(plans) > 1:
             union = torch.unique(torch.cat([p.touched for p in plans]))
@@ -167,12 +175,13 @@ class DistillationTrainer(Trainer):
         plans = [p.to(device) for p in plans]
         touched = plans[0].touched
 
-        pixels = syn.pixel_values.detach()[touched]
-        symmetric = args.matching == "symmetric" and not args.encoder_per_step
+        features_space = syn.config.synthetic_space == "features"
+        pixels = syn.images.detach()[touched]
+        symmetric = args.matching == "symmetric" and not args.encoder_per_step and not features_space
         student_encoder = None
         if args.matching == "asymmetric":
             student_encoder = self.image_encoder.model
-        elif args.encoder_per_step:
+        elif args.encoder_per_step and not features_space:
             student_encoder = _PerStepEncoder(self.image_encoder, self._encode, self.encoder_passes)
         if symmetric:
             with record_function("repblend:encoder_forward"):
@@ -205,7 +214,8 @@ class DistillationTrainer(Trainer):
                         self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
                         segment.target_params, eta, wrt, temperature=syn.config.temperature,
                         distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
-                        branch_normalization=args.branch_normalization, image_encoder=student_encoder)
+                        branch_normalization=args.branch_normalization, image_encoder=student_encoder,
+                        inner_dropout=args.inner_dropout)
                 finally:
                     if counting is not None:
                         counting.remove()
@@ -220,7 +230,7 @@ class DistillationTrainer(Trainer):
                 g_touched = self._pixel_gradient(pixels, pixel_leaf, feats, g_inputs)
         else:
             g_touched = g_inputs
-        g_pixels = torch.zeros_like(syn.pixel_values).index_add_(0, touched, g_touched)
+        g_pixels = torch.zeros_like(syn.images).index_add_(0, touched, g_touched)
         g_texts = torch.zeros_like(syn.text_embeddings).index_add_(0, touched, g_text)
         g_log = torch.autograd.grad([lrs["image"], lrs["text"]], [syn.log_lr_img, syn.log_lr_txt],
                                     [g_eta_img, g_eta_txt], allow_unused=True)
@@ -228,7 +238,7 @@ class DistillationTrainer(Trainer):
         if args.lr_grad_clip:
             g_log = [gl.clamp(-args.lr_grad_clip, args.lr_grad_clip) for gl in g_log]
 
-        pairs = list(zip([syn.pixel_values, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
+        pairs = list(zip([syn.images, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
                          [g_pixels, g_texts, *g_log, *g_sim]))
         group_of = {id(p): group for group, params in syn.parameter_groups().items() for p in params}
         bad = {group_of[id(p)] for p, gr in pairs if not bool(torch.isfinite(gr).all())}
@@ -341,8 +351,11 @@ class DistillationTrainer(Trainer):
     def synthetic_pairs(self) -> PairSet:
         """The current set as features: encoder features of the synthetic images, texts, S and η."""
         syn = self._synthetic
-        feats = torch.cat([self._encode(c) for c in syn.pixel_values.detach().split(256)])
-        self.encoder_passes["forward"] += syn.num_pairs
+        if syn.config.synthetic_space == "features":
+            feats = syn.images.detach()
+        else:
+            feats = torch.cat([self._encode(c) for c in syn.images.detach().split(256)])
+            self.encoder_passes["forward"] += syn.num_pairs
         lrs = syn.inner_lrs(self.args.lr_min, self.args.lr_max)
         similarity = syn.similarity().detach() if self.args.distill_loss == "wbce" else None
         return PairSet(feats.cpu(), syn.text_embeddings.detach().cpu(),
@@ -362,9 +375,12 @@ class DistillationTrainer(Trainer):
                                   epochs=self.args.eval_head_epochs, validation=self.validation,
                                   temperature=self._synthetic.config.temperature, seed=seed)
             best = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
-            rows.append({**best["validation"],
-                         **modality_diagnostics(*embed_split(trained.heads, self.validation))})
+            val_diagnostics = modality_diagnostics(*embed_split(trained.heads, self.validation))
+            rows.append({**best["validation"], **{f"val_{k}": v for k, v in val_diagnostics.items()}})
         metrics = {f"{metric_key_prefix}_{k}": sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        if self.reference is not None:  # modality collapse on the set itself, under one fixed model
+            for prefix, values in (("set", self.reference(pairs)), ("real_subset", self.reference.real_subset)):
+                metrics.update({f"{metric_key_prefix}_{prefix}_{k}": v for k, v in values.items()})
         metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
