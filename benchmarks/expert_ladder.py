@@ -69,7 +69,7 @@ def main() -> None:
     rows = {e: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "min": min(v), "max": max(v)}
             for e, v in ladder.items()}
     record = {"command": "benchmarks/expert_ladder.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
-                                                                   if k != "output"),
+                                                                   if k != "output" and v is not None),
               "experts_dir": args.experts_dir, "num_experts": len(trajectories), "epochs": trajectories.num_epochs,
               "epoch_definition": trajectories.metadata.get("epoch_definition"),
               "steps_per_epoch": steps_per_epoch, "pairs_per_epoch": train.num_captions,

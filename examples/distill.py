@@ -61,6 +61,10 @@ class SetArguments:
         "help": "'pixels': the set's images are pixels (the paper). 'features': they are vectors of the frozen image "
                 "encoder's feature space (minutes instead of tens of minutes on a CPU; the set trains heads on that "
                 "same encoder only)."})
+    feature_range: str = field(default="free", metadata={
+        "help": "Feature space only: 'free' lets the features take any value (the best set for heads on this frozen "
+                "encoder); 'real' projects them after every step into the per-dimension range of the real training "
+                "features, which any image's features lie in (an upper bound the pixel path can approach)."})
     init_transform: str = field(default="train", metadata={
         "help": "How the real images that initialise the set are prepared: 'train' (one random augmented view, as the "
                 "released code's training set gives them) or 'eval' (resized only)."})
@@ -70,11 +74,22 @@ class SetArguments:
                 "samples only epochs up to max_start_epoch - 1 + expert_epochs, so more are never used."})
     expert_learning_rate: float = field(default=0.1, metadata={"help": "Experts' SGD learning rate (paper: 0.1)."})
     expert_batch_size: int = field(default=128, metadata={"help": "Experts' batch size (paper: 128)."})
+    expert_seed: int = field(default=0, metadata={
+        "help": "Seed of the experts (expert e uses expert_seed + e). Separate from --seed, so that distillations "
+                "with other seeds reuse the same experts, as the paper's buffers are reused."})
     trajectory_dir: str | None = field(default=None, metadata={
         "help": "Where the experts live (default OUTPUT_DIR/experts); finished experts there are reused."})
     eval_seeds: int = field(default=3, metadata={"help": "Seeds of the final evaluation."})
     baselines: str = field(default="random,full", metadata={
         "help": "Comma-separated baselines evaluated beside the set: random, herding, kcenter, full ('' for none)."})
+
+    def __post_init__(self):
+        for name, allowed in (("synthetic_space", ("pixels", "features")), ("init_transform", ("train", "eval")),
+                              ("feature_range", ("free", "real"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.feature_range == "real" and self.synthetic_space != "features":
+            raise ValueError("--feature_range real projects feature-space sets; add --synthetic_space features")
 
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
@@ -98,7 +113,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         output_dir=str(out / "expert_runs"), num_experts=set_args.num_experts,
         num_train_epochs=set_args.expert_train_epochs, learning_rate=set_args.expert_learning_rate,
         per_device_train_batch_size=set_args.expert_batch_size, embed_dim=set_args.embed_dim,
-        temperature=set_args.temperature, matching=args.matching, seed=args.seed, disable_tqdm=args.disable_tqdm,
+        temperature=set_args.temperature, matching=args.matching, seed=set_args.expert_seed,
+        disable_tqdm=args.disable_tqdm,
         use_cpu=args.use_cpu, report_to="none")
     trajectories = train_experts(
         train, expert_args, set_args.trajectory_dir or str(out / "experts"),
@@ -125,8 +141,11 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                                        init_transform=set_args.init_transform, image_features=init_features)
     reference = reference_diagnostics(prepared.features, config.num_pairs, embed_dim=config.embed_dim,
                                       temperature=config.temperature, cache_dir=out)
+    bounds = None
+    if set_args.synthetic_space == "features" and set_args.feature_range == "real":
+        bounds = (train.image_features.min(0).values, train.image_features.max(0).values)
     trainer = DistillationTrainer(synthetic, args, trajectories, prepared.image_encoder, validation=validation,
-                                  reference=reference)
+                                  reference=reference, feature_bounds=bounds)
     resume = args.resume_from_checkpoint
     if resume == "latest":
         resume = last_complete_checkpoint(out)
@@ -167,6 +186,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     records = [results_record(result, dataset=data_args.dataset, method=args.method, pairs=config.num_pairs)]
     records[0]["set_diagnostics"] = trainer.reference(pairs)  # modality collapse on the pairs themselves
     records[0]["settings"]["synthetic_space"] = config.synthetic_space
+    if config.synthetic_space == "features":
+        records[0]["settings"]["feature_range"] = set_args.feature_range
     for name in filter(None, set_args.baselines.split(",")):
         n = train.num_images if name == "full" else config.num_pairs
         baseline = evaluate_baseline(name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds,

@@ -108,6 +108,9 @@ class DistillationArguments(TrainingArguments):
         "help": "Each log η gradient is clipped to [-c, c] before the step, so η moves at most a few percent per "
                 "iteration (0 disables)."})
     syn_momentum: float = field(default=0.5, metadata={"help": "SGD momentum of the outer optimiser (paper: 0.5)."})
+    image_optimizer: str = field(default="sgd", metadata={
+        "help": "Optimiser of the synthetic images: 'sgd' (the released code: SGD with syn_momentum at lr_img) or "
+                "'adam' (Adam at lr_img, e.g. 0.01 for normalised pixels; the other groups keep SGD)."})
     blend_beta: float | None = field(default=None, metadata={
         "help": "Representation blending: λ ~ Beta(β, β) per inner step; 0 disables blending (preset: 1 for "
                 "repblend, 0 for lors / mtt_vl)."})
@@ -178,6 +181,8 @@ class DistillationArguments(TrainingArguments):
                f"need 0 < lr_min <= lr_init <= lr_max, got {self.lr_min}, {self.lr_init}, {self.lr_max}")
         _check(self.lr_grad_clip >= 0, f"lr_grad_clip must be >= 0 (0 disables), got {self.lr_grad_clip}")
         _check(0 <= self.syn_momentum < 1, f"syn_momentum must be in [0, 1), got {self.syn_momentum}")
+        _check(self.image_optimizer in ("sgd", "adam"),
+               f"image_optimizer must be 'sgd' or 'adam', got {self.image_optimizer!r}")
         _check(self.blend_beta >= 0, f"blend_beta must be >= 0, got {self.blend_beta}; use 0 to disable blending")
         _check(self.matching in ("symmetric", "asymmetric"),
                f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")

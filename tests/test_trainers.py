@@ -399,3 +399,23 @@ def test_feature_space_gradient_equals_pixel_path_on_the_same_features(encoder, 
     for name in ("text_embeddings", "log_lr_img", "similarity.diag"):
         assert torch.allclose(grads["features"][name], grads["pixels"][name], rtol=1e-3, atol=1e-6), name
     assert grads["features"]["image_features"].abs().sum() > 0
+
+
+def test_mixed_optimizer_is_torch_sgd_and_torch_adam_per_group():
+    from repblend_hf.trainers.distillation_trainer import SGDWithAdamGroups
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    mixed = SGDWithAdamGroups([{"params": [a], "lr": 0.1, "adam": True}, {"params": [b], "lr": 0.5}], lr=0.1,
+                              momentum=0.5)
+    sgd = torch.optim.SGD([b2], lr=0.5, momentum=0.5)
+    adam = torch.optim.Adam([a2], lr=0.1)
+    for _ in range(4):
+        grads = torch.randn(5), torch.randn(3)
+        for x, y in ((a, b), (a2, b2)):
+            x.grad, y.grad = grads[0].clone(), grads[1].clone()
+        mixed.step()
+        sgd.step()
+        adam.step()
+    assert torch.allclose(a, a2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)

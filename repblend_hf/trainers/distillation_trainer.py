@@ -26,7 +26,7 @@ from accelerate.utils import gather_object
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..distillation import matching_gradients, plan_inner_loop
 from ..evaluation import PairSet, ReferenceDiagnostics, embed_split, modality_diagnostics, train_heads
@@ -36,7 +36,7 @@ from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
 
-__all__ = ["DistillationTrainer", "NonFiniteError"]
+__all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
 logger = logging.getLogger(__name__)
 _GROUPS = ("images", "texts", "similarity", "lrs")  # the optimiser's parameter groups
@@ -83,6 +83,70 @@ class _PerStepEncoder(nn.Module):
         self.passes["backward"] += rows
 
 
+class SGDWithAdamGroups(torch.optim.Optimizer):
+    """SGD with momentum (as ``torch.optim.SGD``, no dampening) for most groups, Adam for groups with ``adam=True``.
+
+    For ``image_optimizer="adam"``: the synthetic images' gradient comes through the frozen encoder and its
+    scale varies strongly between pixels and over training, which a per-coordinate step size absorbs; the
+    other groups keep the released code's SGD.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, adam=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["adam"]:
+                    beta1, beta2 = group["betas"]
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                    denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+                else:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = p.grad.detach().clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(p.grad)
+                    p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+class FeatureRangeProjection(TrainerCallback):
+    """Keeps a feature-space set's image features inside a box ``[low, high]`` after every optimiser step.
+
+    A free feature-space set can use values no image produces (EfficientNet-Lite0's pooled ReLU6 features
+    are never negative; ``benchmarks/results/pixel_gap.md``). Projecting onto the per-dimension range of the
+    real training features after each SGD step gives a set the pixel path could at least approach.
+    """
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
+        self.low, self.high = low, high
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        synthetic = model.module if hasattr(model, "module") else model
+        with torch.no_grad():
+            features = synthetic.image_features
+            low, high = self.low.to(features.device), self.high.to(features.device)
+            features.copy_(torch.maximum(torch.minimum(features, high), low))
+
+
 class DistillationTrainer(Trainer):
     """Optimise a SyntheticSet so that heads trained on it follow the expert trajectories.
 
@@ -98,11 +162,14 @@ class DistillationTrainer(Trainer):
             the modality diagnostics of the synthetic pairs themselves under one fixed model trained on full data
             (``eval_set_*``, RepBlend Figs. 1-2) beside those of a random real subset of the same size
             (``eval_real_subset_*``).
+        feature_bounds: ``(low, high)`` for a feature-space set: its image features are projected into that
+            box after every optimiser step (:class:`FeatureRangeProjection`).
     """
 
     def __init__(self, model: SyntheticSet, args: DistillationArguments, trajectories: ExpertTrajectories,
                  image_encoder: nn.Module, validation: FeatureSplit | None = None,
-                 reference: ReferenceDiagnostics | None = None, **kwargs):
+                 reference: ReferenceDiagnostics | None = None,
+                 feature_bounds: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
         self.image_encoder = image_encoder
         self.trajectories = trajectories
         self.validation = validation
@@ -124,6 +191,10 @@ class DistillationTrainer(Trainer):
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
             kwargs.setdefault("eval_dataset", _Iterations(1))
         super().__init__(model=model, args=args, **kwargs)
+        if feature_bounds is not None:
+            if config.synthetic_space != "features":
+                raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
+            self.add_callback(FeatureRangeProjection(*feature_bounds))
         if args.fold_batchnorm and args.matching == "symmetric" and hasattr(image_encoder, "fold_batchnorm_"):
             folded = image_encoder.fold_batchnorm_()
             logger.info("the synthetic-pixel passes use the encoder with %d BatchNorms folded into its convolutions",
@@ -134,13 +205,20 @@ class DistillationTrainer(Trainer):
     # ----- optimiser --------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        """SGD with momentum ``syn_momentum`` and one lr per group: images, texts, similarity, lrs."""
+        """SGD with momentum ``syn_momentum`` and one lr per group: images, texts, similarity, lrs.
+
+        With ``image_optimizer="adam"`` the images' group takes Adam steps instead (:class:`SGDWithAdamGroups`).
+        """
         if self.optimizer is None:
             args = self.args
             lr = {"images": args.lr_img, "texts": args.lr_txt, "similarity": args.lr_sim, "lrs": args.lr_lr}
-            groups = [{"params": params, "lr": lr[name], "name": name}
+            groups = [{"params": params, "lr": lr[name], "name": name, "adam": name == "images" and
+                       args.image_optimizer == "adam"}
                       for name, params in self._synthetic.parameter_groups().items() if params]
-            self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
+            if args.image_optimizer == "adam":
+                self.optimizer = SGDWithAdamGroups(groups, lr=args.lr_img, momentum=args.syn_momentum)
+            else:
+                self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
         return self.optimizer
 
     @property
