@@ -419,3 +419,15 @@ def test_mixed_optimizer_is_torch_sgd_and_torch_adam_per_group():
         sgd.step()
         adam.step()
     assert torch.allclose(a, a2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)
+
+
+def test_feature_range_projection_keeps_features_in_the_box(encoder, experts, tmp_path):
+    syn = _feature_set(encoder)
+    low, high = torch.full((encoder.feature_dim,), -0.05), torch.full((encoder.feature_dim,), 0.05)
+    trainer = DistillationTrainer(syn, _args(tmp_path, lr_img=100.0), experts, encoder, feature_bounds=(low, high))
+    trainer.train()
+    feats = syn.image_features.detach()
+    assert feats.min() >= -0.05 and feats.max() <= 0.05
+    assert (feats.abs() == 0.05).any()  # the box was active, so the projection did something
+    with pytest.raises(ValueError, match="feature-space"):
+        DistillationTrainer(_synthetic(encoder), _args(tmp_path), experts, encoder, feature_bounds=(low, high))
