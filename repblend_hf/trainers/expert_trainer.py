@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
+from ..data.images import to_rgb
 from ..features import FeatureSplit
 from ..losses import info_nce
 from ..modeling import RetrievalHeads, branch_sizes, flatten_parameters, similarity_logits
@@ -125,7 +126,7 @@ class _PixelPairs(_FeaturePairs):
         self.images, self.transform = images, transform
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.transform(self.images[i].convert("RGB")), "text_features": self._caption(i)}
+        return {"pixel_values": self.transform(to_rgb(self.images[i])), "text_features": self._caption(i)}
 
 
 class _TrajectoryRecorder(TrainerCallback):
