@@ -177,6 +177,9 @@ class DistillationArguments(TrainingArguments):
                 "checkpoints on disk hold only finite values."})
     num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
     eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start from scratch although output_dir holds checkpoints of an earlier run: they are deleted first. "
+                "Without it (and without --resume_from_checkpoint) the run stops before any work."})
     max_steps: int = field(default=3000, metadata={"help": "Outer iterations (paper: 3000)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Constant outer learning rates."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "No global clipping (see lr_grad_clip)."})
