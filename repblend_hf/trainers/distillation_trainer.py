@@ -40,6 +40,7 @@ __all__ = ["DistillationTrainer", "NonFiniteError"]
 
 logger = logging.getLogger(__name__)
 _GROUPS = ("images", "texts", "similarity", "lrs")  # the optimiser's parameter groups
+_ITERATION_LOSSES = ("matching_loss", "inner_loss_first", "inner_loss_last")  # not logged for skipped iterations
 
 
 class NonFiniteError(RuntimeError):
@@ -114,6 +115,7 @@ class DistillationTrainer(Trainer):
         self._nonfinite_streak = self._nonfinite_lowerings = 0  # consecutive skipped iterations, lr lowerings
         # Training steps and skipped ones since the last log, and since the trainer was built (for train_loss).
         self._loss_window, self._loss_total = [0, 0], [0, 0]
+        self._step_guarded = False  # set when create_optimizer installs the finiteness check after each step
         kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
         if validation is not None:
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
@@ -257,6 +259,7 @@ class DistillationTrainer(Trainer):
         things go wrong; ``nonfinite_skipped`` counts it.
         """
         self._skip_step, self._bad_groups = False, set()
+        recorded = {k: len(self._metrics.get(k, ())) for k in _ITERATION_LOSSES}  # to drop this iteration's losses
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = torch.tensor([float(g in self._bad_groups) for g in _GROUPS], device=self.args.device)
         if self.args.world_size > 1:  # skip on every process or none, so that the replicas stay identical
@@ -266,22 +269,22 @@ class DistillationTrainer(Trainer):
             counts[0] += 1
             counts[1] += skipped
         if skipped:
-            self._forget_iteration_losses()
+            self._forget_iteration_losses(recorded)
             self.optimizer.zero_grad(set_to_none=True)
             self._on_nonfinite({g for g, b in zip(_GROUPS, bad.tolist()) if b})
             return torch.zeros_like(loss)
-        self._nonfinite_streak = 0
+        if not self._step_guarded:  # else the step guard resets the streak once the update is known to be finite
+            self._nonfinite_streak = 0
         return loss
 
-    def _forget_iteration_losses(self) -> None:
+    def _forget_iteration_losses(self, recorded: dict[str, int]) -> None:
         """Mark this iteration skipped in the metrics and drop the losses it recorded (they are not its result)."""
         m = self._metrics
-        n = len(m.get("nonfinite_skipped", ()))
-        if n:
+        if m.get("nonfinite_skipped"):
             m["nonfinite_skipped"][-1] = 1.0  # also when only another process saw the non-finite value
-        for key in ("matching_loss", "inner_loss_first", "inner_loss_last"):
-            if key in m and len(m[key]) == n and n:
-                m[key].pop()
+        for key, length in recorded.items():
+            if key in m:
+                del m[key][length:]
 
     def _guard_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Roll back an optimiser step that leaves NaN / inf in the set, as a bad gradient is: nothing is applied.
@@ -303,8 +306,10 @@ class DistillationTrainer(Trainer):
                         saved[p] = (p.detach().clone(), state)
 
         def after(opt, args, kwargs):
-            finite = torch.stack([torch.isfinite(p).all() for p in saved]) if saved else None
-            if finite is None or bool(finite.all()):
+            if not saved:  # a skipped iteration: no gradient, nothing stepped
+                return
+            if bool(torch.stack([torch.isfinite(p).all() for p in saved]).all()):
+                self._nonfinite_streak = 0
                 return
             bad = {g["name"] for g in opt.param_groups for p in g["params"]
                    if p in saved and not bool(torch.isfinite(p).all())}
@@ -323,6 +328,7 @@ class DistillationTrainer(Trainer):
 
         optimizer.register_step_pre_hook(before)
         optimizer.register_step_post_hook(after)
+        self._step_guarded = True
 
     def _on_nonfinite(self, groups: set[str]) -> None:
         """Count consecutive skipped iterations; lower the offending lrs every ``nonfinite_patience``, then stop."""
