@@ -381,7 +381,8 @@ def check_evaluate_run(args) -> None:
         try:
             SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
         except (ValueError, OSError) as err:  # not a set, damaged, non-finite, or no such folder / repo
-            p.messages.append(f"--distilled_set {path}: {type(err).__name__}: {err}")
+            where = "" if Path(path).is_dir() else "no such local folder, and as a Hub dataset repo: "
+            p.messages.append(f"--distilled_set {path}: {where}{type(err).__name__}: {err}")
     p.raise_if_any("the arguments")
 
 
