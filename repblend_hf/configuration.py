@@ -67,7 +67,8 @@ class RepBlendConfig(PretrainedConfig):
             (self.lr_img > 0 and self.lr_txt > 0,
              f"lr_img and lr_txt (learned inner learning rates) must be > 0, got {self.lr_img}, {self.lr_txt}"),
         ]
-        nonfinite = [k for k in ("temperature", "sim_alpha", "lr_img", "lr_txt") if not math.isfinite(getattr(self, k))]
+        nonfinite = [k for k in ("temperature", "sim_alpha", "lr_img", "lr_txt")
+                     if not math.isfinite(getattr(self, k))]
         checks.append((not nonfinite, f"{', '.join(nonfinite)} must be finite, got "
                                       f"{', '.join(str(getattr(self, k)) for k in nonfinite)}"))
         for ok, message in checks:

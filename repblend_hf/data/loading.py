@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from .fashion_scenes import FASHION_SCENES, build_cached_split, load_fashion_scenes
 from .images import check_image_file
 
