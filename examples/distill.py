@@ -37,6 +37,7 @@ from repblend_hf.pipeline import (
     last_complete_checkpoint,
     parse_with_config,
     prepare_features,
+    reference_diagnostics,
     results_record,
     write_results,
 )
@@ -57,13 +58,39 @@ class SetArguments:
     temperature: float = field(default=0.07, metadata={"help": "τ of the cosine logits."})
     sim_rank: int = field(default=10, metadata={"help": "Rank r of the low-rank similarity."})
     sim_alpha: float = field(default=3.0, metadata={"help": "Scale α of the low-rank similarity."})
+    synthetic_space: str = field(default="pixels", metadata={
+        "help": "'pixels': the set's images are pixels (the paper). 'features': they are vectors of the frozen image "
+                "encoder's feature space (minutes instead of tens of minutes on a CPU; the set trains heads on that "
+                "same encoder only)."})
+    feature_range: str = field(default="free", metadata={
+        "help": "Feature space only: 'free' lets the features take any value (the best set for heads on this frozen "
+                "encoder); 'real' projects them after every step into the per-dimension range of the real training "
+                "features, which any image's features lie in (an upper bound the pixel path can approach)."})
+    init_transform: str = field(default="train", metadata={
+        "help": "How the real images that initialise the set are prepared: 'train' (one random augmented view, as the "
+                "released code's training set gives them) or 'eval' (resized only)."})
     num_experts: int = field(default=8, metadata={"help": "Expert trajectories (paper: 20)."})
-    expert_train_epochs: int = field(default=10, metadata={"help": "Epochs per expert (paper: 10)."})
+    expert_train_epochs: int = field(default=10, metadata={
+        "help": "Epochs per expert (paper: 10). An epoch is one pass over the (image, caption) pairs; distillation "
+                "samples only epochs up to max_start_epoch - 1 + expert_epochs, so more are never used."})
+    expert_learning_rate: float = field(default=0.1, metadata={"help": "Experts' SGD learning rate (paper: 0.1)."})
+    expert_batch_size: int = field(default=128, metadata={"help": "Experts' batch size (paper: 128)."})
+    expert_seed: int = field(default=0, metadata={
+        "help": "Seed of the experts (expert e uses expert_seed + e). Separate from --seed, so that distillations "
+                "with other seeds reuse the same experts, as the paper's buffers are reused."})
     trajectory_dir: str | None = field(default=None, metadata={
         "help": "Where the experts live (default OUTPUT_DIR/experts); finished experts there are reused."})
     eval_seeds: int = field(default=3, metadata={"help": "Seeds of the final evaluation."})
     baselines: str = field(default="random,full", metadata={
         "help": "Comma-separated baselines evaluated beside the set: random, herding, kcenter, full ('' for none)."})
+
+    def __post_init__(self):
+        for name, allowed in (("synthetic_space", ("pixels", "features")), ("init_transform", ("train", "eval")),
+                              ("feature_range", ("free", "real"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.feature_range == "real" and self.synthetic_space != "features":
+            raise ValueError("--feature_range real projects feature-space sets; add --synthetic_space features")
 
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
@@ -87,8 +114,10 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     t0 = time.time()
     expert_args = ExpertTrainingArguments(
         output_dir=str(out / "expert_runs"), num_experts=set_args.num_experts,
-        num_train_epochs=set_args.expert_train_epochs, embed_dim=set_args.embed_dim,
-        temperature=set_args.temperature, matching=args.matching, seed=args.seed, disable_tqdm=args.disable_tqdm,
+        num_train_epochs=set_args.expert_train_epochs, learning_rate=set_args.expert_learning_rate,
+        per_device_train_batch_size=set_args.expert_batch_size, embed_dim=set_args.embed_dim,
+        temperature=set_args.temperature, matching=args.matching, seed=set_args.expert_seed,
+        disable_tqdm=args.disable_tqdm,
         use_cpu=args.use_cpu, bf16=args.bf16, fp16=args.fp16, report_to="none")  # one mixed precision per process
     trajectories = train_experts(
         train, expert_args, set_args.trajectory_dir or str(out / "experts"),
@@ -104,10 +133,22 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         image_dim=prepared.image_encoder.feature_dim, text_dim=prepared.text_encoder.feature_dim,
         embed_dim=set_args.embed_dim, num_pairs=set_args.num_pairs, temperature=set_args.temperature,
         similarity=args.similarity, sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
-        lr_img=args.lr_init, lr_txt=args.lr_init, source_dataset=data_args.dataset)
+        lr_img=args.lr_init, lr_txt=args.lr_init, source_dataset=data_args.dataset,
+        synthetic_space=set_args.synthetic_space)
+    init_features = None
+    if set_args.synthetic_space == "features":
+        views = train.augmented_image_features
+        init_features = views if set_args.init_transform == "train" and views is not None else train.image_features
     synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
-                                       train.caption_offsets(), prepared.image_encoder, seed=args.seed)
-    trainer = DistillationTrainer(synthetic, args, trajectories, prepared.image_encoder, validation=validation)
+                                       train.caption_offsets(), prepared.image_encoder, seed=args.seed,
+                                       init_transform=set_args.init_transform, image_features=init_features)
+    reference = reference_diagnostics(prepared.features, config.num_pairs, embed_dim=config.embed_dim,
+                                      temperature=config.temperature, cache_dir=out)
+    bounds = None
+    if set_args.synthetic_space == "features" and set_args.feature_range == "real":
+        bounds = (train.image_features.min(0).values, train.image_features.max(0).values)
+    trainer = DistillationTrainer(synthetic, args, trajectories, prepared.image_encoder, validation=validation,
+                                  reference=reference, feature_bounds=bounds)
     resume = args.resume_from_checkpoint
     if resume == "latest":
         resume = last_complete_checkpoint(out)
@@ -146,11 +187,17 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     result = evaluate_pairs(pairs, validation, test, seeds=seeds, embed_dim=config.embed_dim, loss=args.distill_loss,
                             temperature=config.temperature)
     records = [results_record(result, dataset=data_args.dataset, method=args.method, pairs=config.num_pairs)]
+    records[0]["set_diagnostics"] = trainer.reference(pairs)  # modality collapse on the pairs themselves
+    records[0]["settings"]["synthetic_space"] = config.synthetic_space
+    if config.synthetic_space == "features":
+        records[0]["settings"]["feature_range"] = set_args.feature_range
     for name in filter(None, set_args.baselines.split(",")):
         n = train.num_images if name == "full" else config.num_pairs
         baseline = evaluate_baseline(name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds,
                                      temperature=config.temperature)
         records.append(results_record(baseline, dataset=data_args.dataset, method=name, pairs=n))
+        if name != "full":
+            records[-1]["set_diagnostics"] = trainer.reference.real_subset if name == "random" else None
     write_results(out / "results.json", records[0])
     write_results(out / "baselines.json", {"baselines": records[1:]})
     table = format_table(records)
@@ -161,15 +208,27 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     real = torch.nn.functional.normalize(train.caption_features, dim=-1)
     nearest = [train.captions[int(i)] for i in (text @ real.t()).argmax(1)]
     enc = prepared.image_encoder
-    synthetic.save_pretrained(out / "synthetic_set", mean=enc.mean, std=enc.std, nearest_captions=nearest)
-    plot_synthetic_grid(synthetic.pixel_values.detach(), enc.mean, enc.std, out / "synthetic_images.png",
-                        captions=nearest)
+    if config.synthetic_space == "features":
+        # Feature vectors have no picture: show each one's nearest real training image instead (a hint).
+        feats = torch.nn.functional.normalize(synthetic.images.detach(), dim=-1)
+        closest = (feats @ torch.nn.functional.normalize(train.image_features, dim=-1).t()).argmax(1).tolist()
+        previews = [prepared.dataset["train"][i]["image"].convert("RGB") for i in closest]
+        synthetic.save_pretrained(out / "synthetic_set", nearest_captions=nearest, previews=previews)
+        grid = torch.stack([enc.eval_transform(img) for img in previews])
+        plot_synthetic_grid(grid, enc.mean, enc.std, out / "synthetic_images.png", captions=nearest,
+                            title="Nearest real image of each synthetic feature vector, with its nearest caption")
+    else:
+        previews = None
+        synthetic.save_pretrained(out / "synthetic_set", mean=enc.mean, std=enc.std, nearest_captions=nearest)
+        plot_synthetic_grid(synthetic.images.detach(), enc.mean, enc.std, out / "synthetic_images.png",
+                            captions=nearest)
     plot_similarity(synthetic.similarity().detach(), out / "similarity.png")
     plot_training_curves(trainer.state.log_history, out / "training_curves.png")
     trainer.state.save_to_json(str(out / "trainer_state.json"))  # the log history behind the curves
     if push_repo is not None:
         commit = synthetic.push_to_hub(push_repo, token=args.hub_token, private=bool(args.hub_private_repo),
                                        mean=enc.mean, std=enc.std, nearest_captions=nearest, results=records,
+                                       previews=previews,
                                        grid_image=out / "synthetic_images.png")
         logger.info("pushed the distilled set to %s (revision %s)", push_repo, commit.oid)
     timings = {**timings, "total_s": round(time.time() - started, 1), "iterations": trainer.state.global_step,

@@ -59,11 +59,20 @@ class EvaluateArguments:
 def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict):
     """Encode a saved set's images with this run's image encoder (any architecture) and evaluate it.
 
-    ``path`` is a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id.
+    ``path`` is a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id. A
+    feature-space set is used as it is, and only with the encoder (and image size) it was made for.
     """
     synthetic = SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
-    with torch.no_grad():
-        feats = torch.cat([prepared.image_encoder(c) for c in synthetic.pixel_values.detach().split(256)])
+    config, encoder = synthetic.config, prepared.image_encoder
+    if config.synthetic_space == "features":
+        if (config.image_encoder, config.image_size) != (encoder.name, encoder.image_size):
+            raise ValueError(f"{path} holds image features of {config.image_encoder} at {config.image_size} px, "
+                             f"which only heads on that encoder can use; run with --image_encoder "
+                             f"{config.image_encoder} --image_size {config.image_size}")
+        feats = synthetic.images.detach()
+    else:
+        with torch.no_grad():
+            feats = torch.cat([encoder(c) for c in synthetic.images.detach().split(256)])
     # With a learned S the set's own protocol is wBCE against it; --loss infonce trains with identity targets.
     has_s = synthetic.config.similarity != "none" and overrides.get("loss") != "infonce"
     pairs = PairSet(feats, synthetic.text_embeddings.detach(), synthetic.similarity().detach() if has_s else None,

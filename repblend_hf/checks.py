@@ -148,14 +148,15 @@ def state_shapes_mismatch(saved: Mapping[str, Sequence[int]], expected: Mapping[
     return lines
 
 
-def _expected_set_shapes(num_pairs: int, image_size: int, similarity: str, sim_rank: int,
-                         sim_alpha: float) -> dict[str, tuple[int, ...]]:
-    """The SyntheticSet state-dict shapes a run's settings give (text width left as 0: it comes from the encoder)."""
+def _expected_set_shapes(num_pairs: int, image_size: int, similarity: str, sim_rank: int, sim_alpha: float,
+                         synthetic_space: str = "pixels") -> dict[str, tuple[int, ...]]:
+    """The SyntheticSet state-dict shapes a run's settings give (encoder widths left as 0: the encoders give them)."""
     from .similarity import build_similarity
 
     sim = build_similarity(similarity, num_pairs, rank=sim_rank, alpha=sim_alpha)
-    return {"pixel_values": (num_pairs, 3, image_size, image_size), "text_embeddings": (num_pairs, 0),
-            "log_lr_img": (), "log_lr_txt": (),
+    images = ({"image_features": (num_pairs, 0)} if synthetic_space == "features"
+              else {"pixel_values": (num_pairs, 3, image_size, image_size)})
+    return {**images, "text_embeddings": (num_pairs, 0), "log_lr_img": (), "log_lr_txt": (),
             **{f"similarity.{k}": tuple(v.shape) for k, v in sim.state_dict().items()}}
 
 
@@ -323,12 +324,13 @@ def check_distill_run(data_args, set_args, args) -> str | None:
             p.messages.append(str(err))
     if resume is not None:
         expected = _expected_set_shapes(n, data_args.image_size, args.similarity, set_args.sim_rank,
-                                        set_args.sim_alpha)
-        mismatch = state_shapes_mismatch(checkpoint_shapes(resume), expected, {"text_embeddings": [1]})
+                                        set_args.sim_alpha, getattr(set_args, "synthetic_space", "pixels"))
+        mismatch = state_shapes_mismatch(checkpoint_shapes(resume), expected,
+                                         {"text_embeddings": [1], "image_features": [1]})
         if mismatch:
             p.messages.append(f"{resume} was made with other settings than this run ({'; '.join(mismatch)}); resume "
-                              "with that run's --num_pairs, --image_size, --similarity and --sim_rank, or start over "
-                              "with --overwrite_output_dir true or another --output_dir")
+                              "with that run's --num_pairs, --image_size, --synthetic_space, --similarity and "
+                              "--sim_rank, or start over with --overwrite_output_dir true or another --output_dir")
     p.raise_if_any("the arguments")
     if args.resume_from_checkpoint is None and getattr(args, "overwrite_output_dir", False):
         state = PartialState()

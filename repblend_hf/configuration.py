@@ -12,10 +12,11 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 
-__all__ = ["RepBlendConfig", "METHODS", "SIMILARITY_KINDS"]
+__all__ = ["RepBlendConfig", "METHODS", "SIMILARITY_KINDS", "SYNTHETIC_SPACES"]
 
 METHODS = ("repblend", "lors", "mtt_vl", "coreset")
 SIMILARITY_KINDS = ("lowrank", "full", "none")
+SYNTHETIC_SPACES = ("pixels", "features")
 
 
 class RepBlendConfig(PretrainedConfig):
@@ -25,7 +26,9 @@ class RepBlendConfig(PretrainedConfig):
     Defaults are the embedded default (EfficientNet-Lite0 + all-MiniLM-L6-v2 at 64 px, 99 pairs);
     the paper used ``nfnet_l0`` + ``bert-base-uncased`` at 224 px with ``embed_dim`` 2304.
     ``lr_img`` / ``lr_txt`` hold the learned inner learning rates η, which evaluation uses as the
-    heads' learning rates.
+    heads' learning rates. ``synthetic_space`` is ``"pixels"`` (the paper: images any model can take) or
+    ``"features"`` (the images are vectors of ``image_encoder``'s feature space at ``image_size``; they
+    train heads on that frozen encoder and transfer to no other).
     """
 
     model_type = "repblend"
@@ -38,6 +41,7 @@ class RepBlendConfig(PretrainedConfig):
     text_dim: int = 384
     embed_dim: int = 512
     num_pairs: int = 99
+    synthetic_space: str = "pixels"
     temperature: float = 0.07
     similarity: str = "lowrank"
     sim_rank: int = 10
@@ -54,6 +58,8 @@ class RepBlendConfig(PretrainedConfig):
             (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
             (self.similarity in SIMILARITY_KINDS,
              f"similarity must be one of {SIMILARITY_KINDS}, got {self.similarity!r}"),
+            (self.synthetic_space in SYNTHETIC_SPACES,
+             f"synthetic_space must be one of {SYNTHETIC_SPACES}, got {self.synthetic_space!r}"),
             (self.text_pooling in ("cls", "mean"), f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}"),
             (self.num_pairs > 0, f"num_pairs must be > 0, got {self.num_pairs}"),
             (self.image_size > 0, f"image_size must be > 0, got {self.image_size}"),

@@ -42,6 +42,7 @@ __all__ = [
     "SeedResult",
     "EvaluationResult",
     "evaluate_pairs",
+    "ReferenceDiagnostics",
 ]
 
 RECALL_KS = (1, 5, 10)
@@ -621,3 +622,36 @@ def evaluate_pairs(
             diverged_epoch=trained.diverged_epoch,
         ))
     return EvaluationResult(seeds=results, settings=settings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modality collapse measured on a set of pairs itself
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceDiagnostics:
+    """Sim / Gap of a set of pairs' own embeddings under one fixed reference model (RepBlend Figs. 1-2).
+
+    METHOD.md, "Diagnostics of modality collapse": the paper measures the intra-modal similarity and
+    the modality gap of the *distilled pairs*, not of real data seen through heads trained on them. Here
+    the pairs' image-encoder features and text embeddings go through ``heads``, heads trained once on the
+    full training data (so every set is seen through the same function), and
+    :func:`modality_diagnostics` is taken over the N resulting embeddings. ``real_subset`` holds the
+    same numbers for a random real subset of the same size: what an undistilled set looks like.
+    """
+
+    heads: RetrievalHeads
+    real_subset: dict[str, float] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def __call__(self, pairs: PairSet) -> dict[str, float]:
+        """``{"sim_image", "sim_text", "gap"}`` of ``pairs`` under the reference heads."""
+        was_training = self.heads.training
+        self.heads.eval()
+        device = next(self.heads.parameters()).device
+        try:
+            image, text = self.heads(pairs.image_features.to(device), pairs.text_features.to(device))
+        finally:
+            self.heads.train(was_training)
+        return modality_diagnostics(image, text)

@@ -32,7 +32,8 @@ class FeatureSplit:
 
     ``caption_to_image[c]`` is the row (image index) of caption ``c``; captions of one image are
     contiguous. ``augmented_image_features`` has shape ``[num_images, num_views, d_img]`` when the
-    split was encoded with augmented views.
+    split was encoded with augmented views. ``fingerprint`` is the encoded ``Dataset``'s fingerprint
+    (data, encoders and encoding options), which expert trajectories record.
     """
 
     image_features: torch.Tensor
@@ -40,6 +41,7 @@ class FeatureSplit:
     caption_to_image: torch.Tensor
     augmented_image_features: torch.Tensor | None = None
     captions: list[str] | None = None
+    fingerprint: str | None = None
 
     @property
     def num_images(self) -> int:
@@ -71,7 +73,7 @@ class FeatureSplit:
         if AUGMENTED_FEATURES in ds.column_names:
             augmented = torch.from_numpy(np.stack([np.stack(v) for v in table[AUGMENTED_FEATURES]]).astype(np.float32))
         captions = [c for caps in ds["captions"] for c in caps] if with_captions else None
-        return cls(image, text, caption_to_image, augmented, captions)
+        return cls(image, text, caption_to_image, augmented, captions, getattr(ds, "_fingerprint", None))
 
 
 def _encode_features(image_dim: int, text_dim: int, num_views: int):

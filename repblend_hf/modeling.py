@@ -21,6 +21,8 @@ __all__ = [
     "flatten_parameters",
     "unflatten_parameters",
     "head_forward",
+    "head_apply",
+    "split_parameters",
     "branch_sizes",
     "similarity_logits",
 ]
@@ -86,6 +88,37 @@ def branch_sizes(heads: RetrievalHeads, image_encoder: nn.Module | None = None) 
 def head_forward(module: nn.Module, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Run ``module`` with its parameters taken from the flat vector ``flat`` (differentiable in both)."""
     return functional_call(module, unflatten_parameters(module, flat), (x,))
+
+
+def split_parameters(module: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
+    """``flat`` as one view per parameter of ``module`` (``named_parameters`` order), shaped like them.
+
+    The distillation inner loop keeps its student as these per-tensor leaves: slicing one flat leaf
+    per step would give every slice's backward a full-size zero-filled gradient (issue #14's profile).
+    """
+    return list(unflatten_parameters(module, flat).values())
+
+
+def head_apply(module: nn.Module, params: list[torch.Tensor], x: torch.Tensor,
+               dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run a head with explicit parameters (``split_parameters`` order) and an optional fixed dropout mask.
+
+    For :class:`ProjectionHead` this is the block written out with ``torch.nn.functional`` (the mask,
+    already scaled by ``1 / (1 - p)``, multiplies the dropout's input, as ``nn.Dropout`` in train mode
+    would), so that a recomputed inner step reuses the same mask. Other modules go through
+    ``functional_call`` in their current mode (``dropout_mask`` must then be None).
+    """
+    if isinstance(module, ProjectionHead):
+        w1, b1, w2, b2, ln_w, ln_b = params
+        p = F.linear(x, w1, b1)
+        h = F.linear(F.gelu(p), w2, b2)
+        if dropout_mask is not None:
+            h = h * dropout_mask
+        return F.layer_norm(p + h, (p.shape[-1],), ln_w, ln_b, module.layer_norm.eps)
+    if dropout_mask is not None:
+        raise ValueError(f"a fixed dropout mask needs a ProjectionHead, got {type(module).__name__}")
+    names = [n for n, _ in module.named_parameters()]
+    return functional_call(module, dict(zip(names, params)), (x,))
 
 
 def similarity_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -18,12 +18,12 @@ from typing import Any
 
 from .coresets import select_coreset
 from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, load_image_encoder, load_text_encoder
-from .evaluation import METRIC_NAMES, EvaluationResult, PairSet, evaluate_pairs
+from .evaluation import METRIC_NAMES, EvaluationResult, PairSet, ReferenceDiagnostics, evaluate_pairs, train_heads
 from .features import FeatureSplit, encode_dataset
 
 __all__ = ["DataArguments", "Prepared", "configure_cpu_threads", "prepare_features", "evaluate_baseline",
            "BASELINE_PROTOCOLS", "results_record", "write_results", "format_table", "parse_with_config",
-           "last_complete_checkpoint"]
+           "last_complete_checkpoint", "reference_diagnostics"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,49 @@ def evaluate_baseline(method: str, features: dict[str, FeatureSplit], num_pairs:
     merged = EvaluationResult([s for r in per_seed for s in r.seeds], {**per_seed[0].settings, "seeds": seeds,
                                                                       "coreset": method})
     return merged
+
+
+def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, embed_dim: int,
+                          temperature: float = 0.07, cache_dir: str | Path | None = None,
+                          seed: int = 0) -> ReferenceDiagnostics:
+    """The fixed model under which modality collapse is measured on sets of pairs (RepBlend Figs. 1-2).
+
+    Heads trained once on the full training split with the full-data protocol (:data:`BASELINE_PROTOCOLS`,
+    seed ``seed``), kept in ``cache_dir/reference_heads.safetensors`` with the features' fingerprint (a
+    cache made from other features or settings is retrained), and the diagnostics of a random real subset
+    of ``num_pairs`` pairs (random coreset, seed ``seed``) as the undistilled reference.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from .modeling import RetrievalHeads
+
+    train = features["train"]
+    protocol = BASELINE_PROTOCOLS["full"]
+    meta = {"features_fingerprint": str(train.fingerprint), "embed_dim": str(embed_dim),
+            "temperature": str(temperature), "seed": str(seed), "protocol": json.dumps(protocol, sort_keys=True)}
+    path = Path(cache_dir) / "reference_heads.safetensors" if cache_dir is not None else None
+    heads = None
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            cached_meta = f.metadata() or {}
+        if cached_meta == meta:
+            heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], embed_dim)
+            heads.load_state_dict(load_file(str(path)))
+        else:
+            logger.info("reference heads in %s were made with other features or settings; training them again", path)
+    if heads is None:
+        heads = train_heads(train, embed_dim=embed_dim, loss=protocol["loss"], lr=protocol["lr"],
+                            epochs=protocol["epochs"], eval_epochs=(), temperature=temperature, seed=seed).heads
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(path), metadata=meta)
+    heads.eval()
+    reference = ReferenceDiagnostics(heads)
+    subset = PairSet(*select_coreset("random", train, num_pairs, seed=seed).pairs(train))
+    reference.real_subset = reference(subset)
+    return reference
 
 
 def results_record(result: EvaluationResult, *, dataset: str, method: str, pairs: int) -> dict[str, Any]:

@@ -80,8 +80,9 @@ def plot_synthetic_grid(
     captions: Sequence[str] | None = None,
     max_images: int = 100,
     ncols: int = 10,
+    title: str | None = None,
 ) -> Path:
-    """Grid of the first ``max_images`` synthetic images, de-normalised, optionally captioned.
+    """Grid of the first ``max_images`` synthetic images, de-normalised, optionally captioned and titled.
 
     ``pixel_values`` is ``N×C×H×W`` in the encoder's normalised units (see :func:`denormalize`);
     ``captions``, if given, has one string per image (e.g. the nearest real caption of each synthetic
@@ -99,12 +100,15 @@ def plot_synthetic_grid(
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
     caption_h = _CAPTION_INCHES if captions is not None else 0.0
-    width, height = ncols * _CELL_INCHES, nrows * (_CELL_INCHES + caption_h)
+    title_h = 0.3 if title else 0.0
+    width, height = ncols * _CELL_INCHES, nrows * (_CELL_INCHES + caption_h) + title_h
 
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(nrows, ncols, squeeze=False)
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.05 / height, va="top")
     # Cells fill the figure; each row keeps `caption_h` below its image for the caption.
-    fig.subplots_adjust(left=0, right=1, top=1, bottom=caption_h / height, wspace=0.04,
+    fig.subplots_adjust(left=0, right=1, top=1 - title_h / height, bottom=caption_h / height, wspace=0.04,
                         hspace=caption_h / _CELL_INCHES + 0.04 * bool(nrows > 1))
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
@@ -190,10 +194,12 @@ def plot_training_curves(log_history: Sequence[Mapping[str, float]], path: str |
     """Distillation curves from a Trainer's ``state.log_history``: matching loss, validation, collapse.
 
     Panels: the trajectory matching loss (``matching_loss``); the validation ``eval_r_mean`` of
-    fresh heads trained on the current set; the modality-collapse diagnostics (RepBlend §3)
-    ``eval_sim_image`` / ``eval_sim_text`` with ``eval_gap`` on a second axis; and, when logged, the
-    learned inner learning rates ``lr_img`` / ``lr_txt`` on a log scale. A panel whose keys never
-    appear says "not logged" instead of failing.
+    fresh heads trained on the current set; the modality-collapse diagnostics (RepBlend §3) of the
+    synthetic pairs themselves under the fixed reference model, ``eval_set_sim_image`` /
+    ``eval_set_sim_text`` with ``eval_set_gap`` on a second axis, dotted beside those of a random real
+    subset of the same size (``eval_real_subset_*``); and, when logged, the learned inner learning rates
+    ``lr_img`` / ``lr_txt`` on a log scale. A panel whose keys never appear says "not logged" instead of
+    failing.
     """
     has_lrs = any(_series(log_history, key)[0] for key in ("lr_img", "lr_txt"))
     npanels = 4 if has_lrs else 3
@@ -215,17 +221,27 @@ def plot_training_curves(log_history: Sequence[Mapping[str, float]], path: str |
         _not_logged(ax, "Validation retrieval", ["eval_r_mean"])
 
     ax = axes[2]
-    sims = _plot_keys(ax, log_history, ["eval_sim_image", "eval_sim_text"], ["Sim_img", "Sim_txt"])
-    twin = ax.twinx() if _series(log_history, "eval_gap")[0] else None
-    gap = _plot_keys(twin, log_history, ["eval_gap"], ["Gap"], color="C3", linestyle="--") if twin else []
+    # The synthetic pairs' own Sim / Gap under the fixed reference model, beside a random real subset.
+    set_keys = ["eval_set_sim_image", "eval_set_sim_text", "eval_real_subset_sim_image", "eval_real_subset_sim_text"]
+    labels = ["Sim_img (set)", "Sim_txt (set)", "Sim_img (random real)", "Sim_txt (random real)"]
+    sims = []
+    for i, (key, label) in enumerate(zip(set_keys, labels)):
+        sims += _plot_keys(ax, log_history, [key], [label], color=f"C{i % 2}", linestyle=":" if i >= 2 else "-")
+    has_gap = _series(log_history, "eval_set_gap")[0]
+    twin = ax.twinx() if has_gap else None
+    gap = []
+    if twin is not None:
+        gap = _plot_keys(twin, log_history, ["eval_set_gap"], ["Gap (set)"], color="C3", linestyle="--")
+        gap += _plot_keys(twin, log_history, ["eval_real_subset_gap"], ["Gap (random real)"], color="C3",
+                          linestyle=":")
     if sims or gap:
-        ax.set_title("Modality collapse diagnostics")
+        ax.set_title("Modality collapse on the set (reference model)")
         ax.set_ylabel("intra-modal cosine similarity")
         if twin is not None:
             twin.set_ylabel("modality gap")
-        ax.legend(sims + gap, [line.get_label() for line in sims + gap], fontsize=8, loc="best")
+        ax.legend(sims + gap, [line.get_label() for line in sims + gap], fontsize=7, loc="best")
     else:
-        _not_logged(ax, "Modality collapse diagnostics", ["eval_sim_image", "eval_sim_text", "eval_gap"])
+        _not_logged(ax, "Modality collapse on the set", set_keys[:2] + ["eval_set_gap"])
 
     if has_lrs:
         ax = axes[3]

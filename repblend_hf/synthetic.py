@@ -10,8 +10,10 @@ nearest real caption.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -27,35 +29,70 @@ __all__ = ["SyntheticSet"]
 DATA_FILE = "data/train-00000-of-00001.parquet"
 
 
+@contextlib.contextmanager
+def _seeded_python_and_torch(seed: int):
+    """Seed Python's and torch's global generators for the block, then restore both."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 class SyntheticSet(nn.Module):
     """The distilled set as an ``nn.Module`` of learnable tensors (the DistillationTrainer's model).
 
-    Parameters: ``pixel_values`` [N, 3, H, W], ``text_embeddings`` [N, d_txt], the similarity module's
-    parameters, and ``log_lr_img`` / ``log_lr_txt`` (η = exp(log η), clamped to bounds by
-    :meth:`inner_lrs`). ``config`` describes what the set is and is saved alongside.
+    Parameters: the images, ``text_embeddings`` [N, d_txt], the similarity module's parameters, and
+    ``log_lr_img`` / ``log_lr_txt`` (η = exp(log η), clamped to bounds by :meth:`inner_lrs`). The images
+    are ``pixel_values`` [N, 3, H, W] (normalised pixels, the paper's setting) or, for
+    ``config.synthetic_space == "features"``, ``image_features`` [N, d_img]: vectors in the frozen image
+    encoder's feature space, which only heads on that same encoder can use. :attr:`images` is whichever
+    the set has. ``config`` describes what the set is and is saved alongside.
     """
 
-    def __init__(self, config: RepBlendConfig, pixel_values: torch.Tensor | None = None,
+    def __init__(self, config: RepBlendConfig, images: torch.Tensor | None = None,
                  text_embeddings: torch.Tensor | None = None):
         super().__init__()
-        n, s = config.num_pairs, config.image_size
+        n = config.num_pairs
         self.config = config
-        if pixel_values is None:
-            pixel_values = torch.zeros(n, 3, s, s)
+        shape = self.image_shape(config)
+        if images is None:
+            images = torch.zeros(shape)
         if text_embeddings is None:
             text_embeddings = torch.zeros(n, config.text_dim)
-        if tuple(pixel_values.shape) != (n, 3, s, s):
-            raise ValueError(f"pixel_values must have shape {(n, 3, s, s)} (num_pairs, 3, image_size, image_size), "
-                             f"got {tuple(pixel_values.shape)}")
+        if tuple(images.shape) != shape:
+            what = ("image_features must have shape {} (num_pairs, image_dim)" if config.synthetic_space == "features"
+                    else "pixel_values must have shape {} (num_pairs, 3, image_size, image_size)")
+            raise ValueError(what.format(shape) + f", got {tuple(images.shape)}")
         if tuple(text_embeddings.shape) != (n, config.text_dim):
             raise ValueError(f"text_embeddings must have shape {(n, config.text_dim)} (num_pairs, text_dim), "
                              f"got {tuple(text_embeddings.shape)}")
-        self.pixel_values = nn.Parameter(pixel_values.detach().clone().float())
+        setattr(self, self.image_parameter_name(config), nn.Parameter(images.detach().clone().float()))
         self.text_embeddings = nn.Parameter(text_embeddings.detach().clone().float())
         self.similarity: SoftSimilarity = build_similarity(config.similarity, n, rank=config.sim_rank,
                                                            alpha=config.sim_alpha)
         self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.lr_img)))
         self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.lr_txt)))
+
+    @staticmethod
+    def image_parameter_name(config: RepBlendConfig) -> str:
+        """``"image_features"`` for a feature-space set, else ``"pixel_values"``."""
+        return "image_features" if config.synthetic_space == "features" else "pixel_values"
+
+    @staticmethod
+    def image_shape(config: RepBlendConfig) -> tuple[int, ...]:
+        """The shape of the set's images: ``(N, image_dim)`` in feature space, else ``(N, 3, size, size)``."""
+        if config.synthetic_space == "features":
+            return (config.num_pairs, config.image_dim)
+        return (config.num_pairs, 3, config.image_size, config.image_size)
+
+    @property
+    def images(self) -> nn.Parameter:
+        """The learnable images: ``pixel_values`` or, in feature space, ``image_features``."""
+        return getattr(self, self.image_parameter_name(self.config))
 
     @property
     def num_pairs(self) -> int:
@@ -69,7 +106,7 @@ class SyntheticSet(nn.Module):
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimiser group: ``images``, ``texts``, ``similarity``, ``lrs``."""
-        return {"images": [self.pixel_values], "texts": [self.text_embeddings],
+        return {"images": [self.images], "texts": [self.text_embeddings],
                 "similarity": list(self.similarity.parameters()), "lrs": [self.log_lr_img, self.log_lr_txt]}
 
     def sync_config(self) -> RepBlendConfig:
@@ -103,26 +140,46 @@ class SyntheticSet(nn.Module):
 
     @classmethod
     def from_real(cls, config: RepBlendConfig, images, caption_features: torch.Tensor,
-                  caption_offsets: torch.Tensor, image_encoder, seed: int = 0) -> SyntheticSet:
+                  caption_offsets: torch.Tensor, image_encoder, seed: int = 0, *, init_transform: str = "eval",
+                  image_features: torch.Tensor | None = None) -> SyntheticSet:
         """Initialise from N random real pairs (METHOD.md: "initialised from N random real training pairs").
 
         ``images`` is the train split's image column (PIL images), ``caption_features`` /
-        ``caption_offsets`` its cached text embeddings (see ``FeatureSplit``); each chosen image goes
-        through the encoder's eval transform and is paired with one random caption's embedding.
+        ``caption_offsets`` its cached text embeddings (see ``FeatureSplit``); each chosen image is
+        paired with one random caption's embedding. Pixels: the image goes through the encoder's
+        ``init_transform``, ``"eval"`` (resize) or ``"train"`` (one random augmented view, as the released
+        code does: its training set applies the train transform). Feature space: ``image_features`` are
+        the split's cached features, ``[n, d_img]`` (eval transform) or ``[n, views, d_img]`` (the
+        augmented views, one drawn at random per image for ``"train"``; ``"eval"`` needs the eval
+        features). Everything random is drawn from ``seed``.
         """
+        if init_transform not in ("eval", "train"):
+            raise ValueError(f"init_transform must be 'eval' or 'train', got {init_transform!r}")
         g = torch.Generator().manual_seed(seed)
         n_real = len(caption_offsets) - 1
         if config.num_pairs > n_real:
             raise ValueError(f"num_pairs={config.num_pairs} exceeds the {n_real} training images; lower num_pairs")
         chosen = torch.randperm(n_real, generator=g)[: config.num_pairs]
+        features_space = config.synthetic_space == "features"
+        if features_space and image_features is None:
+            raise ValueError("a feature-space set is initialised from cached features: pass image_features=")
         pixels, texts = [], []
-        for i in chosen.tolist():
-            pixels.append(image_encoder.eval_transform(to_rgb(images[i])))
-            lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
-            texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
-        # The similarity's random factor L is drawn from the global generator: fork it, so that the initial set is
-        # a function of `seed` alone (not of whatever consumed random numbers before, e.g. expert training).
-        with torch.random.fork_rng(devices=[]):
+        with _seeded_python_and_torch(seed):  # timm's train transform draws crops from Python's random
+            for i in chosen.tolist():
+                if features_space:
+                    feats = image_features[i]
+                    if feats.ndim == 2:  # views: one at random (train), or refuse to guess (eval)
+                        if init_transform == "eval":
+                            raise ValueError("init_transform='eval' needs the eval features [n, d_img], got views")
+                        feats = feats[int(torch.randint(len(feats), (1,), generator=g))]
+                    pixels.append(feats.float())
+                else:
+                    transform = image_encoder.train_transform if init_transform == "train" else image_encoder.eval_transform
+                    pixels.append(transform(to_rgb(images[i])))
+                lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
+                texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
+            # The similarity's random factor L is drawn from the global generator: seeded here too, so that the
+            # initial set is a function of `seed` alone (not of whatever consumed random numbers before).
             torch.manual_seed(seed)
             synthetic = cls(config, torch.stack(pixels), torch.stack(texts))
         synthetic.init_indices = chosen
@@ -131,27 +188,38 @@ class SyntheticSet(nn.Module):
     # ----- Dataset round trip ---------------------------------------------------------------------------------
 
     def to_dataset(self, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
-                   nearest_captions: list[str] | None = None):
-        """One row per pair: ``image`` preview, exact ``pixel_values``, ``text_embedding``, similarity factors.
+                   nearest_captions: list[str] | None = None, previews: list | None = None):
+        """One row per pair: ``image`` preview, the exact images, ``text_embedding``, similarity factors.
 
-        ``mean`` / ``std`` are the encoder's normalisation, used only to render the uint8 preview.
+        Pixels: ``pixel_values`` (float32 ``Array3D``) and an ``image`` preview rendered from them with the
+        encoder's normalisation ``mean`` / ``std``. Feature space: ``image_features`` (float32, d_img) and,
+        when ``previews`` (PIL images, e.g. each row's nearest real training image) are given, those as
+        ``image``: a hint for people, not the set's content.
         """
         from datasets import Array3D, Dataset, Features, Image, List, Value
 
         self.check_finite("export")  # save_pretrained and push_to_hub come through here
         n, s = self.num_pairs, self.config.image_size
-        pixels = self.pixel_values.detach().cpu().float()
+        images = self.images.detach().cpu().float()
         rows = [self.similarity.row_factors(i) for i in range(n)]
         factor_names = sorted(rows[0]) if rows else []
-        columns = {
-            "image": [self._preview(pixels[i], mean, std) for i in range(n)],
-            "pixel_values": pixels.numpy(),
-            "text_embedding": self.text_embeddings.detach().cpu().float().numpy(),
-            **{f"similarity_{k}": [r[k].cpu().float().numpy() for r in rows] for k in factor_names},
-        }
-        features = {"image": Image(), "pixel_values": Array3D(shape=(3, s, s), dtype="float32"),
-                    "text_embedding": List(Value("float32"), length=self.config.text_dim),
-                    **{f"similarity_{k}": List(Value("float32")) for k in factor_names}}
+        columns, features = {}, {}
+        if self.config.synthetic_space == "features":
+            if previews is not None:
+                if len(previews) != n:
+                    raise ValueError(f"previews has {len(previews)} images for {n} pairs")
+                columns["image"], features["image"] = list(previews), Image()
+            columns["image_features"] = images.numpy()
+            features["image_features"] = List(Value("float32"), length=self.config.image_dim)
+        else:
+            columns["image"] = [self._preview(images[i], mean, std) for i in range(n)]
+            columns["pixel_values"] = images.numpy()
+            features["image"], features["pixel_values"] = Image(), Array3D(shape=(3, s, s), dtype="float32")
+        columns["text_embedding"] = self.text_embeddings.detach().cpu().float().numpy()
+        features["text_embedding"] = List(Value("float32"), length=self.config.text_dim)
+        for k in factor_names:
+            columns[f"similarity_{k}"] = [r[k].cpu().float().numpy() for r in rows]
+            features[f"similarity_{k}"] = List(Value("float32"))
         if nearest_captions is not None:
             columns["nearest_caption"] = list(nearest_captions)
             features["nearest_caption"] = Value("string")
@@ -169,7 +237,7 @@ class SyntheticSet(nn.Module):
     @classmethod
     def from_dataset(cls, dataset, config: RepBlendConfig) -> SyntheticSet:
         """Rebuild the exact tensors from :meth:`to_dataset`'s rows (bit-exact float32)."""
-        needed = ["pixel_values", "text_embedding"]
+        needed = [cls.image_parameter_name(config), "text_embedding"]
         missing = [c for c in needed if c not in dataset.column_names]
         if missing:
             raise ValueError(f"this dataset is not a distilled set: it lacks column(s) {missing} "
@@ -177,7 +245,7 @@ class SyntheticSet(nn.Module):
         if len(dataset) != config.num_pairs:
             raise ValueError(f"dataset has {len(dataset)} rows but config.num_pairs is {config.num_pairs}")
         table = dataset.with_format("numpy")
-        synthetic = cls(config, torch.from_numpy(np.asarray(table["pixel_values"], dtype=np.float32)),
+        synthetic = cls(config, torch.from_numpy(np.asarray(table[cls.image_parameter_name(config)], dtype=np.float32)),
                         torch.from_numpy(np.asarray(table["text_embedding"], dtype=np.float32)))
         factor_columns = sorted(c for c in dataset.column_names if c.startswith("similarity_"))
         expected = sorted(f"similarity_{name}" for name, _ in synthetic.similarity.named_parameters())
@@ -194,12 +262,12 @@ class SyntheticSet(nn.Module):
         return synthetic
 
     def save_pretrained(self, directory: str | os.PathLike, mean=None, std=None,
-                        nearest_captions: list[str] | None = None) -> Path:
+                        nearest_captions: list[str] | None = None, previews: list | None = None) -> Path:
         """Write ``config.json`` (learned lrs included) and the rows as Parquet, a layout ``load_dataset`` reads."""
         directory = Path(directory)
         (directory / "data").mkdir(parents=True, exist_ok=True)
         self.sync_config().save_pretrained(directory)
-        self.to_dataset(mean, std, nearest_captions).to_parquet(str(directory / DATA_FILE))
+        self.to_dataset(mean, std, nearest_captions, previews).to_parquet(str(directory / DATA_FILE))
         return directory
 
     @classmethod
@@ -219,6 +287,7 @@ class SyntheticSet(nn.Module):
                     commit_message: str = "Upload distilled set with repblend_hf", card_data: dict | None = None,
                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                     nearest_captions: list[str] | None = None, results: list[dict] | dict | None = None,
+                    previews: list | None = None,
                     grid_image: str | os.PathLike | None = None) -> str:
         """Push the set as a Hub dataset repo, in one commit: the rows, ``config.json`` and a rendered card.
 
@@ -243,7 +312,7 @@ class SyntheticSet(nn.Module):
                                     has_nearest_captions=nearest_captions is not None, metadata=dict(card_data or {}))
         readme = str(render_synthetic_set_card(card)).encode()
         with tempfile.TemporaryDirectory(prefix="repblend-push-") as staging:
-            self.save_pretrained(staging, mean, std, nearest_captions)
+            self.save_pretrained(staging, mean, std, nearest_captions, previews)
             files = {"config.json": Path(staging) / "config.json", DATA_FILE: Path(staging) / DATA_FILE,
                      "README.md": readme}
             if grid_image is not None:

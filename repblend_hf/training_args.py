@@ -120,6 +120,12 @@ class DistillationArguments(TrainingArguments):
     expert_epochs: int = field(default=1, metadata={"help": "Epochs between θ⁰ and the target θ* on the expert."})
     max_start_epoch: int = field(default=2, metadata={"help": "The start epoch is drawn from 0..max_start_epoch-1."})
     mini_batch_size: int = field(default=20, metadata={"help": "Synthetic pairs per inner step."})
+    straddle_batches: bool = field(default=False, metadata={
+        "help": "Let an inner mini-batch take the rest of a permutation and continue into the next one. Off: a fresh "
+                "permutation starts when fewer than mini_batch_size pairs are left, as in the released code."})
+    inner_dropout: float = field(default=0.1, metadata={
+        "help": "Dropout of the heads in the inner loop (the released code runs the student in train mode, p = 0.1); "
+                "each step's masks are drawn once and reused when TESLA recomputes the step. 0 disables."})
     lr_img: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic images."})
     lr_txt: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic texts."})
     lr_sim: float = field(default=10.0, metadata={"help": "Outer SGD learning rate of the similarity parameters."})
@@ -133,6 +139,9 @@ class DistillationArguments(TrainingArguments):
         "help": "Each log η gradient is clipped to [-c, c] before the step, so η moves at most a few percent per "
                 "iteration (0 disables)."})
     syn_momentum: float = field(default=0.5, metadata={"help": "SGD momentum of the outer optimiser (paper: 0.5)."})
+    image_optimizer: str = field(default="sgd", metadata={
+        "help": "Optimiser of the synthetic images: 'sgd' (the released code: SGD with syn_momentum at lr_img) or "
+                "'adam' (Adam at lr_img, e.g. 0.01 for normalised pixels; the other groups keep SGD)."})
     blend_beta: float | None = field(default=None, metadata={
         "help": "Representation blending: λ ~ Beta(β, β) per inner step; 0 disables blending (preset: 1 for "
                 "repblend, 0 for lors / mtt_vl)."})
@@ -201,12 +210,15 @@ class DistillationArguments(TrainingArguments):
         _check(self.expert_epochs > 0, f"expert_epochs must be > 0, got {self.expert_epochs}")
         _check(self.max_start_epoch > 0, f"max_start_epoch must be > 0, got {self.max_start_epoch}")
         _check(self.mini_batch_size > 1, f"mini_batch_size must be > 1, got {self.mini_batch_size}")
+        _check(0 <= self.inner_dropout < 1, f"inner_dropout must be in [0, 1), got {self.inner_dropout}")
         for name in ("lr_img", "lr_txt", "lr_sim", "lr_lr", "lr_init"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         _check(0 < self.lr_min <= self.lr_init <= self.lr_max,
                f"need 0 < lr_min <= lr_init <= lr_max, got {self.lr_min}, {self.lr_init}, {self.lr_max}")
         _check(self.lr_grad_clip >= 0, f"lr_grad_clip must be >= 0 (0 disables), got {self.lr_grad_clip}")
         _check(0 <= self.syn_momentum < 1, f"syn_momentum must be in [0, 1), got {self.syn_momentum}")
+        _check(self.image_optimizer in ("sgd", "adam"),
+               f"image_optimizer must be 'sgd' or 'adam', got {self.image_optimizer!r}")
         _check(self.blend_beta >= 0, f"blend_beta must be >= 0, got {self.blend_beta}; use 0 to disable blending")
         _check(self.matching in ("symmetric", "asymmetric"),
                f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")

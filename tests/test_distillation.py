@@ -98,12 +98,46 @@ def test_matching_loss_is_zero_when_student_lands_on_target():
 
 
 def test_plan_walks_a_permutation_and_reuses_blends():
+    # The released code's batching: a fresh permutation when fewer than a batch of pairs is left.
     plan = plan_inner_loop(10, 8, 4, 1.0, torch.Generator().manual_seed(0))
-    idx = torch.cat(plan.batch_indices)
-    assert len(plan.batches) == 8 and all(len(b) == 4 for b in plan.batches)
-    assert torch.equal(torch.sort(idx[:10]).values, torch.arange(10))  # the first 10 are one permutation
-    assert torch.equal(plan.touched, torch.arange(10))
+    batches = plan.batch_indices
+    assert len(batches) == 8 and all(len(b) == 4 for b in batches)
+    for first in range(0, 8, 2):  # 10 pairs, batches of 4: two batches per permutation, 2 pairs skipped
+        pair = torch.cat(batches[first:first + 2])
+        assert len(torch.unique(pair)) == 8, pair
     again = plan_inner_loop(10, 8, 4, 1.0, torch.Generator().manual_seed(0))
     assert [b.lam for b in plan.blends] == [b.lam for b in again.blends]
+    assert plan.dropout_seeds == again.dropout_seeds and len(set(plan.dropout_seeds)) == 8
     small = plan_inner_loop(100, 2, 5, 0.0, torch.Generator().manual_seed(0))
     assert len(small.touched) == 10 and all(b.lam == 1.0 for b in small.blends)
+
+
+def test_plan_can_straddle_permutations():
+    plan = plan_inner_loop(10, 8, 4, 1.0, torch.Generator().manual_seed(0), straddle=True)
+    idx = torch.cat(plan.batch_indices)
+    assert torch.equal(torch.sort(idx[:10]).values, torch.arange(10))  # the first 10 are one permutation
+    assert torch.equal(plan.touched, torch.arange(10))
+
+
+def test_inner_dropout_masks_are_reused_when_tesla_recomputes():
+    # With one inner step TESLA is exact, so it equals the unrolled gradient only if the recomputed step
+    # draws the same dropout masks as the forward step.
+    results = {}
+    for mode in ("tesla", "unrolled"):
+        heads, start, target, sim, plan, u, v, lrs, wrt = _setup(syn_steps=1)
+        results[mode] = matching_gradients(heads, u, v, lambda pos: sim(plan.touched[pos]), plan, start, target, lrs,
+                                           wrt, temperature=0.07, meta_gradient=mode, inner_dropout=0.5)
+    for a, b in zip(results["tesla"][1], results["unrolled"][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    plain = _run("tesla", 1)
+    assert not torch.allclose(results["tesla"][0], plain[0])  # the masks do change the student
+
+
+def test_per_tensor_student_equals_the_flat_head_forward():
+    # The student's functional head (explicit F.linear / layer_norm) is the module's own forward in eval mode.
+    from repblend_hf.modeling import head_apply, split_parameters
+
+    heads = RetrievalHeads(D_IMG, D_TXT, D).eval()
+    x = torch.randn(5, D_IMG)
+    params = split_parameters(heads.image_head, flatten_parameters(heads.image_head))
+    assert torch.allclose(head_apply(heads.image_head, params, x), heads.image_head(x), atol=1e-6)

@@ -496,3 +496,4 @@ def test_stand_in_commits_are_atomic_and_resolve_serves_heads_ranges_and_errors(
         assert _call(server, "GET", "/datasets/someone/raw/resolve/main/a.txt")[0] == 200
         assert _call(server, "GET", "/datasets/someone/raw/resolve/main/a.txt")[0] == 503
         assert _call(server, "GET", "/datasets/someone/raw/resolve/main/a.txt")[0] == 200
+

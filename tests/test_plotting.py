@@ -37,8 +37,10 @@ def _log_history(steps: int = 20) -> list[dict]:
         history.append({"step": step, "epoch": step / 10, "loss": 0.5, "matching_loss": 1 / (1 + step / 50),
                         "lr_img": 0.1 * (1 + step / 100), "lr_txt": 0.1 / (1 + step / 100)})
         if step % 50 == 0:
-            history.append({"step": step, "eval_r_mean": 10 + step / 20, "eval_sim_image": 0.5 - step / 1000,
-                            "eval_sim_text": 0.6 - step / 800, "eval_gap": 0.8 - step / 1000, "eval_runtime": 1.0})
+            history.append({"step": step, "eval_r_mean": 10 + step / 20, "eval_set_sim_image": 0.5 - step / 1000,
+                            "eval_set_sim_text": 0.6 - step / 800, "eval_set_gap": 0.8 - step / 1000,
+                            "eval_real_subset_sim_image": 0.5, "eval_real_subset_sim_text": 0.6,
+                            "eval_real_subset_gap": 0.8, "eval_val_gap": 0.7, "eval_runtime": 1.0})
     history.append({"step": 10 * steps, "train_runtime": 3.0, "train_loss": 0.5})  # Trainer's final summary entry
     return history
 
@@ -133,9 +135,10 @@ def test_training_curves_full_log_has_four_panels(tmp_path):
 @pytest.mark.parametrize("drop", [
     ("matching_loss",),
     ("eval_r_mean",),
-    ("eval_sim_image", "eval_sim_text", "eval_gap"),
-    ("eval_gap",),
-    ("eval_sim_image", "eval_sim_text"),
+    ("eval_set_sim_image", "eval_set_sim_text", "eval_set_gap", "eval_real_subset_sim_image",
+     "eval_real_subset_sim_text", "eval_real_subset_gap"),
+    ("eval_set_gap", "eval_real_subset_gap"),
+    ("eval_set_sim_image", "eval_set_sim_text"),
 ])
 def test_training_curves_missing_keys(tmp_path, drop):
     history = [{k: v for k, v in entry.items() if k not in drop} for entry in _log_history()]

@@ -89,7 +89,7 @@ def test_distillation_changes_the_set_and_logs(encoder, experts, real, tmp_path)
         assert not torch.equal(before[name], after[name]), name
     logged = [h for h in trainer.state.log_history if "matching_loss" in h]
     assert len(logged) == 4 and all(h["nonfinite_skipped"] == 0 for h in logged)
-    assert any("eval_r_mean" in h and "eval_sim_image" in h for h in trainer.state.log_history)
+    assert any("eval_r_mean" in h and "eval_val_sim_image" in h for h in trainer.state.log_history)
     # One encoder forward and one backward per distinct touched image per iteration (+ N for the evaluation).
     touched = sum(h["touched_images"] for h in logged)
     assert trainer.encoder_passes == {"forward": touched + N, "backward": touched}
@@ -319,3 +319,103 @@ def test_symmetric_distillation_folds_the_encoder_batchnorms_with_the_same_resul
         sets[fold] = syn.pixel_values.detach().clone()
     assert not torch.equal(sets[True], sets[False])  # the folded encoder really ran (float rounding differs)
     torch.testing.assert_close(sets[True], sets[False], rtol=1e-4, atol=1e-5)
+
+
+def test_an_expert_epoch_is_one_pass_over_the_caption_pairs(real, experts, tmp_path):
+    # 120 images with 2 captions each: an epoch is 240 pairs, i.e. 2 steps of 128 (not 1 step over the images).
+    from repblend_hf.trainers.expert_trainer import EPOCH_DEFINITION, _FeaturePairs
+
+    pairs = _FeaturePairs(real)
+    assert len(pairs) == real.num_captions == 240
+    item = pairs[5]  # caption 5 belongs to image 2
+    assert torch.equal(item["text_features"], real.caption_features[5])
+    assert any(torch.equal(item["image_features"], v) for v in real.augmented_image_features[2])
+    assert experts.metadata["epoch_definition"] == EPOCH_DEFINITION
+    assert experts.metadata["features_fingerprint"] == real.fingerprint and experts.metadata["seed"] == 42
+
+
+def test_old_expert_cache_is_refused_with_a_message(real, experts_dir, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old_experts"
+    shutil.copytree(experts_dir, old)
+    meta = json.loads((old / "trajectories.json").read_text())
+    del meta["epoch_definition"]  # what repblend_hf < 0.2 wrote
+    (old / "trajectories.json").write_text(json.dumps(meta))
+    args = ExpertTrainingArguments(output_dir=str(tmp_path / "r"), num_experts=2, num_train_epochs=3,
+                                   embed_dim=EMBED, disable_tqdm=True)
+    with pytest.raises(ValueError, match="old epoch definition"):
+        train_experts(real, args, str(old))
+
+
+def _feature_set(encoder, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    cfg = RepBlendConfig(image_encoder="test_efficientnet", image_size=SIZE, image_dim=encoder.feature_dim,
+                         text_dim=TEXT_DIM, embed_dim=EMBED, num_pairs=N, sim_rank=2, synthetic_space="features")
+    return SyntheticSet(cfg, torch.randn(N, encoder.feature_dim, generator=g), torch.randn(N, TEXT_DIM, generator=g))
+
+
+def test_feature_space_distillation_learns_features_without_the_encoder(encoder, experts, real, tmp_path):
+    from repblend_hf.evaluation import ReferenceDiagnostics
+    from repblend_hf.modeling import RetrievalHeads
+
+    syn = _feature_set(encoder)
+    assert not hasattr(syn, "pixel_values") and syn.images is syn.image_features
+    before = syn.image_features.detach().clone()
+    reference = ReferenceDiagnostics(RetrievalHeads(encoder.feature_dim, TEXT_DIM, EMBED))
+    reference.real_subset = {"sim_image": 0.1, "sim_text": 0.2, "gap": 0.3}
+    trainer = DistillationTrainer(syn, _args(tmp_path, eval_strategy="steps", eval_steps=4, eval_head_epochs=3),
+                                  experts, encoder, validation=real, reference=reference)
+    trainer.train()
+    assert not torch.equal(before, syn.image_features)
+    assert trainer.encoder_passes == {"forward": 0, "backward": 0}  # the encoder never runs
+    logged = next(h for h in trainer.state.log_history if "eval_set_sim_image" in h)
+    assert logged["eval_real_subset_gap"] == 0.3
+    assert logged["eval_set_gap"] == pytest.approx(reference(trainer.synthetic_pairs())["gap"])
+    # The pairs evaluation trains on are the learned features themselves.
+    assert torch.equal(trainer.synthetic_pairs().image_features, syn.image_features.detach())
+
+
+def test_feature_space_gradient_equals_pixel_path_on_the_same_features(encoder, experts, tmp_path):
+    # A feature-space set holding exactly the encoder's features of a pixel set gets the same feature gradient
+    # as the pixel path's gradient at the features (before the encoder's backward).
+    pixels = _synthetic(encoder)
+    with torch.no_grad():
+        feats = encoder(pixels.pixel_values)
+    syn = _feature_set(encoder)
+    with torch.no_grad():
+        syn.image_features.copy_(feats)
+        syn.text_embeddings.copy_(pixels.text_embeddings)
+        for p, q in zip(syn.similarity.parameters(), pixels.similarity.parameters()):
+            p.copy_(q)
+    grads = {}
+    for name, model in (("features", syn), ("pixels", pixels)):
+        trainer = DistillationTrainer(model, _args(tmp_path, segments_per_iteration=1), experts, encoder)
+        trainer.create_optimizer()
+        trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])}).backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in ("text_embeddings", "log_lr_img", "similarity.diag"):
+        assert torch.allclose(grads["features"][name], grads["pixels"][name], rtol=1e-3, atol=1e-6), name
+    assert grads["features"]["image_features"].abs().sum() > 0
+
+
+def test_mixed_optimizer_is_torch_sgd_and_torch_adam_per_group():
+    from repblend_hf.trainers.distillation_trainer import SGDWithAdamGroups
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    mixed = SGDWithAdamGroups([{"params": [a], "lr": 0.1, "adam": True}, {"params": [b], "lr": 0.5}], lr=0.1,
+                              momentum=0.5)
+    sgd = torch.optim.SGD([b2], lr=0.5, momentum=0.5)
+    adam = torch.optim.Adam([a2], lr=0.1)
+    for _ in range(4):
+        grads = torch.randn(5), torch.randn(3)
+        for x, y in ((a, b), (a2, b2)):
+            x.grad, y.grad = grads[0].clone(), grads[1].clone()
+        mixed.step()
+        sgd.step()
+        adam.step()
+    assert torch.allclose(a, a2, atol=1e-6) and torch.allclose(b, b2, atol=1e-6)

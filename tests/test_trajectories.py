@@ -143,10 +143,18 @@ def test_writer_validation(tmp_path):
         writer.record(0, 0, {"image": snap["image"]})
     with pytest.raises(ValueError, match="flat vector of 3 parameters"):
         writer.record(0, 0, {"image": snap["image"], "text": torch.zeros(4)})
-    with pytest.raises(ValueError, match=r"other settings \(they differ in \['embed_dim'\]\)"):
+    with pytest.raises(ValueError, match=r"other settings \(embed_dim: 8 there, 16 now\)"):
         TrajectoryWriter(tmp_path, _metadata(embed_dim=16))
     # num_experts may change when resuming to add experts
     TrajectoryWriter(tmp_path, _metadata(num_experts=10))
+
+
+def test_experts_of_the_old_epoch_definition_are_refused_with_the_reason(tmp_path):
+    # Trajectories written before an epoch meant one pass over the (image, caption) pairs have no
+    # epoch_definition; reusing them would match segments ~5x shorter than the settings say.
+    TrajectoryWriter(tmp_path, _metadata())
+    with pytest.raises(ValueError, match=r"old epoch definition.*Delete that directory"):
+        TrajectoryWriter(tmp_path, _metadata(epoch_definition="caption_pairs"))
 
 
 def test_load_warns_about_missing_experts_and_rejects_foreign_files(tmp_path, caplog):

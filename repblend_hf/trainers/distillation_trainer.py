@@ -26,17 +26,17 @@ from accelerate.utils import gather_object
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..distillation import matching_gradients, plan_inner_loop
-from ..evaluation import PairSet, embed_split, modality_diagnostics, train_heads
+from ..evaluation import PairSet, ReferenceDiagnostics, embed_split, modality_diagnostics, train_heads
 from ..features import FeatureSplit
 from ..modeling import RetrievalHeads, branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
 
-__all__ = ["DistillationTrainer", "NonFiniteError"]
+__all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
 logger = logging.getLogger(__name__)
 _GROUPS = ("images", "texts", "similarity", "lrs")  # the optimiser's parameter groups
@@ -84,6 +84,70 @@ class _PerStepEncoder(nn.Module):
         self.passes["backward"] += rows
 
 
+class SGDWithAdamGroups(torch.optim.Optimizer):
+    """SGD with momentum (as ``torch.optim.SGD``, no dampening) for most groups, Adam for groups with ``adam=True``.
+
+    For ``image_optimizer="adam"``: the synthetic images' gradient comes through the frozen encoder and its
+    scale varies strongly between pixels and over training, which a per-coordinate step size absorbs; the
+    other groups keep the released code's SGD.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, adam=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["adam"]:
+                    beta1, beta2 = group["betas"]
+                    if not state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                    denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+                else:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = p.grad.detach().clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(p.grad)
+                    p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+class FeatureRangeProjection(TrainerCallback):
+    """Keeps a feature-space set's image features inside a box ``[low, high]`` after every optimiser step.
+
+    A free feature-space set can use values no image produces (EfficientNet-Lite0's pooled ReLU6 features
+    are never negative; ``benchmarks/results/pixel_gap.md``). Projecting onto the per-dimension range of the
+    real training features after each SGD step gives a set the pixel path could at least approach.
+    """
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
+        self.low, self.high = low, high
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        synthetic = model.module if hasattr(model, "module") else model
+        with torch.no_grad():
+            features = synthetic.image_features
+            low, high = self.low.to(features.device), self.high.to(features.device)
+            features.copy_(torch.maximum(torch.minimum(features, high), low))
+
+
 class DistillationTrainer(Trainer):
     """Optimise a SyntheticSet so that heads trained on it follow the expert trajectories.
 
@@ -93,14 +157,24 @@ class DistillationTrainer(Trainer):
         trajectories: the experts (:class:`ExpertTrajectories`); their branch sizes must match the heads.
         image_encoder: the frozen :class:`~repblend_hf.encoders.FrozenImageEncoder` (kept unwrapped).
         validation: cached features of the real validation split; evaluation trains fresh heads on the
-            current set and logs validation r_mean and the modality diagnostics.
+            current set and logs validation r_mean and the modality diagnostics of the validation split's
+            embeddings under those heads (``eval_val_sim_image`` / ``eval_val_sim_text`` / ``eval_val_gap``).
+        reference: optional :class:`~repblend_hf.evaluation.ReferenceDiagnostics`; evaluation then also logs
+            the modality diagnostics of the synthetic pairs themselves under one fixed model trained on full data
+            (``eval_set_*``, RepBlend Figs. 1-2) beside those of a random real subset of the same size
+            (``eval_real_subset_*``).
+        feature_bounds: ``(low, high)`` for a feature-space set: its image features are projected into that
+            box after every optimiser step (:class:`FeatureRangeProjection`).
     """
 
     def __init__(self, model: SyntheticSet, args: DistillationArguments, trajectories: ExpertTrajectories,
-                 image_encoder: nn.Module, validation: FeatureSplit | None = None, **kwargs):
+                 image_encoder: nn.Module, validation: FeatureSplit | None = None,
+                 reference: ReferenceDiagnostics | None = None,
+                 feature_bounds: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
         self.image_encoder = image_encoder
         self.trajectories = trajectories
         self.validation = validation
+        self.reference = reference
         config = model.config
         self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim)
         trajectories.check_compatible(
@@ -121,6 +195,10 @@ class DistillationTrainer(Trainer):
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
             kwargs.setdefault("eval_dataset", _Iterations(1))
         super().__init__(model=model, args=args, **kwargs)
+        if feature_bounds is not None:
+            if config.synthetic_space != "features":
+                raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
+            self.add_callback(FeatureRangeProjection(*feature_bounds))
         if args.fold_batchnorm and args.matching == "symmetric" and hasattr(image_encoder, "fold_batchnorm_"):
             folded = image_encoder.fold_batchnorm_()
             logger.info("the synthetic-pixel passes use the encoder with %d BatchNorms folded into its convolutions",
@@ -131,14 +209,21 @@ class DistillationTrainer(Trainer):
     # ----- optimiser --------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        """SGD with momentum ``syn_momentum`` and one lr per group: images, texts, similarity, lrs."""
+        """SGD with momentum ``syn_momentum`` and one lr per group: images, texts, similarity, lrs.
+
+        With ``image_optimizer="adam"`` the images' group takes Adam steps instead (:class:`SGDWithAdamGroups`).
+        """
         if self.optimizer is None:
             args = self.args
             lr = {"images": args.lr_img, "texts": args.lr_txt, "similarity": args.lr_sim, "lrs": args.lr_lr}
             # configured_lr (saved with the optimiser state) tells a resumed run which lrs the command line changed.
-            groups = [{"params": params, "lr": lr[name], "name": name, "configured_lr": lr[name]}
+            groups = [{"params": params, "lr": lr[name], "name": name, "configured_lr": lr[name],
+                       "adam": name == "images" and args.image_optimizer == "adam"}
                       for name, params in self._synthetic.parameter_groups().items() if params]
-            self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
+            if args.image_optimizer == "adam":
+                self.optimizer = SGDWithAdamGroups(groups, lr=args.lr_img, momentum=args.syn_momentum)
+            else:
+                self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
             self._guard_optimizer_step(self.optimizer)
         return self.optimizer
 
@@ -159,13 +244,14 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         syn = self._synthetic
-        device = syn.pixel_values.device
+        device = syn.images.device
         g = self._generator()
         segments, plans = [], []
         for _ in range(args.segments_per_iteration):  # each segment with its own inner-loop plan
             segments.append(self.trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g,
                                                              device=device))
-            plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g))
+            plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g,
+                                         straddle=args.straddle_batches))
         # The plans share one encoder pass over the union of the pairs they touch.
         if len(plans) > 1:
             union = torch.unique(torch.cat([p.touched for p in plans]))
@@ -173,12 +259,13 @@ class DistillationTrainer(Trainer):
         plans = [p.to(device) for p in plans]
         touched = plans[0].touched
 
-        pixels = syn.pixel_values.detach()[touched]
-        symmetric = args.matching == "symmetric" and not args.encoder_per_step
+        features_space = syn.config.synthetic_space == "features"
+        pixels = syn.images.detach()[touched]
+        symmetric = args.matching == "symmetric" and not args.encoder_per_step and not features_space
         student_encoder = None
         if args.matching == "asymmetric":
             student_encoder = self.image_encoder.model
-        elif args.encoder_per_step:
+        elif args.encoder_per_step and not features_space:
             student_encoder = _PerStepEncoder(self.image_encoder, self._encode, self.encoder_passes)
         if symmetric:
             with record_function("repblend:encoder_forward"):
@@ -211,7 +298,8 @@ class DistillationTrainer(Trainer):
                         self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
                         segment.target_params, eta, wrt, temperature=syn.config.temperature,
                         distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
-                        branch_normalization=args.branch_normalization, image_encoder=student_encoder)
+                        branch_normalization=args.branch_normalization, image_encoder=student_encoder,
+                        inner_dropout=args.inner_dropout)
                 finally:
                     if counting is not None:
                         counting.remove()
@@ -226,7 +314,7 @@ class DistillationTrainer(Trainer):
                 g_touched = self._pixel_gradient(pixels, pixel_leaf, feats, g_inputs)
         else:
             g_touched = g_inputs
-        g_pixels = torch.zeros_like(syn.pixel_values).index_add_(0, touched, g_touched)
+        g_pixels = torch.zeros_like(syn.images).index_add_(0, touched, g_touched)
         g_texts = torch.zeros_like(syn.text_embeddings).index_add_(0, touched, g_text)
         g_log = torch.autograd.grad([lrs["image"], lrs["text"]], [syn.log_lr_img, syn.log_lr_txt],
                                     [g_eta_img, g_eta_txt], allow_unused=True)
@@ -234,7 +322,7 @@ class DistillationTrainer(Trainer):
         if args.lr_grad_clip:
             g_log = [gl.clamp(-args.lr_grad_clip, args.lr_grad_clip) for gl in g_log]
 
-        pairs = list(zip([syn.pixel_values, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
+        pairs = list(zip([syn.images, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
                          [g_pixels, g_texts, *g_log, *g_sim]))
         group_of = {id(p): group for group, params in syn.parameter_groups().items() for p in params}
         bad = {group_of[id(p)] for p, gr in pairs if not bool(torch.isfinite(gr).all())}
@@ -493,8 +581,11 @@ class DistillationTrainer(Trainer):
     def synthetic_pairs(self) -> PairSet:
         """The current set as features: encoder features of the synthetic images, texts, S and η."""
         syn = self._synthetic
-        feats = torch.cat([self._encode(c) for c in syn.pixel_values.detach().split(256)])
-        self.encoder_passes["forward"] += syn.num_pairs
+        if syn.config.synthetic_space == "features":
+            feats = syn.images.detach()
+        else:
+            feats = torch.cat([self._encode(c) for c in syn.images.detach().split(256)])
+            self.encoder_passes["forward"] += syn.num_pairs
         lrs = syn.inner_lrs(self.args.lr_min, self.args.lr_max)
         similarity = syn.similarity().detach() if self.args.distill_loss == "wbce" else None
         return PairSet(feats.cpu(), syn.text_embeddings.detach().cpu(),
@@ -514,9 +605,12 @@ class DistillationTrainer(Trainer):
                                   epochs=self.args.eval_head_epochs, validation=self.validation,
                                   temperature=self._synthetic.config.temperature, seed=seed)
             best = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
-            rows.append({**best["validation"],
-                         **modality_diagnostics(*embed_split(trained.heads, self.validation))})
+            val_diagnostics = modality_diagnostics(*embed_split(trained.heads, self.validation))
+            rows.append({**best["validation"], **{f"val_{k}": v for k, v in val_diagnostics.items()}})
         metrics = {f"{metric_key_prefix}_{k}": sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+        if self.reference is not None:  # modality collapse on the set itself, under one fixed model
+            for prefix, values in (("set", self.reference(pairs)), ("real_subset", self.reference.real_subset)):
+                metrics.update({f"{metric_key_prefix}_{prefix}_{k}": v for k, v in values.items()})
         metrics[f"{metric_key_prefix}_runtime"] = time.time() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -1,8 +1,10 @@
 """ExpertTrainer: train projection heads on the real data and record their trajectory.
 
 METHOD.md, "Expert trajectories": the two heads (encoders frozen) are trained with symmetric InfoNCE,
-SGD lr 0.1, batch 128, one random caption and one augmented view per image per step, and every head
-parameter is recorded at epoch 0 and after each epoch. With ``matching="asymmetric"`` (the LoRS /
+SGD lr 0.1, batch 128, and every head parameter is recorded at epoch 0 and after each epoch. An epoch
+is one pass over the (image, caption) pairs of the training split, as in the authors' loaders (BLIP's
+``flickr30k_train.json`` has one item per caption), each pair with one random cached augmented view of
+its image. With ``matching="asymmetric"`` (the LoRS /
 MTT-VL buffers) a trainable copy of the image encoder is trained from pixels as well and leads the
 ``"image"`` branch vector.
 """
@@ -28,7 +30,7 @@ from ..modeling import RetrievalHeads, branch_sizes, flatten_parameters, similar
 from ..training_args import ExpertTrainingArguments
 from ..trajectories import ExpertTrajectories, TrajectoryWriter
 
-__all__ = ["ExpertModel", "ExpertTrainer", "train_experts"]
+__all__ = ["ExpertModel", "ExpertTrainer", "train_experts", "EPOCH_DEFINITION"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,38 +97,45 @@ def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
+#: What one expert epoch is, recorded in the trajectories' metadata (``epoch_definition``) so that experts
+#: trained under another definition are never reused silently: one pass over the (image, caption) pairs.
+EPOCH_DEFINITION = "caption_pairs"
+
+
 class _FeaturePairs(Dataset):
-    """Image i → (one random cached augmented view, or the eval feature; one random caption's embedding)."""
+    """Caption c → (one random cached augmented view of its image, or the eval feature; c's embedding).
+
+    One item per (image, caption) pair, so an epoch sees every caption once and each image once per
+    caption (METHOD.md, "Expert trajectories").
+    """
 
     def __init__(self, split: FeatureSplit):
         self.split = split
-        self.offsets = split.caption_offsets()
 
     def __len__(self) -> int:
-        return self.split.num_images
+        return self.split.num_captions
 
-    def _caption(self, i: int) -> torch.Tensor:
-        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.split.caption_features[lo + int(torch.randint(hi - lo, (1,)))]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, c: int) -> dict[str, torch.Tensor]:
+        i = int(self.split.caption_to_image[c])
         views = self.split.augmented_image_features
         if views is None:
             image = self.split.image_features[i]
         else:
             image = views[i, int(torch.randint(views.shape[1], (1,)))]
-        return {"image_features": image, "text_features": self._caption(i)}
+        return {"image_features": image, "text_features": self.split.caption_features[c]}
 
 
 class _PixelPairs(_FeaturePairs):
-    """Image i → (train-transformed pixels, one random caption's embedding), for asymmetric experts."""
+    """Caption c → (its image's train-transformed pixels, c's embedding), for asymmetric experts."""
 
     def __init__(self, split: FeatureSplit, images, transform):
         super().__init__(split)
         self.images, self.transform = images, transform
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.transform(to_rgb(self.images[i])), "text_features": self._caption(i)}
+    def __getitem__(self, c: int) -> dict[str, torch.Tensor]:
+        i = int(self.split.caption_to_image[c])
+        return {"pixel_values": self.transform(to_rgb(self.images[i])),
+                "text_features": self.split.caption_features[c]}
 
 
 class _TrajectoryRecorder(TrainerCallback):
@@ -199,6 +208,9 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         "temperature": args.temperature,
         "learning_rate": args.learning_rate,
         "batch_size": args.per_device_train_batch_size,
+        "seed": args.seed,
+        "epoch_definition": EPOCH_DEFINITION,
+        "features_fingerprint": train.fingerprint,
         **(metadata or {}),
     }
     with state.main_process_first():  # the main process creates the directory and its metadata

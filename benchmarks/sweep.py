@@ -1,0 +1,128 @@
+"""Sweep any settings of ``examples/distill.py`` on the validation split: one subprocess per grid point.
+
+    .venv/bin/python benchmarks/sweep.py --name sweep_segments \
+        --grid "max_start_epoch=1,2 expert_epochs=1,2" -- --synthetic_space features --max_steps 1200
+
+Each grid point is one ``examples/distill.py`` run in its own process (the arguments after ``--`` are
+passed to every run; shared experts via ``--trajectory_dir``), with no baselines and one evaluation seed.
+Runs are resumable: a point whose ``results.json`` exists is read, not rerun, so an interrupted sweep
+continues where it stopped and the table is rewritten after every point. The ranking is by the *best
+validation r_mean* over the run's evaluations (test is never looked at for the choice); the test r_mean
+of the final set, the learned η and the set-level modality diagnostics are reported beside it. Writes
+``benchmarks/results/<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def grid_points(grids: list[str]) -> tuple[list[dict[str, str]], list[str]]:
+    """The union of the grids' combinations (in order, without repeats) and the names they set."""
+    points, keys = [], []
+    for grid in grids:
+        axes = [(kv.split("=", 1)[0], kv.split("=", 1)[1].split(",")) for kv in grid.split()]
+        keys += [k for k, _ in axes if k not in keys]
+        for values in itertools.product(*[v for _, v in axes]):
+            point = dict(zip([k for k, _ in axes], values))
+            if point not in points:
+                points.append(point)
+    return points, keys
+
+
+def summarise(out: Path) -> dict:
+    """What a finished run says: final / best validation r_mean, test r_mean, η, set diagnostics, time."""
+    record = json.loads((out / "results.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_r_mean" in h]
+    logs = [h for h in state["log_history"] if "lr_img" in h]
+    row = {"validation_r_mean": record["validation"]["r_mean"]["mean"], "test_r_mean": record["test"]["r_mean"]["mean"],
+           "best_validation_r_mean": max([h["eval_r_mean"] for h in evals] + [record["validation"]["r_mean"]["mean"]]),
+           "curve": [(h["step"], round(h["eval_r_mean"], 2)) for h in evals],
+           "lr_img": logs[-1]["lr_img"] if logs else None, "lr_txt": logs[-1]["lr_txt"] if logs else None,
+           "distillation_s": timings["distillation_s"], "iterations": timings["iterations"]}
+    for k, v in (record.get("set_diagnostics") or {}).items():
+        row[f"set_{k}"] = v
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", action="append", required=True,
+                        help="Space-separated name=v1,v2 lists; every combination is run. Repeat --grid to run the "
+                             "union of several grids.")
+    parser.add_argument("--name", required=True, help="Results go to benchmarks/results/NAME.{json,md}.")
+    parser.add_argument("--work_dir", default=None, help="Where the runs live (default outputs/NAME).")
+    parser.add_argument("--launcher", default=f"{sys.executable} {ROOT / 'examples' / 'distill.py'}",
+                        help="The command each point runs (default: this Python on examples/distill.py).")
+    args, passthrough = parser.parse_known_args()
+    passthrough = [a for a in passthrough if a != "--"]
+    work = Path(args.work_dir or f"outputs/{args.name}")
+    points, keys = grid_points(args.grid)
+    rows = []
+    for point in points:
+        name = "_".join(f"{k}{v}" for k, v in point.items())
+        out = work / name
+        if not (out / "results.json").exists():
+            flags = [x for k, v in point.items() for x in (f"--{k}", v)]
+            command = [*shlex.split(args.launcher), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
+                       "--save_strategy", "no", *passthrough, *flags]
+            print(f"[sweep] {shlex.join(command)}", flush=True)
+            started = time.time()
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "log.txt", "w") as log:
+                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+            if code:
+                print(f"[sweep] {name} failed (exit {code}, {time.time() - started:.0f}s); see {out / 'log.txt'}")
+                rows.append({**point, "failed": code})
+                continue
+        rows.append({**point, **summarise(out)})
+        print(f"[sweep] {name}: " + json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+        write(args, passthrough, keys, rows, len(points))
+
+
+def write(args, passthrough: list[str], keys: list[str], rows: list[dict], planned: int) -> None:
+    ok = sorted([r for r in rows if "failed" not in r], key=lambda r: -r["best_validation_r_mean"])
+    out = HERE / "results" / args.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"grids": args.grid, "passthrough": passthrough, "rows": rows},
+                                                   indent=2) + "\n")
+    command = shlex.join(["benchmarks/sweep.py", "--name", args.name, *sum((["--grid", g] for g in args.grid), []),
+                          "--", *passthrough])
+    lines = [f"# Sweep `{args.name}`\n", f"`.venv/bin/python {command}`\n",
+             f"{len(rows)} of {planned} points done; ranked by the best validation r_mean over the run's evaluations "
+             "(test is reported, never used to choose). η: the learned inner lrs at the end; set Sim / Gap: the final "
+             "set's own embeddings under the reference model.\n",
+             "| " + " | ".join(keys) + " | best val | final val | test | η_img | η_txt | set Sim_img | set Sim_txt "
+             "| set Gap | s / it | validation curve |",
+             "|" + "---|" * (len(keys) + 11)]
+    for r in ok:
+        curve = " ".join(f"{v:.1f}" for _, v in r["curve"])
+        lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys)
+                     + f" | {r['best_validation_r_mean']:.1f} | {r['validation_r_mean']:.1f} | {r['test_r_mean']:.1f}"
+                     + f" | {_fmt(r['lr_img'])} | {_fmt(r['lr_txt'])} | {_fmt(r.get('set_sim_image'))}"
+                     + f" | {_fmt(r.get('set_sim_text'))} | {_fmt(r.get('set_gap'))}"
+                     + f" | {r['distillation_s'] / max(r['iterations'], 1):.2f} | {curve} |")
+    for r in rows:
+        if "failed" in r:
+            lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+if __name__ == "__main__":
+    main()
