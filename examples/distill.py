@@ -28,6 +28,7 @@ from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from repblend_hf import RepBlendConfig, SyntheticSet
+from repblend_hf.checks import check_distill_data, check_distill_run
 from repblend_hf.evaluation import evaluate_pairs
 from repblend_hf.pipeline import (
     DataArguments,
@@ -93,6 +94,7 @@ class SetArguments:
 
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
+    check_distill_run(data_args, set_args, args)  # everything that can fail is judged before the long work
     out = Path(args.output_dir)
     # --push_to_hub / --hub_model_id push the distilled *dataset* at the end (main process only); Trainer's own
     # push of model checkpoints is switched off.
@@ -101,7 +103,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     started = time.time()
     state = PartialState()
     with state.main_process_first():  # the main process encodes; the others then read the datasets cache
-        prepared = prepare_features(data_args, with_captions=True)
+        prepared = prepare_features(data_args, with_captions=True,
+                                    validate=lambda ds: check_distill_data(ds, set_args))  # before encoding
     train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
     features_seconds = time.time() - started
     logger.info("features ready in %.1fs: %d train images, %d captions", time.time() - started, train.num_images,
@@ -115,7 +118,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         per_device_train_batch_size=set_args.expert_batch_size, embed_dim=set_args.embed_dim,
         temperature=set_args.temperature, matching=args.matching, seed=set_args.expert_seed,
         disable_tqdm=args.disable_tqdm,
-        use_cpu=args.use_cpu, report_to="none")
+        use_cpu=args.use_cpu, bf16=args.bf16, fp16=args.fp16, report_to="none")  # one mixed precision per process
     trajectories = train_experts(
         train, expert_args, set_args.trajectory_dir or str(out / "experts"),
         image_encoder=prepared.image_encoder, images=prepared.dataset["train"]["image"]

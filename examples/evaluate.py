@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
+from repblend_hf.checks import check_evaluate_data, check_evaluate_run
 from repblend_hf.evaluation import PairSet, evaluate_pairs
 from repblend_hf.pipeline import (
     DataArguments,
@@ -85,7 +86,8 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict):
 def main(argv: list[str] | None = None) -> dict:
     data_args, args = HfArgumentParser((DataArguments, EvaluateArguments)).parse_args_into_dataclasses(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    prepared = prepare_features(data_args)
+    check_evaluate_run(args)  # a missing, damaged or non-finite set stops before the encoding
+    prepared = prepare_features(data_args, validate=lambda ds: check_evaluate_data(ds, args))
     seeds = list(range(args.seeds))
     overrides = {k: v for k, v in {"loss": args.loss, "lr": args.lr, "epochs": args.epochs}.items() if v is not None}
     if args.method == "distilled":

@@ -8,6 +8,8 @@ distillation, the learned inner learning rates); how a run was done lives in
 
 from __future__ import annotations
 
+import math
+
 from transformers import AutoConfig, PretrainedConfig
 
 __all__ = ["RepBlendConfig", "METHODS", "SIMILARITY_KINDS", "SYNTHETIC_SPACES"]
@@ -71,6 +73,10 @@ class RepBlendConfig(PretrainedConfig):
             (self.lr_img > 0 and self.lr_txt > 0,
              f"lr_img and lr_txt (learned inner learning rates) must be > 0, got {self.lr_img}, {self.lr_txt}"),
         ]
+        nonfinite = [k for k in ("temperature", "sim_alpha", "lr_img", "lr_txt")
+                     if not math.isfinite(getattr(self, k))]
+        checks.append((not nonfinite, f"{', '.join(nonfinite)} must be finite, got "
+                                      f"{', '.join(str(getattr(self, k)) for k in nonfinite)}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -21,6 +21,8 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
+from .data.images import to_rgb
+
 __all__ = [
     "FrozenImageEncoder",
     "FrozenTextEncoder",
@@ -177,8 +179,13 @@ class FrozenImageEncoder(nn.Module):
 
     @cached_property
     def fingerprint(self) -> str:
-        """A short hash of the name, image size and weights (keys the feature cache)."""
-        return _fingerprint("image", self.name, self.image_size, module=self.model)
+        """A short hash of the name, image size, both transforms and the weights (keys the feature cache).
+
+        The transforms' descriptions carry everything else that changes a feature: resize interpolation,
+        normalisation, the train-time crop scale of the augmented views.
+        """
+        return _fingerprint("image", self.name, self.image_size, repr(self.eval_transform), repr(self.train_transform),
+                            module=self.model)
 
     def train(self, mode: bool = True) -> FrozenImageEncoder:
         # Always eval: batch-norm statistics must not move, and the feature-space inner loop relies on
@@ -204,7 +211,7 @@ class FrozenImageEncoder(nn.Module):
     def encode_images(self, images: Sequence, train: bool = False) -> torch.Tensor:
         """Transform PIL images (eval or train-time transform) and encode them without gradients."""
         transform = self.train_transform if train else self.eval_transform
-        pixels = torch.stack([transform(img.convert("RGB")) for img in images])
+        pixels = torch.stack([transform(to_rgb(img)) for img in images])
         with torch.no_grad():
             return self(pixels.to(self.device)).float()
 
@@ -232,8 +239,11 @@ class FrozenTextEncoder(nn.Module):
 
     @cached_property
     def fingerprint(self) -> str:
-        """A short hash of the name, pooling and weights (keys the feature cache)."""
-        return _fingerprint("text", self.name, self.pooling, self.max_length, module=self.model)
+        """A short hash of the name, pooling, tokenizer and weights (keys the feature cache)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # vocabulary, normaliser, special tokens
+        tokenizer = backend.to_str() if backend is not None else sorted(self.tokenizer.get_vocab().items())
+        return _fingerprint("text", self.name, self.pooling, self.max_length, type(self.tokenizer).__name__, tokenizer,
+                            module=self.model)
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         return super().train(False)

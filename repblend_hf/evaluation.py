@@ -71,12 +71,14 @@ def retrieval_metrics(
     ``scores[i, c]`` is the similarity of image ``i`` and caption ``c`` (numpy or torch, any float
     dtype; it is not copied). ``caption_to_image[c]`` is the image of caption ``c``; images may have
     different numbers of captions and captions need not be contiguous, but every image needs at
-    least one caption. The rank of a positive is the number of candidates with a *strictly greater*
-    score (for TR: than the image's best-scoring caption), so ties are resolved in favour of the
-    positive; the argsort of the released code resolves them by sort order instead, which only
-    matters for exactly equal float scores (it agrees everywhere else). Scores are compared in row
-    chunks of about ``chunk_elements`` entries, so a 5,000 × 25,000 matrix needs only small
-    temporaries. NaN scores raise: they would compare as never greater and look like perfect recall.
+    least one caption. The rank of a positive is the number of *negatives* (captions of other
+    images for TR, other images for IR) whose score is *greater than or equal to* the positive's
+    (for TR: the image's best-scoring caption's), so **ties count against the positive**: a
+    collapsed model whose scores are all equal ranks every positive last and scores at chance or
+    below, never 100. The argsort of the released code resolves ties by sort order instead, which
+    only matters for exactly equal float scores (it agrees everywhere else). Scores are compared in
+    row chunks of about ``chunk_elements`` entries, so a 5,000 × 25,000 matrix needs only small
+    temporaries. NaN and infinite scores raise: they have no rank.
     """
     scores = torch.as_tensor(scores)
     if scores.ndim != 2:
@@ -110,11 +112,13 @@ def retrieval_metrics(
     rows = max(1, chunk_elements // num_captions)
     for start in range(0, num_images, rows):
         block = scores[start : start + rows]
-        if bool(torch.isnan(block).any()):
-            raise ValueError("scores contain NaN; the heads diverged (check the learning rates) or the "
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError("scores contain NaN or inf; the heads diverged (check the learning rates) or the "
                              "embeddings are degenerate")
-        ir_rank += (block > positive).sum(0)
-        tr_rank[start : start + rows] = (block > best_positive[start : start + rows, None]).sum(1)
+        image = torch.arange(start, start + block.shape[0], device=scores.device)
+        negative = caption_to_image[None, :] != image[:, None]  # (image, caption) pairs that do not belong together
+        ir_rank += ((block >= positive) & negative).sum(0)
+        tr_rank[start : start + rows] = ((block >= best_positive[start : start + rows, None]) & negative).sum(1)
 
     metrics = {}
     for k in RECALL_KS:
@@ -188,6 +192,14 @@ class PairSet:
             self.similarity = torch.as_tensor(self.similarity).detach().float()
             if tuple(self.similarity.shape) != (n, n):
                 raise ValueError(f"similarity must be [N, N] = [{n}, {n}], got {tuple(self.similarity.shape)}")
+        # A set with NaN / inf would train heads to NaN, and a result would be reported for it: refuse it here.
+        for name in ("image_features", "text_features", "similarity"):
+            value = getattr(self, name)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"PairSet.{name} holds {bad} NaN/inf value(s); a non-finite set cannot be "
+                                 "evaluated. If it is a distilled set, it was damaged: use an earlier checkpoint or "
+                                 "distil again with lower learning rates")
         for name in ("lr_img", "lr_txt"):
             value = getattr(self, name)
             if value is not None:
@@ -195,6 +207,8 @@ class PairSet:
                 if not value > 0:
                     raise ValueError(f"{name} must be > 0, got {value}; a learned η that is not positive "
                                      "cannot train the heads")
+                if not np.isfinite(value):
+                    raise ValueError(f"{name} must be finite, got {value}; a learned η of inf cannot train the heads")
                 setattr(self, name, value)
 
     def __len__(self) -> int:
@@ -237,6 +251,8 @@ def _resolve_lrs(train, lr, lr_img, lr_txt) -> tuple[float, float]:
         value = float(value)
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
         resolved.append(value)
     return resolved[0], resolved[1]
 

@@ -109,7 +109,9 @@ def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
     ``num_views`` train-time augmented views in :data:`AUGMENTED_FEATURES`, which the experts sample
     from. The map's fingerprint is derived from the input's fingerprint, both encoders' weights and the
     options, so a second call with the same encoders and data is a cache hit (for datasets backed by
-    cache files, as every loader in :mod:`repblend_hf.data` returns).
+    cache files, as every loader in :mod:`repblend_hf.data` returns). The encoders' fingerprints cover
+    their weights, transforms (interpolation, normalisation, augmentation) and tokenizer; the local-folder
+    loaders' fingerprints cover every image file's size and mtime.
     """
     from datasets import DatasetDict, Features
     from datasets.fingerprint import Hasher
@@ -140,7 +142,8 @@ def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
             out[AUGMENTED_FEATURES] = np.stack(views, axis=1)
         return out
 
-    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v2", dataset._fingerprint, image_encoder.fingerprint,
+    # v3: images go through data.images.to_rgb (16-bit images were clipped to white before).
+    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v3", dataset._fingerprint, image_encoder.fingerprint,
                                text_encoder.fingerprint, num_views, seed, batch_size])
     features = Features({**dataset.features, **_encode_features(image_encoder.feature_dim, text_encoder.feature_dim,
                                                                 num_views)})

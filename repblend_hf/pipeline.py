@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,13 @@ class Prepared:
     features: dict[str, FeatureSplit]
 
 
-def prepare_features(args: DataArguments, with_captions: bool = False, **dataset_kwargs) -> Prepared:
-    """Load ``args.dataset``, build the frozen encoders and encode every split (a cache hit after the first run)."""
+def prepare_features(args: DataArguments, with_captions: bool = False,
+                     validate: Callable[[Any], None] | None = None, **dataset_kwargs) -> Prepared:
+    """Load ``args.dataset``, build the frozen encoders and encode every split (a cache hit after the first run).
+
+    ``validate(dataset)`` (e.g. :func:`repblend_hf.checks.check_distill_data`) runs on the loaded ``DatasetDict``
+    before anything is encoded.
+    """
     from .data import load_image_text_dataset
 
     configure_cpu_threads(args.cpu_threads)
@@ -86,6 +92,8 @@ def prepare_features(args: DataArguments, with_captions: bool = False, **dataset
     if not isinstance(extra, dict):
         raise ValueError(f"--dataset_kwargs must be a JSON object, got {args.dataset_kwargs!r}")
     dataset = load_image_text_dataset(args.dataset, image_root=args.image_root, **{**extra, **dataset_kwargs})
+    if validate is not None:
+        validate(dataset)
     image_encoder = load_image_encoder(args.image_encoder, image_size=args.image_size,
                                        pretrained=args.pretrained_image_encoder)
     text_encoder = load_text_encoder(args.text_encoder, pooling=args.text_pooling)
@@ -235,25 +243,26 @@ def parse_with_config(parser, argv: list[str] | None = None, default_config: str
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely, or None.
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely and is intact, or None.
 
     Trainer writes a checkpoint's files one after another and ``trainer_state.json`` last, so a run
     killed while saving leaves a ``checkpoint-N`` without it (or with a truncated one);
-    ``transformers.trainer_utils.get_last_checkpoint`` would pick that one, this skips it.
+    ``transformers.trainer_utils.get_last_checkpoint`` would pick that one, this skips it. A checkpoint
+    whose files are truncated or damaged (:func:`repblend_hf.checks.checkpoint_problem`) is skipped too,
+    with a warning naming the file, so ``--resume_from_checkpoint latest`` falls back to the previous one.
     """
     import re
+
+    from .checks import checkpoint_problem
 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
     steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
                     if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
-    for step, path in steps:
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            logger.warning("skipping incomplete checkpoint %s", path)
-            continue
-        if state.get("global_step") == step:
+    for _, path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
             return str(path)
+        logger.warning("skipping checkpoint %s: %s", path, problem)
     return None

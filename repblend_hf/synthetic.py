@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .configuration import RepBlendConfig
+from .data.images import to_rgb
 from .similarity import SoftSimilarity, build_similarity
 
 __all__ = ["SyntheticSet"]
@@ -115,6 +116,16 @@ class SyntheticSet(nn.Module):
         self.config.lr_txt = float(lrs["text"])
         return self.config
 
+    def check_finite(self, action: str = "use") -> None:
+        """Raise ``ValueError`` naming the tensors that hold NaN / inf (a non-finite set is never saved or used)."""
+        bad = {name: int((~torch.isfinite(t)).sum()) for name, t in self.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())}
+        if bad:
+            counts = ", ".join(f"{n} ({k} values)" for n, k in bad.items())
+            raise ValueError(f"cannot {action} this SyntheticSet: NaN/inf in {counts}. It comes from a diverged "
+                             "distillation; resume from an earlier checkpoint with lower learning rates (--lr_img, "
+                             "--lr_txt, --lr_sim, --lr_lr), or distil again")
+
     def forward(self, surrogate_grads: list[tuple[nn.Parameter, torch.Tensor]], loss: torch.Tensor) -> torch.Tensor:
         """A scalar whose value is ``loss`` and whose gradient w.r.t. each parameter is the given one.
 
@@ -164,7 +175,7 @@ class SyntheticSet(nn.Module):
                     pixels.append(feats.float())
                 else:
                     transform = image_encoder.train_transform if init_transform == "train" else image_encoder.eval_transform
-                    pixels.append(transform(images[i].convert("RGB")))
+                    pixels.append(transform(to_rgb(images[i])))
                 lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
                 texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
             # The similarity's random factor L is drawn from the global generator: seeded here too, so that the
@@ -187,6 +198,7 @@ class SyntheticSet(nn.Module):
         """
         from datasets import Array3D, Dataset, Features, Image, List, Value
 
+        self.check_finite("export")  # save_pretrained and push_to_hub come through here
         n, s = self.num_pairs, self.config.image_size
         images = self.images.detach().cpu().float()
         rows = [self.similarity.row_factors(i) for i in range(n)]
@@ -235,11 +247,18 @@ class SyntheticSet(nn.Module):
         table = dataset.with_format("numpy")
         synthetic = cls(config, torch.from_numpy(np.asarray(table[cls.image_parameter_name(config)], dtype=np.float32)),
                         torch.from_numpy(np.asarray(table["text_embedding"], dtype=np.float32)))
-        factor_columns = [c for c in dataset.column_names if c.startswith("similarity_")]
+        factor_columns = sorted(c for c in dataset.column_names if c.startswith("similarity_"))
+        expected = sorted(f"similarity_{name}" for name, _ in synthetic.similarity.named_parameters())
+        if factor_columns != expected:  # else the learned S would be silently dropped (or never loaded)
+            raise ValueError(f"the config and the rows disagree: config.json says similarity={config.similarity!r}, "
+                             f"which stores columns {expected or '(none)'}, but the rows have "
+                             f"{factor_columns or 'no similarity columns'}; set similarity (and sim_rank) in "
+                             "config.json to what made the rows, or save the set again with save_pretrained")
         if factor_columns:
             rows = [{c[len("similarity_"):]: torch.from_numpy(np.asarray(table[i][c], dtype=np.float32))
                      for c in factor_columns} for i in range(len(dataset))]
             synthetic.similarity.load_row_factors(rows)
+        synthetic.check_finite("load")
         return synthetic
 
     def save_pretrained(self, directory: str | os.PathLike, mean=None, std=None,

@@ -7,6 +7,8 @@ set *is* lives in :class:`repblend_hf.RepBlendConfig` instead.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -29,6 +31,33 @@ METHOD_PRESETS: dict[str, dict[str, object]] = {
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _check_finite(args) -> None:
+    """Every float argument must be finite: ``--lr_img inf`` parses as a float and used to turn the set into NaN."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}; set --{f.name} to a finite value")
+
+
+def _check_mixed_precision(args) -> None:
+    """fp16 needs a GPU (loss scaling, fp16 kernels); on a CPU-only machine it used to fail only after the experts."""
+    import torch
+
+    accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    _check(not (args.fp16 and (args.use_cpu or not accelerator)),
+           "fp16 needs a GPU, but this run is on the CPU (no GPU found, or use_cpu=True); drop --fp16, or use "
+           "--bf16 true --use_cpu true for bf16 autocast on the CPU")
+
+
+def _pickle_without_tokens(self) -> dict:
+    """Pickled arguments (``training_args.bin`` in every checkpoint) never hold a token: ``*_token`` fields are None.
+
+    The token stays on the live object for the pushes that need it; a resumed run takes it from the command line
+    or the environment (``HF_TOKEN``) again.
+    """
+    return {k: None if k.endswith("_token") else v for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -58,7 +87,9 @@ class ExpertTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
     def __post_init__(self):
+        _check_finite(self)
         super().__post_init__()
+        _check_mixed_precision(self)
         _check(self.num_experts > 0, f"num_experts must be > 0, got {self.num_experts}")
         _check(self.matching in ("symmetric", "asymmetric"),
                f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")
@@ -155,6 +186,9 @@ class DistillationArguments(TrainingArguments):
                 "checkpoints on disk hold only finite values."})
     num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
     eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start from scratch although output_dir holds checkpoints of an earlier run: they are deleted first. "
+                "Without it (and without --resume_from_checkpoint) the run stops before any work."})
     max_steps: int = field(default=3000, metadata={"help": "Outer iterations (paper: 3000)."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Constant outer learning rates."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "No global clipping (see lr_grad_clip)."})
@@ -165,7 +199,9 @@ class DistillationArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
     def __post_init__(self):
+        _check_finite(self)
         super().__post_init__()
+        _check_mixed_precision(self)
         _check(self.method in METHOD_PRESETS, f"method must be one of {sorted(METHOD_PRESETS)}, got {self.method!r}")
         for name, value in METHOD_PRESETS[self.method].items():
             if getattr(self, name) is None:
@@ -206,3 +242,7 @@ class DistillationArguments(TrainingArguments):
                f"nonfinite_max_lowerings must be >= 0, got {self.nonfinite_max_lowerings}")
         _check(self.num_eval_seeds > 0, f"num_eval_seeds must be > 0, got {self.num_eval_seeds}")
         _check(self.eval_head_epochs > 0, f"eval_head_epochs must be > 0, got {self.eval_head_epochs}")
+
+
+ExpertTrainingArguments.__getstate__ = _pickle_without_tokens
+DistillationArguments.__getstate__ = _pickle_without_tokens

@@ -32,6 +32,7 @@ asked (:meth:`ExpertTrajectories.expert_snapshots`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 __all__ = [
@@ -95,6 +96,18 @@ def _normalise_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"trajectory metadata needs 'num_epochs', the number of training epochs T >= 1 "
                          f"(T + 1 snapshots per expert); got {epochs!r}")
     return meta
+
+
+@contextlib.contextmanager
+def _open_expert(path: Path):
+    """``safe_open`` that names the file when it is truncated or damaged (safetensors' own error does not)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"expert file {path} is unreadable ({type(err).__name__}: {err}); it is truncated or "
+                         "damaged. Delete it and run again: train_experts retrains the missing expert and keeps the "
+                         "others") from err
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -263,7 +276,7 @@ class ExpertTrajectories:
         source = self._source(expert_index)
         if isinstance(source, dict):
             return [{b: source[b][e].clone() for b in self.branches} for e in epochs]
-        with safe_open(str(source), framework="pt") as f:
+        with _open_expert(source) as f:
             slices = {b: f.get_slice(b) for b in self.branches}
             # A row of get_slice is a view into the memory-mapped file; the clone owns just that row,
             # so the mapping is released here rather than kept alive by the segment.
@@ -284,7 +297,7 @@ class ExpertTrajectories:
         source = self._source(expert_index)
         if isinstance(source, dict):
             return {b: t.clone() for b, t in source.items()}
-        with safe_open(str(source), framework="pt") as f:
+        with _open_expert(source) as f:
             return {b: f.get_tensor(b) for b in self.branches}
 
     def sample_segment(
@@ -380,7 +393,7 @@ class ExpertTrajectories:
         expected = {b: [trajectories.num_epochs + 1, n] for b, n in trajectories.branch_sizes.items()}
         for index in cls.completed_experts(directory):
             path = directory / expert_filename(index)
-            with safe_open(str(path), framework="pt") as f:
+            with _open_expert(path) as f:
                 shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
             if shapes != expected:
                 raise ValueError(f"{path} holds tensors {shapes} but {TRAJECTORIES_METADATA_NAME} says {expected}; "

@@ -85,14 +85,32 @@ def test_retrieval_metrics_hand_made_case():
     assert got["r_mean"] == pytest.approx((200 / 3 + 100 + 100 + 40 + 100 + 100) / 6)
 
 
-def test_retrieval_metrics_ties_count_for_the_positive():
-    # Only strictly greater scores push a positive down, so constant scores give rank 0 everywhere.
+def test_retrieval_metrics_ties_count_against_the_positive():
+    # A tie with a negative pushes the positive down, so constant scores (a collapsed model) rank every positive
+    # last: at chance or below, never 100.
     scores = np.zeros((3, 3))
-    assert retrieval_metrics(scores, [0, 1, 2])["r_mean"] == 100.0
+    got = retrieval_metrics(scores, [0, 1, 2])
+    assert got["IR@1"] == got["TR@1"] == 0.0
+    assert got["IR@5"] == got["TR@5"] == 100.0  # K >= 3 candidates: every method scores 100, chance included
     scores = np.array([[1.0, 1.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     got = retrieval_metrics(scores, [0, 1, 2])
-    assert got["TR@1"] == pytest.approx(100 / 3 * 2)  # image 0: caption 2 strictly above its caption 0
-    assert got["IR@1"] == pytest.approx(100 / 3)  # c1, c2 have a strictly greater image 0
+    assert got["TR@1"] == 0.0  # image 0: caption 2 above, caption 1 tied; images 1, 2: tied with the others
+    assert got["IR@1"] == pytest.approx(100 / 3)  # c0: image 0 strictly first; c1, c2: image 0 above
+    # Ties among an image's own captions do not count against it (any of them is a hit).
+    got = retrieval_metrics(np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), [0, 0, 1])
+    assert got["TR@1"] == got["IR@1"] == 100.0
+
+
+@pytest.mark.parametrize("num_images", [10, 50])
+def test_constant_scores_score_at_chance_or_below(num_images):
+    """A constant score matrix must never look better than random scores (it used to give r_mean 100)."""
+    rng = np.random.default_rng(0)
+    caption_to_image = np.repeat(np.arange(num_images), 3)
+    constant = retrieval_metrics(np.ones((num_images, 3 * num_images)), caption_to_image)
+    chance = np.mean([retrieval_metrics(rng.random((num_images, 3 * num_images)), caption_to_image)["r_mean"]
+                      for _ in range(20)])
+    assert constant["r_mean"] <= chance
+    assert constant["IR@1"] == constant["TR@1"] == 0.0
 
 
 def test_retrieval_metrics_errors():
@@ -102,8 +120,10 @@ def test_retrieval_metrics_errors():
         retrieval_metrics(np.zeros((2, 2)), [0, 1, 1])
     with pytest.raises(ValueError, match=r"caption_to_image must index images 0\.\.1"):
         retrieval_metrics(np.zeros((2, 2)), [0, 2])
-    with pytest.raises(ValueError, match="scores contain NaN"):
+    with pytest.raises(ValueError, match="scores contain NaN or inf"):
         retrieval_metrics(np.array([[np.nan, 0.0], [0.0, 1.0]]), [0, 1])
+    with pytest.raises(ValueError, match="scores contain NaN or inf"):
+        retrieval_metrics(np.array([[np.inf, 0.0], [0.0, 1.0]]), [0, 1])
 
 
 # --------------------------------------------------------------------------------------------------

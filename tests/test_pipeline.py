@@ -9,9 +9,13 @@ from repblend_hf.pipeline import DataArguments, last_complete_checkpoint, parse_
 
 
 def _checkpoint(root, step, state=True, truncated=False):
+    import torch
+    from safetensors.torch import save_file
+
     folder = root / f"checkpoint-{step}"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"x")
+    save_file({"pixel_values": torch.zeros(2)}, str(folder / "model.safetensors"))
+    torch.save({"state": {}}, folder / "optimizer.pt")
     if state:
         text = json.dumps({"global_step": step})
         (folder / "trainer_state.json").write_text(text[:5] if truncated else text)
@@ -24,6 +28,11 @@ def test_last_complete_checkpoint_skips_a_half_written_one(tmp_path):
     _checkpoint(tmp_path, 10)
     _checkpoint(tmp_path, 12, state=False)  # killed before trainer_state.json was written
     _checkpoint(tmp_path, 14, truncated=True)  # killed while writing it
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    # A checkpoint whose files are truncated is skipped too (the resume would fail half-way through).
+    _checkpoint(tmp_path, 16)
+    optimizer = tmp_path / "checkpoint-16" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-20])
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
 
 

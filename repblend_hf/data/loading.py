@@ -30,7 +30,10 @@ tries them:
    ``val.json`` / ``test.json`` are lists of ``{"image", "caption": [...]}``, one per image. Rows are
    grouped by image path; paths are relative to the folder or to ``image_root``; a missing
    ``image_id`` is the image file name without extension. Images stay on disk (only their paths
-   are stored) and are checked once, when the split is first built.
+   are stored) and are checked whole (a truncated file fails, naming its path) once, when the split
+   is first built. The cache key covers the annotation file and every image file (size and mtime),
+   so replacing an image rebuilds the split and, through its fingerprint, the features. Annotation
+   files must be UTF-8 JSON; empty captions are refused with their row.
 4. Anything else ``datasets.load_dataset`` reads (a Hub id or a local folder of data files), with
    ``column_mapping`` renaming its columns to the schema, e.g. ``{"img": "image", "sentences":
    "captions"}``. Dotted names reach into struct columns (``"sentences.raw"``). A caption column
@@ -45,6 +48,7 @@ columns are added next to the memory-mapped images, and grouping is a ``select``
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -53,10 +57,9 @@ from dataclasses import dataclass, field
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
 
 from .fashion_scenes import FASHION_SCENES, build_cached_split, load_fashion_scenes
+from .images import check_image_file
 
 __all__ = [
     "FASHION_SCENES",
@@ -71,7 +74,7 @@ SPLITS = ("train", "validation", "test")
 SCHEMA_COLUMNS = ("image", "captions", "image_id")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 # Part of the cache key of JSON-folder builds: bump when _generate_json_rows changes.
-_JSON_LOADER_VERSION = "karpathy-json-v1"
+_JSON_LOADER_VERSION = "karpathy-json-v2"
 
 # Accepted annotation file names per split, plain first, then the BLIP names.
 KARPATHY_JSON_FILES: dict[str, tuple[str, ...]] = {
@@ -340,8 +343,13 @@ def _conform(
 
 def _as_caption_list(value, where: str, column: str, row: int) -> list[str]:
     if isinstance(value, str):
-        return [value]
+        value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        if not all(v.strip() for v in value):  # an empty caption would be encoded and trained on as a real one
+            raise ValueError(
+                f"{where}: row {row} of caption column {column!r} has an empty caption ({list(value)!r}); fill it in "
+                "or drop it from the row"
+            )
         return list(value)
     raise ValueError(
         f"{where}: row {row} of caption column {column!r} is {value!r}; expected a string or a list of strings"
@@ -381,31 +389,60 @@ def _load_karpathy_json(
     for split in SPLITS:
         path = os.path.abspath(os.path.join(directory, found[split][0]))
         stat = os.stat(path)
+        order, _ = _group_annotations(path)
         gen_kwargs = {
             "annotation_file": path,
             "image_root": root,
-            # The cache key follows the annotation file's content through its size and mtime.
+            # The cache key (and with it the features' fingerprint) follows the annotation file and every image
+            # file through their sizes and mtimes, as datasets' folder builders do: replacing an image rebuilds.
             "stamp": (stat.st_size, stat.st_mtime_ns),
+            "images_stamp": _images_stamp(path, root, order),
             "version": _JSON_LOADER_VERSION,
         }
         out[split] = build_cached_split(_generate_json_rows, gen_kwargs, _SCHEMA_FEATURES, cache_dir, split)
     return datasets.DatasetDict(out)
 
 
-_SCHEMA_FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "captions": datasets.List(datasets.Value("string")),
-        "image_id": datasets.Value("string"),
-    }
-)
+def _image_path(key: str, image_root: str) -> str:
+    return key if os.path.isabs(key) else os.path.join(image_root, key)
 
 
-def _generate_json_rows(annotation_file: str, image_root: str, stamp, version: str) -> Iterator[dict]:
-    """One row per image of a Karpathy / BLIP annotation file, images checked as they are listed."""
-    del stamp, version  # only part of the cache key
-    with open(annotation_file) as f:
-        entries = json.load(f)
+def _images_stamp(annotation_file: str, image_root: str, keys: list[str]) -> str:
+    """A hash of every listed image file's path, size and mtime (a missing file raises, naming it)."""
+    digest = hashlib.sha256()
+    for key in keys:
+        path = _image_path(key, image_root)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"Image file {path} listed in {annotation_file} does not exist; image paths are resolved against "
+                f"{image_root} (set image_root= to the folder they are relative to)"
+            ) from None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_json(annotation_file: str):
+    """The parsed annotation file; a decoding or syntax error names the file and where in it."""
+    try:
+        with open(annotation_file, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{annotation_file} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 (JSON files must "
+            "be UTF-8)"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{annotation_file} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; fix the file "
+            "(a Karpathy annotation file is a JSON list of {'image', 'caption'} objects)"
+        ) from err
+
+
+def _group_annotations(annotation_file: str) -> tuple[list[str], dict[str, dict]]:
+    """Image keys in first-seen order, and per key its ``image_id`` and captions (rows of one image merged)."""
+    entries = _read_json(annotation_file)
     if not isinstance(entries, list):
         raise ValueError(f"{annotation_file}: expected a JSON list of {{'image', 'caption'}} objects")
     order: list[str] = []
@@ -422,16 +459,33 @@ def _generate_json_rows(annotation_file: str, image_root: str, stamp, version: s
                 image_id = os.path.splitext(os.path.basename(key))[0]
             grouped[key] = {"image_id": str(image_id), "captions": []}
         grouped[key]["captions"].extend(captions)
+    return order, grouped
+
+
+_SCHEMA_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "captions": datasets.List(datasets.Value("string")),
+        "image_id": datasets.Value("string"),
+    }
+)
+
+
+def _generate_json_rows(
+    annotation_file: str, image_root: str, stamp, images_stamp: str, version: str
+) -> Iterator[dict]:
+    """One row per image of a Karpathy / BLIP annotation file, each image file checked whole as it is listed."""
+    del stamp, images_stamp, version  # only part of the cache key
+    order, grouped = _group_annotations(annotation_file)
     for key in order:
-        path = key if os.path.isabs(key) else os.path.join(image_root, key)
+        path = _image_path(key, image_root)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"Image file {path} listed in {annotation_file} does not exist; image paths are resolved against "
                 f"{image_root} (set image_root= to the folder they are relative to)"
             )
         try:
-            with PILImage.open(path) as image:
-                image.size  # noqa: B018 - reads the header only
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"Image file {path} listed in {annotation_file} is not a readable image: {err}") from err
+            check_image_file(path)
+        except ValueError as err:
+            raise ValueError(f"{err} (listed in {annotation_file})") from err.__cause__
         yield {"image": {"path": path, "bytes": None}, **grouped[key]}

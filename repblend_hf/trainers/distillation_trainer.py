@@ -40,6 +40,7 @@ __all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "S
 
 logger = logging.getLogger(__name__)
 _GROUPS = ("images", "texts", "similarity", "lrs")  # the optimiser's parameter groups
+_ITERATION_LOSSES = ("matching_loss", "inner_loss_first", "inner_loss_last")  # not logged for skipped iterations
 
 
 class NonFiniteError(RuntimeError):
@@ -186,6 +187,9 @@ class DistillationTrainer(Trainer):
         # counted where the symmetric path calls the encoder, and by a hook for the encoder that LoRS unrolls.
         self.encoder_passes = {"forward": 0, "backward": 0}
         self._nonfinite_streak = self._nonfinite_lowerings = 0  # consecutive skipped iterations, lr lowerings
+        # Training steps and skipped ones since the last log, and since the trainer was built (for train_loss).
+        self._loss_window, self._loss_total = [0, 0], [0, 0]
+        self._step_guarded = False  # set when create_optimizer installs the finiteness check after each step
         kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
         if validation is not None:
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
@@ -212,13 +216,15 @@ class DistillationTrainer(Trainer):
         if self.optimizer is None:
             args = self.args
             lr = {"images": args.lr_img, "texts": args.lr_txt, "similarity": args.lr_sim, "lrs": args.lr_lr}
-            groups = [{"params": params, "lr": lr[name], "name": name, "adam": name == "images" and
-                       args.image_optimizer == "adam"}
+            # configured_lr (saved with the optimiser state) tells a resumed run which lrs the command line changed.
+            groups = [{"params": params, "lr": lr[name], "name": name, "configured_lr": lr[name],
+                       "adam": name == "images" and args.image_optimizer == "adam"}
                       for name, params in self._synthetic.parameter_groups().items() if params]
             if args.image_optimizer == "adam":
                 self.optimizer = SGDWithAdamGroups(groups, lr=args.lr_img, momentum=args.syn_momentum)
             else:
                 self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
+            self._guard_optimizer_step(self.optimizer)
         return self.optimizer
 
     @property
@@ -334,18 +340,83 @@ class DistillationTrainer(Trainer):
         return model(surrogate_grads=pairs, loss=loss)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step; after a skipped (non-finite) iteration the gradients are set to None."""
+        """The Trainer's step; after a skipped (non-finite) iteration the gradients are set to None.
+
+        A skipped iteration returns a loss of 0 to the Trainer's running sum and is left out of the logged
+        ``loss`` and ``matching_loss`` (see :meth:`log`), so the curve never shows a perfect 0 exactly when
+        things go wrong; ``nonfinite_skipped`` counts it.
+        """
         self._skip_step, self._bad_groups = False, set()
+        recorded = {k: len(self._metrics.get(k, ())) for k in _ITERATION_LOSSES}  # to drop this iteration's losses
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = torch.tensor([float(g in self._bad_groups) for g in _GROUPS], device=self.args.device)
         if self.args.world_size > 1:  # skip on every process or none, so that the replicas stay identical
             bad = self.accelerator.gather(bad[None]).amax(0)
-        if bool(bad.any()):
+        skipped = bool(bad.any())
+        for counts in (self._loss_window, self._loss_total):
+            counts[0] += 1
+            counts[1] += skipped
+        if skipped:
+            self._forget_iteration_losses(recorded)
             self.optimizer.zero_grad(set_to_none=True)
             self._on_nonfinite({g for g, b in zip(_GROUPS, bad.tolist()) if b})
-        else:
+            return torch.zeros_like(loss)
+        if not self._step_guarded:  # else the step guard resets the streak once the update is known to be finite
             self._nonfinite_streak = 0
         return loss
+
+    def _forget_iteration_losses(self, recorded: dict[str, int]) -> None:
+        """Mark this iteration skipped in the metrics and drop the losses it recorded (they are not its result)."""
+        m = self._metrics
+        if m.get("nonfinite_skipped"):
+            m["nonfinite_skipped"][-1] = 1.0  # also when only another process saw the non-finite value
+        for key, length in recorded.items():
+            if key in m:
+                del m[key][length:]
+
+    def _guard_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Roll back an optimiser step that leaves NaN / inf in the set, as a bad gradient is: nothing is applied.
+
+        Finite gradients can still give a non-finite set (a huge lr, an overflow in the update); the loss and
+        gradient checks cannot see that, so the parameters are checked after every step. The parameters and the
+        optimiser state (momentum) of the step are restored and the iteration counts as a non-finite one
+        (:meth:`_on_nonfinite`: the offending groups' lrs are lowered after ``nonfinite_patience`` of them).
+        The replicas hold identical parameters, so every process takes the same decision.
+        """
+        saved: dict[torch.Tensor, tuple[torch.Tensor, dict]] = {}
+
+        def before(opt, args, kwargs):
+            saved.clear()
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
+                        saved[p] = (p.detach().clone(), state)
+
+        def after(opt, args, kwargs):
+            if not saved:  # a skipped iteration: no gradient, nothing stepped
+                return
+            if bool(torch.stack([torch.isfinite(p).all() for p in saved]).all()):
+                self._nonfinite_streak = 0
+                return
+            bad = {g["name"] for g in opt.param_groups for p in g["params"]
+                   if p in saved and not bool(torch.isfinite(p).all())}
+            with torch.no_grad():
+                for p, (value, state) in saved.items():
+                    p.copy_(value)
+                    if state:
+                        opt.state[p] = state
+                    else:
+                        opt.state.pop(p, None)
+            logger.warning("step %d: the update made %s non-finite; it was rolled back (nothing applied)",
+                           self.state.global_step + 1, sorted(bad))
+            if self._metrics.get("nonfinite_skipped"):
+                self._metrics["nonfinite_skipped"][-1] = 1.0
+            self._on_nonfinite(bad)
+
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
+        self._step_guarded = True
 
     def _on_nonfinite(self, groups: set[str]) -> None:
         """Count consecutive skipped iterations; lower the offending lrs every ``nonfinite_patience``, then stop."""
@@ -359,11 +430,12 @@ class DistillationTrainer(Trainer):
             lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
             raise NonFiniteError(
                 f"{self._nonfinite_streak} consecutive iterations (up to step {self.state.global_step + 1}) gave a "
-                f"non-finite matching loss or gradient in {sorted(groups)}, after lowering their learning rates "
-                f"{self._nonfinite_lowerings} times (now {lrs}). Nothing non-finite was applied; the last checkpoint "
-                f"is {last_complete_checkpoint(args.output_dir) or 'none (no checkpoint was saved yet)'}. Check the "
-                "expert trajectories for NaN/inf, then lower the learning rates of these groups (--lr_img, --lr_txt, "
-                "--lr_sim, --lr_lr) and run again with --resume_from_checkpoint latest.")
+                f"non-finite matching loss, gradient or update in {sorted(groups)}, after lowering their learning "
+                f"rates {self._nonfinite_lowerings} times (now {lrs}). Nothing non-finite was applied; the last "
+                f"checkpoint is {last_complete_checkpoint(args.output_dir) or 'none (no checkpoint was saved yet)'}. "
+                "Check the expert trajectories for NaN/inf, then lower the learning rates of these groups (--lr_img, "
+                "--lr_txt, --lr_sim, --lr_lr) and run again with --resume_from_checkpoint latest: learning rates "
+                "changed on the command line replace the checkpoint's.")
         self._nonfinite_lowerings += 1
         scheduler = self.lr_scheduler
         for i, group in enumerate(self.optimizer.param_groups):
@@ -374,6 +446,72 @@ class DistillationTrainer(Trainer):
         logger.warning("%d consecutive non-finite iterations in %s: their learning rates are now x%g (%s)",
                        self._nonfinite_streak, sorted(groups), args.nonfinite_lr_factor,
                        {g["name"]: g["lr"] for g in self.optimizer.param_groups})
+
+    # ----- checkpoints and resume --------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save, refusing a set with NaN / inf (the step guard keeps it finite; this is the last line).
+
+        The arguments saved beside it (``training_args.bin``) carry no token: see ``DistillationArguments``.
+        """
+        self._synthetic.check_finite("save a checkpoint of")
+        super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume the set from a checkpoint, naming a damaged file or a set made with other settings.
+
+        Without this a truncated ``model.safetensors`` gave a bare ``SafetensorError``, and a checkpoint of another
+        similarity kind an unrelated ``AttributeError``; the newest intact checkpoint is offered instead.
+        """
+        from ..checks import checkpoint_problem, checkpoint_shapes, state_shapes_mismatch
+        from ..pipeline import last_complete_checkpoint
+
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem is not None:
+            intact = last_complete_checkpoint(self.args.output_dir)
+            raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}; "
+                             + (f"the newest intact checkpoint is {intact} (--resume_from_checkpoint latest picks it)"
+                                if intact else "no intact checkpoint is left: start again without resuming"))
+        expected = {k: tuple(v.shape) for k, v in self._synthetic.state_dict().items()}
+        mismatch = state_shapes_mismatch(checkpoint_shapes(resume_from_checkpoint), expected)
+        if mismatch:
+            raise ValueError(f"{resume_from_checkpoint} holds a set made with other settings ({'; '.join(mismatch)}); "
+                             "resume with the settings of that run (num_pairs, image_size, similarity, sim_rank, the "
+                             "text encoder), or start a new run in another output_dir")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._synthetic.check_finite(f"resume from {resume_from_checkpoint} with")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restore the optimiser and schedule, then let learning rates changed on the command line win.
+
+        Each parameter group saves the lr it was configured with (``configured_lr``). An lr in the arguments that
+        differs from it was changed for this run (e.g. lowered after a :class:`NonFiniteError`, as its message
+        advises) and replaces the checkpoint's; an unchanged one keeps the checkpoint's value, including automatic
+        lowerings. A checkpoint without ``configured_lr`` takes the arguments' lrs wherever they differ.
+        """
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        args = self.args
+        wanted = {"images": args.lr_img, "texts": args.lr_txt, "similarity": args.lr_sim, "lrs": args.lr_lr}
+        scheduler = self.lr_scheduler
+        base_lrs = getattr(scheduler, "base_lrs", None)
+        for i, group in enumerate(self.optimizer.param_groups):
+            new = wanted.get(group.get("name"))
+            configured = group.get("configured_lr")
+            base = base_lrs[i] if base_lrs is not None else group["lr"]
+            if new is None or new == (configured if configured is not None else base):
+                if new is not None:
+                    group["configured_lr"] = configured if configured is not None else new
+                continue
+            factor = group["lr"] / base if base else 1.0  # where the schedule stands (1 for the constant one)
+            logger.info("resume: %s lr %g from the command line replaces the checkpoint's %g", group["name"], new,
+                        base)
+            group["lr"], group["configured_lr"], group["initial_lr"] = new * factor, new, new
+            if base_lrs is not None:
+                base_lrs[i] = new
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def replica_checksums(self) -> list[str]:
         """SHA-256 of the synthetic set's tensors on every process (all equal when data-parallel works)."""
@@ -417,8 +555,22 @@ class DistillationTrainer(Trainer):
         m["touched_images"].append(float(touched))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the iteration metrics averaged since the last log (TRL's ``_metrics`` pattern)."""
-        if self._metrics and "loss" in logs:
+        """Add the iteration metrics averaged since the last log (TRL's ``_metrics`` pattern).
+
+        Iterations skipped for a non-finite matching loss or gradient count in ``nonfinite_skipped`` only:
+        ``loss`` and ``matching_loss`` average the other iterations, and are absent from the entry when every
+        iteration since the last log was skipped (they used to read 0.0 then).
+        """
+        for key, counts in (("loss", self._loss_window), ("train_loss", self._loss_total)):
+            steps, skipped = counts
+            if key in logs and skipped:
+                logs = dict(logs)
+                if steps > skipped:
+                    logs[key] *= steps / (steps - skipped)  # the skipped steps added 0 to the Trainer's sum
+                else:
+                    del logs[key]
+        if "loss" in logs or "learning_rate" in logs:  # a training log (also when its loss was left out)
+            self._loss_window = [0, 0]
             logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
             self._metrics.clear()
         super().log(logs, start_time)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
+from ..data.images import to_rgb
 from ..features import FeatureSplit
 from ..losses import info_nce
 from ..modeling import RetrievalHeads, branch_sizes, flatten_parameters, similarity_logits
@@ -133,7 +134,7 @@ class _PixelPairs(_FeaturePairs):
 
     def __getitem__(self, c: int) -> dict[str, torch.Tensor]:
         i = int(self.split.caption_to_image[c])
-        return {"pixel_values": self.transform(self.images[i].convert("RGB")),
+        return {"pixel_values": self.transform(to_rgb(self.images[i])),
                 "text_features": self.split.caption_features[c]}
 
 

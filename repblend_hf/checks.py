@@ -1,0 +1,396 @@
+"""Checks that run before the long work: arguments against each other, against the data, the disk and checkpoints.
+
+Encoding every split, training the experts and distilling take minutes to hours; an input that can be
+judged before them is judged here, and the error names the problem and the setting that fixes it
+(STYLE.md, "Errors say what was wrong and what to set"). ``examples/distill.py`` calls
+:func:`check_distill_run` first and :func:`check_distill_data` right after loading the dataset (before
+encoding); ``examples/evaluate.py`` does the same with :func:`check_evaluate_run` /
+:func:`check_evaluate_data`. The checkpoint helpers (:func:`checkpoint_problem`,
+:func:`state_shapes_mismatch`) are shared with :func:`repblend_hf.pipeline.last_complete_checkpoint`
+and the :class:`~repblend_hf.trainers.DistillationTrainer`'s resume.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BASELINES",
+    "checkpoint_problem",
+    "checkpoint_shapes",
+    "state_shapes_mismatch",
+    "check_output_dir",
+    "check_resume",
+    "check_expert_files",
+    "check_distill_run",
+    "check_distill_data",
+    "check_evaluate_run",
+    "check_evaluate_data",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What ``--baselines`` of examples/distill.py accepts: the coreset methods and the full data.
+BASELINES = ("random", "herding", "kcenter", "full")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+class _Problems:
+    """Collects every problem found, so that one run of the checks reports all of them at once."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.messages.append(message)
+
+    def raise_if_any(self, what: str) -> None:
+        if len(self.messages) == 1:
+            raise ValueError(self.messages[0])
+        if self.messages:
+            listed = "\n".join(f"  - {m}" for m in self.messages)
+            raise ValueError(f"{len(self.messages)} problems with {what}:\n{listed}")
+
+
+def _finite_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# ----- checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` (a Trainer ``checkpoint-N`` folder) cannot be resumed from, or None when it is intact.
+
+    Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a checkpoint without it (or
+    with a truncated one). Beyond that, every file is read whole: ``model.safetensors`` must parse, and the
+    ``torch.save`` files (``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``training_args.bin``, zip
+    archives) must pass their CRC checks, so a truncated or damaged file is named here and not in a bare
+    ``SafetensorError`` / ``RuntimeError`` half-way through the resume.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return f"{path / 'trainer_state.json'} is missing (the run stopped while saving this checkpoint)"
+    except (OSError, ValueError) as err:
+        return f"{path / 'trainer_state.json'} is unreadable or truncated ({err})"
+    match = _CHECKPOINT.fullmatch(path.name)
+    if match and state.get("global_step") != int(match.group(1)):
+        return (f"{path / 'trainer_state.json'} says global_step={state.get('global_step')} but the folder is step "
+                f"{match.group(1)}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return f"{weights} is missing"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for name in f.keys():
+                f.get_slice(name).get_shape()
+    except Exception as err:  # SafetensorError, OSError
+        return f"{weights} is truncated or damaged ({type(err).__name__}: {err})"
+    for file in sorted(path.iterdir()):
+        if file.suffix not in (".pt", ".pth", ".bin"):
+            continue
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"{file} is truncated or damaged ({type(err).__name__}: {err})"
+        if bad is not None:
+            return f"{file} is damaged (its member {bad} fails the CRC check)"
+    return None
+
+
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a checkpoint's ``model.safetensors`` (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def state_shapes_mismatch(saved: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]],
+                          free_dims: Mapping[str, Sequence[int]] | None = None) -> list[str]:
+    """The differences between two ``{name: shape}`` maps, as readable lines (empty when they agree).
+
+    ``free_dims`` names dimensions not to compare (e.g. ``{"text_embeddings": [1]}`` when the text encoder's
+    width is not known yet).
+    """
+    free_dims = free_dims or {}
+    lines = []
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing:
+        lines.append(f"this run needs {missing}, which the checkpoint lacks")
+    if extra:
+        lines.append(f"the checkpoint holds {extra}, which this run does not have")
+    for name in sorted(set(saved) & set(expected)):
+        a, b = tuple(saved[name]), tuple(expected[name])
+        free = set(free_dims.get(name, ()))
+        if len(a) != len(b) or any(x != y for i, (x, y) in enumerate(zip(a, b)) if i not in free):
+            lines.append(f"{name} has shape {list(a)} in the checkpoint but {list(b)} in this run")
+    return lines
+
+
+def _expected_set_shapes(num_pairs: int, image_size: int, similarity: str, sim_rank: int, sim_alpha: float,
+                         synthetic_space: str = "pixels") -> dict[str, tuple[int, ...]]:
+    """The SyntheticSet state-dict shapes a run's settings give (encoder widths left as 0: the encoders give them)."""
+    from .similarity import build_similarity
+
+    sim = build_similarity(similarity, num_pairs, rank=sim_rank, alpha=sim_alpha)
+    images = ({"image_features": (num_pairs, 0)} if synthetic_space == "features"
+              else {"pixel_values": (num_pairs, 3, image_size, image_size)})
+    return {**images, "text_embeddings": (num_pairs, 0), "log_lr_img": (), "log_lr_txt": (),
+            **{f"similarity.{k}": tuple(v.shape) for k, v in sim.state_dict().items()}}
+
+
+# ----- output directory and resume ----------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None = None,
+                     overwrite_output_dir: bool = False, remove_stale: bool = True) -> None:
+    """``output_dir`` must be a directory this process can write to; checkpoints in it need a decision.
+
+    Without ``--resume_from_checkpoint``, checkpoints of an earlier run would be silently replaced (and the
+    Trainer's rotation would delete them): that stops here, offering ``--resume_from_checkpoint latest`` or
+    ``--overwrite_output_dir``. With ``overwrite_output_dir`` the old ``checkpoint-N`` folders are deleted
+    (when ``remove_stale``; the other files are overwritten as the run writes them).
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {out} is a file, not a directory; pass a directory path (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--output_dir {out} is not a writable directory ({type(err).__name__}: {err}); pass a "
+                         "directory you can write to") from err
+    checkpoints = sorted((p for p in out.iterdir() if p.is_dir() and _CHECKPOINT.fullmatch(p.name)),
+                         key=lambda p: int(p.name.split("-")[1]))
+    if not checkpoints or resume_from_checkpoint is not None:
+        return
+    names = ", ".join(p.name for p in checkpoints)
+    if not overwrite_output_dir:
+        raise ValueError(f"--output_dir {out} already holds checkpoints of an earlier run ({names}); starting from "
+                         "scratch would replace them. Pass --resume_from_checkpoint latest to continue that run, or "
+                         "--overwrite_output_dir true to start over and delete them (or choose another --output_dir)")
+    if remove_stale:
+        for path in checkpoints:
+            logger.warning("--overwrite_output_dir: deleting %s of an earlier run", path)
+            shutil.rmtree(path)
+
+
+def check_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint a run will resume from (``latest``: the newest intact one), checked; None for a fresh start.
+
+    A damaged checkpoint given by path stops here, naming the file, and offers the newest intact one; ``latest``
+    skips damaged checkpoints with a warning (:func:`repblend_hf.pipeline.last_complete_checkpoint`).
+    """
+    from .pipeline import last_complete_checkpoint
+
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        return last_complete_checkpoint(output_dir)
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder; pass 'latest' (the newest "
+                         f"intact checkpoint in --output_dir) or a checkpoint-N folder")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        intact = last_complete_checkpoint(path.parent)
+        offer = (f"the newest intact checkpoint is {intact}: pass --resume_from_checkpoint latest to use it"
+                 if intact else "no intact checkpoint is left in that folder: start again without "
+                                "--resume_from_checkpoint (and with --overwrite_output_dir)")
+        raise ValueError(f"cannot resume from {path}: {problem}; {offer}")
+    return str(path)
+
+
+def check_expert_files(directory: str | os.PathLike) -> None:
+    """Every ``expert_*.safetensors`` in ``directory`` must be readable; a damaged one is named with the fix."""
+    from safetensors import safe_open
+
+    from .trajectories import ExpertTrajectories, expert_filename
+
+    for index in ExpertTrajectories.completed_experts(directory):
+        path = Path(directory) / expert_filename(index)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name).get_shape()
+        except Exception as err:  # SafetensorError, OSError
+            raise ValueError(f"expert file {path} is unreadable ({type(err).__name__}: {err}); it is truncated or "
+                             "damaged. Delete it and run again: only that expert is retrained") from err
+
+
+# ----- examples/distill.py -------------------------------------------------------------------------------------
+
+
+def _check_baselines(problems: _Problems, baselines: str) -> None:
+    for name in filter(None, (b.strip() for b in baselines.split(","))):
+        close = difflib.get_close_matches(name, BASELINES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.check(name in BASELINES, f"unknown baseline {name!r} in --baselines{hint}; choose from "
+                                          f"{', '.join(BASELINES)}, comma-separated ('' for none)")
+
+
+def check_distill_run(data_args, set_args, args) -> str | None:
+    """Check a distillation run's arguments, output dir, experts folder and checkpoint before anything is encoded.
+
+    ``data_args`` / ``set_args`` / ``args`` are examples/distill.py's DataArguments, SetArguments and
+    DistillationArguments. Raises one ``ValueError`` listing every problem found; returns the checkpoint the
+    run will resume from (None for a fresh start). Must be called before ``Trainer`` is built (with
+    ``--overwrite_output_dir`` it deletes the old checkpoints, on the main process).
+    """
+    from accelerate import PartialState
+
+    from .configuration import RepBlendConfig
+
+    p = _Problems()
+    n = set_args.num_pairs
+    p.check(isinstance(n, int) and n >= 1, f"num_pairs must be >= 1, got {n}; set --num_pairs to the number of "
+                                           "synthetic pairs (e.g. 99)")
+    if args.similarity == "lowrank" and isinstance(n, int) and n >= 1:
+        p.check(1 <= set_args.sim_rank <= n, f"sim_rank ({set_args.sim_rank}) must be in 1..num_pairs ({n}) for the "
+                                             "low-rank similarity; lower --sim_rank or use --similarity full")
+    p.check(set_args.embed_dim >= 1, f"embed_dim must be >= 1, got {set_args.embed_dim}")
+    for name in ("temperature", "sim_alpha"):
+        value = getattr(set_args, name)
+        p.check(_finite_positive(value), f"{name} must be a finite number > 0, got {value}; set --{name}")
+    p.check(set_args.num_experts >= 1, f"num_experts must be >= 1, got {set_args.num_experts}; set --num_experts")
+    epochs = set_args.expert_train_epochs
+    p.check(epochs >= 1, f"expert_train_epochs must be >= 1, got {epochs}; set --expert_train_epochs")
+    latest = args.max_start_epoch - 1 + args.expert_epochs
+    p.check(epochs < 1 or latest <= epochs,
+            f"the latest segment ends at epoch max_start_epoch - 1 + expert_epochs = {args.max_start_epoch - 1} + "
+            f"{args.expert_epochs} = {latest}, beyond the {epochs} epochs the experts are trained for; lower "
+            "--max_start_epoch or --expert_epochs, or raise --expert_train_epochs")
+    p.check(set_args.eval_seeds >= 1, f"eval_seeds must be >= 1, got {set_args.eval_seeds}; the final table needs at "
+                                      "least one evaluation seed")
+    _check_baselines(p, set_args.baselines)
+    if data_args.dataset_kwargs:
+        try:
+            extra = json.loads(data_args.dataset_kwargs)
+            p.check(isinstance(extra, dict),
+                    f"--dataset_kwargs must be a JSON object, got {data_args.dataset_kwargs!r}")
+        except ValueError as err:
+            p.messages.append(f"--dataset_kwargs is not valid JSON ({err}): {data_args.dataset_kwargs!r}")
+    p.check(data_args.image_size >= 1, f"image_size must be >= 1, got {data_args.image_size}")
+    if not p.messages:  # the remaining config checks (RepBlendConfig is what the set will be)
+        try:
+            RepBlendConfig(image_size=data_args.image_size, image_dim=1, text_dim=1, embed_dim=set_args.embed_dim,
+                           num_pairs=n, temperature=set_args.temperature, similarity=args.similarity,
+                           sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
+                           lr_img=args.lr_init, lr_txt=args.lr_init)
+        except ValueError as err:
+            p.messages.append(str(err))
+
+    out = Path(args.output_dir)
+    trajectory_dir = Path(set_args.trajectory_dir or out / "experts")
+    try:
+        check_output_dir(out, resume_from_checkpoint=args.resume_from_checkpoint,
+                         overwrite_output_dir=getattr(args, "overwrite_output_dir", False), remove_stale=False)
+    except ValueError as err:
+        p.messages.append(str(err))
+    if trajectory_dir.exists() and not trajectory_dir.is_dir():
+        p.messages.append(f"--trajectory_dir {trajectory_dir} is a file, not a directory; pass a directory")
+    elif trajectory_dir.is_dir():
+        try:
+            check_expert_files(trajectory_dir)
+        except ValueError as err:
+            p.messages.append(str(err))
+    resume = None
+    if not p.messages:
+        try:
+            resume = check_resume(out, args.resume_from_checkpoint)
+        except ValueError as err:
+            p.messages.append(str(err))
+    if resume is not None:
+        expected = _expected_set_shapes(n, data_args.image_size, args.similarity, set_args.sim_rank,
+                                        set_args.sim_alpha, getattr(set_args, "synthetic_space", "pixels"))
+        mismatch = state_shapes_mismatch(checkpoint_shapes(resume), expected,
+                                         {"text_embeddings": [1], "image_features": [1]})
+        if mismatch:
+            p.messages.append(f"{resume} was made with other settings than this run ({'; '.join(mismatch)}); resume "
+                              "with that run's --num_pairs, --image_size, --synthetic_space, --similarity and "
+                              "--sim_rank, or start over with --overwrite_output_dir true or another --output_dir")
+    p.raise_if_any("the arguments")
+    if args.resume_from_checkpoint is None and getattr(args, "overwrite_output_dir", False):
+        state = PartialState()
+        if state.is_main_process:
+            check_output_dir(out, overwrite_output_dir=True)
+        state.wait_for_everyone()
+    return resume
+
+
+def check_distill_data(dataset, set_args) -> None:
+    """Check the loaded dataset (a DatasetDict, before encoding) against the run: enough images for the pairs."""
+    p = _Problems()
+    for split in ("train", "validation", "test"):
+        p.check(len(dataset[split]) > 0, f"the {split} split of the dataset is empty; every split needs images")
+    n_train = len(dataset["train"])
+    p.check(set_args.num_pairs <= n_train,
+            f"num_pairs={set_args.num_pairs} exceeds the {n_train} training images (the set is initialised from "
+            f"real pairs); lower --num_pairs to at most {n_train}")
+    p.raise_if_any("the dataset")
+
+
+# ----- examples/evaluate.py ------------------------------------------------------------------------------------
+
+
+def check_evaluate_run(args) -> None:
+    """Check examples/evaluate.py's EvaluateArguments before the dataset is encoded: output dir, protocol, the set.
+
+    A ``--distilled_set`` is loaded once here (local folder or Hub repo), so a missing, damaged or non-finite
+    set stops before the encoding.
+    """
+    p = _Problems()
+    p.check(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
+    p.check(args.pairs >= 1, f"--pairs must be >= 1, got {args.pairs}")
+    p.check(args.embed_dim >= 1, f"--embed_dim must be >= 1, got {args.embed_dim}")
+    if args.lr is not None:
+        p.check(_finite_positive(args.lr), f"--lr must be a finite number > 0, got {args.lr}")
+    if args.epochs is not None:
+        p.check(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+    if args.loss is not None:
+        p.check(args.loss in ("infonce", "wbce"), f"--loss must be 'infonce' or 'wbce', got {args.loss!r}")
+    out = Path(args.output_dir)
+    try:
+        check_output_dir(out)
+    except ValueError as err:
+        p.messages.append(str(err))
+    if not p.messages and args.method == "distilled":
+        from .synthetic import SyntheticSet
+
+        path = args.distilled_set
+        try:
+            SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
+        except (ValueError, OSError) as err:  # not a set, damaged, non-finite, or no such folder / repo
+            where = "" if Path(path).is_dir() else "no such local folder, and as a Hub dataset repo: "
+            p.messages.append(f"--distilled_set {path}: {where}{type(err).__name__}: {err}")
+    p.raise_if_any("the arguments")
+
+
+def check_evaluate_data(dataset, args) -> None:
+    """Check the loaded dataset against examples/evaluate.py's arguments: a coreset needs enough images."""
+    n_train = len(dataset["train"])
+    if args.method in ("random", "herding", "kcenter") and args.pairs > n_train:
+        raise ValueError(f"--pairs {args.pairs} exceeds the {n_train} training images; lower --pairs to at most "
+                         f"{n_train} (or use --method full)")
