@@ -251,6 +251,18 @@ def _check_baselines(problems: _Problems, baselines: str) -> None:
                                           f"{', '.join(BASELINES)}, comma-separated ('' for none)")
 
 
+def _image_feature_dim(name: str) -> int | None:
+    """The pooled feature width of timm model ``name``, built on the meta device (no weights); None if unknown."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return int(timm.create_model(name, pretrained=False, num_classes=0).num_features)
+    except Exception:  # noqa: BLE001 - an unknown name is reported when the encoder is loaded
+        return None
+
+
 def check_distill_run(data_args, set_args, args) -> str | None:
     """Check a distillation run's arguments, output dir, experts folder and checkpoint before anything is encoded.
 
@@ -301,6 +313,13 @@ def check_distill_run(data_args, set_args, args) -> str | None:
                            lr_img=args.lr_init, lr_txt=args.lr_init)
         except ValueError as err:
             p.messages.append(str(err))
+    if not p.messages and args.matching == "asymmetric" and not getattr(args, "asymmetric_image_head", False):
+        width = _image_feature_dim(data_args.image_encoder)
+        p.check(width is None or set_args.embed_dim == width,
+                f"asymmetric matching (--method {args.method}) builds the student as the released LoRS / MTT-VL code "
+                f"does: the image encoder's pooled feature is the image embedding, so the text head outputs its "
+                f"width: set --embed_dim {width} ({data_args.image_encoder}'s feature width; got {set_args.embed_dim}),"
+                " or --asymmetric_image_head true for the ablation with an image head")
 
     out = Path(args.output_dir)
     trajectory_dir = Path(set_args.trajectory_dir or out / "experts")

@@ -26,7 +26,11 @@ class RepBlendConfig(PretrainedConfig):
     Defaults are the embedded default (EfficientNet-Lite0 + all-MiniLM-L6-v2 at 64 px, 99 pairs);
     the paper used ``nfnet_l0`` + ``bert-base-uncased`` at 224 px with ``embed_dim`` 2304.
     ``lr_img`` / ``lr_txt`` hold the learned inner learning rates η, which evaluation uses as the
-    heads' learning rates. ``synthetic_space`` is ``"pixels"`` (the paper: images any model can take) or
+    heads' learning rates. ``matching`` records what the distillation's student trained, which fixes the set's
+    own evaluation protocol: ``"symmetric"`` (RepBlend) the two heads on the frozen encoder, ``"asymmetric"``
+    (LoRS / MTT-VL) the image encoder and the text head (and an image head with ``asymmetric_image_head``,
+    an ablation); without an image head the text head outputs the encoder's width, ``embed_dim ==
+    image_dim``. ``synthetic_space`` is ``"pixels"`` (the paper: images any model can take) or
     ``"features"`` (the images are vectors of ``image_encoder``'s feature space at ``image_size``; they
     train heads on that frozen encoder and transfer to no other).
     """
@@ -47,6 +51,8 @@ class RepBlendConfig(PretrainedConfig):
     sim_rank: int = 10
     sim_alpha: float = 3.0
     method: str = "repblend"
+    matching: str = "symmetric"
+    asymmetric_image_head: bool = False
     lr_img: float = 0.1
     lr_txt: float = 0.1
     source_dataset: str | None = None
@@ -70,6 +76,14 @@ class RepBlendConfig(PretrainedConfig):
              f"sim_rank must be in 1..num_pairs ({self.num_pairs}) for a low-rank similarity, got {self.sim_rank}; "
              "use similarity='full' for a full-rank matrix"),
             (self.sim_alpha > 0, f"sim_alpha must be > 0, got {self.sim_alpha}"),
+            (self.matching in ("symmetric", "asymmetric"),
+             f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}"),
+            (not self.asymmetric_image_head or self.matching == "asymmetric",
+             "asymmetric_image_head=True describes an asymmetric student; set matching='asymmetric' or drop it"),
+            (self.matching != "asymmetric" or self.asymmetric_image_head or self.embed_dim == self.image_dim,
+             f"matching='asymmetric' without an image head uses the image encoder's {self.image_dim}-d feature as "
+             f"the image embedding, so the text head outputs that width: set embed_dim={self.image_dim} (got "
+             f"{self.embed_dim}), or asymmetric_image_head=True"),
             (self.lr_img > 0 and self.lr_txt > 0,
              f"lr_img and lr_txt (learned inner learning rates) must be > 0, got {self.lr_img}, {self.lr_txt}"),
         ]

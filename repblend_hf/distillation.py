@@ -4,8 +4,10 @@ METHOD.md, "Distillation loop": starting from an expert's parameters θ⁰, the 
 ``syn_steps`` SGD steps on mini-batches of the synthetic set (with representation blending before
 the heads), and the normalised distance of θᴺ to the expert's later parameters θ* is the loss
 whose gradient updates the synthetic set. The student here is the pair of projection heads
-("symmetric", RepBlend) or the image encoder + image head and the text head ("asymmetric", LoRS /
-MTT-VL). Trajectory snapshots are one flat vector per branch; the student splits them into one leaf
+("symmetric", RepBlend) or, for "asymmetric" matching (LoRS / MTT-VL), the image encoder and the text
+head: as in the released code the image embedding is the encoder's pooled feature (no image head; the
+``RetrievalHeads`` then have an ``nn.Identity`` image head), or encoder + image head for the ablation
+that keeps one. Trajectory snapshots are one flat vector per branch; the student splits them into one leaf
 per parameter tensor (:func:`~repblend_hf.modeling.split_parameters`) so that no step slices a flat
 leaf.
 
@@ -33,7 +35,7 @@ from torch.func import functional_call
 
 from .blending import BlendParams, blend_representations, sample_blend
 from .losses import info_nce, weighted_bce
-from .modeling import RetrievalHeads, head_apply, similarity_logits, split_parameters
+from .modeling import ProjectionHead, RetrievalHeads, head_apply, similarity_logits, split_parameters
 
 __all__ = ["InnerLoopPlan", "plan_inner_loop", "matching_gradients"]
 
@@ -102,7 +104,8 @@ class _Student:
     """How the matched branches' flat vectors split into per-tensor leaves, and the student's forward.
 
     Branch ``"image"`` is the image head, led by the image encoder's parameters when it is trained
-    (asymmetric matching); branch ``"text"`` is the text head.
+    (asymmetric matching); without an image head (``heads.image_head`` an ``nn.Identity``, the released
+    LoRS / MTT-VL student) it is the encoder's parameters alone. Branch ``"text"`` is the text head.
     """
 
     def __init__(self, heads: RetrievalHeads, image_encoder: nn.Module | None, dropout: float):
@@ -128,6 +131,9 @@ class _Student:
         keep = 1.0 - self.dropout
         out = []
         for head in (self.heads.image_head, self.heads.text_head):
+            if not isinstance(head, ProjectionHead):  # no image head: the encoder's feature has no dropout
+                out.append(None)
+                continue
             width = head.fc.out_features
             out.append((torch.rand(rows, width, generator=g) < keep).to(device, torch.float32) / keep)
         return out[0], out[1]
@@ -176,10 +182,12 @@ def matching_gradients(
 
     ``image_inputs`` are the touched pairs' image-encoder features (symmetric matching) or their
     pixels (asymmetric: then ``image_encoder`` is the module whose parameters lead the ``"image"``
-    branch vector, followed by the image head's). ``text_inputs`` are their text embeddings;
+    branch vector, followed by the image head's if ``heads`` has one). ``text_inputs`` are their text embeddings;
     ``targets(positions)`` gives the soft-label block S_I (unused for InfoNCE); ``lrs`` maps each
     branch to its inner learning rate η. ``start`` / ``target`` are the segment's flat branch vectors.
     ``wrt`` lists the leaves to differentiate; entries that do not influence the loss get ``None``.
+    ``temperature`` divides the inner loop's cosine logits, i.e. it is 1 / the inner logit scale (MTT-VL's
+    released inner loop multiplies by ln(1/0.07) where its experts use 1/0.07: the trainer passes 1 / that).
     ``inner_dropout`` is the heads' dropout in the inner loop (the released code runs the student in
     train mode, p = 0.1); each step's masks come from ``plan.dropout_seeds`` so that a recomputed step
     is the same function as the original one.

@@ -44,12 +44,27 @@ class ProjectionHead(nn.Module):
 
 
 class RetrievalHeads(nn.Module):
-    """The two trainable heads of the retrieval model (image: d_img → d, text: d_txt → d)."""
+    """The two trainable heads of the retrieval model (image: d_img → d, text: d_txt → d).
 
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, dropout: float = 0.1):
+    ``image_head=False`` is the student of the asymmetric methods as their authors build it (LoRS / MTT-VL:
+    ``use_image_project = False`` in ``CLIPModel_full.forward``): the image embedding is the image encoder's
+    pooled feature itself (``image_head`` is an ``nn.Identity`` without parameters), so the text head must
+    output that width, ``embed_dim == image_dim``.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, dropout: float = 0.1, image_head: bool = True):
         super().__init__()
-        self.image_head = ProjectionHead(image_dim, embed_dim, dropout)
+        if not image_head and embed_dim != image_dim:
+            raise ValueError(f"without an image head the image embedding is the image encoder's {image_dim}-d "
+                             f"feature, so the text head must output {image_dim} values too: set embed_dim="
+                             f"{image_dim} (got {embed_dim}), or keep an image head (asymmetric_image_head=True)")
+        self.image_head = ProjectionHead(image_dim, embed_dim, dropout) if image_head else nn.Identity()
         self.text_head = ProjectionHead(text_dim, embed_dim, dropout)
+
+    @property
+    def has_image_head(self) -> bool:
+        """Whether the image embedding goes through a trained head (False: it is the encoder's feature)."""
+        return isinstance(self.image_head, ProjectionHead)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_head(image_features), self.text_head(text_features)
@@ -60,8 +75,12 @@ class RetrievalHeads(nn.Module):
 
 
 def flatten_parameters(module: nn.Module) -> torch.Tensor:
-    """All parameters of ``module`` concatenated into one flat vector, in ``named_parameters`` order."""
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+    """All parameters of ``module`` concatenated into one flat vector, in ``named_parameters`` order.
+
+    A module without parameters (the ``nn.Identity`` image head of an asymmetric student) gives an empty vector.
+    """
+    params = [p.detach().reshape(-1) for p in module.parameters()]
+    return torch.cat(params) if params else torch.zeros(0)
 
 
 def unflatten_parameters(module: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,7 +97,11 @@ def unflatten_parameters(module: nn.Module, flat: torch.Tensor) -> dict[str, tor
 
 
 def branch_sizes(heads: RetrievalHeads, image_encoder: nn.Module | None = None) -> dict[str, int]:
-    """Parameters per matched branch: the heads, with the image encoder leading ``image`` when it is trained."""
+    """Parameters per matched branch: the heads, with the image encoder leading ``image`` when it is trained.
+
+    For the asymmetric student as the released code builds it (``heads`` without an image head) the ``image``
+    branch is the image encoder's parameters alone.
+    """
     sizes = {b: sum(p.numel() for p in h.parameters()) for b, h in heads.branches().items()}
     if image_encoder is not None:
         sizes["image"] += sum(p.numel() for p in image_encoder.parameters())

@@ -16,15 +16,26 @@ from transformers import TrainingArguments
 __all__ = ["ExpertTrainingArguments", "DistillationArguments", "METHOD_PRESETS"]
 
 # The methods of the paper's comparison as presets of the switches they differ in (METHOD.md,
-# "Baselines"). A field left at None takes the preset's value; a value set explicitly wins, which is
-# how the ablations (RepBlend without blending, without symmetric matching) are expressed.
+# "Baselines") and of the outer learning rates their authors released for Flickr-100. A field left at
+# None takes the preset's value; a value set explicitly wins, which is how the ablations (RepBlend
+# without blending, without symmetric matching) are expressed.
+# - repblend: RepBlend's scripts/distill_flickr_repblend.sh (lr_img 100, lr_txt 100, lr_sim 10, lr_lr 1e-2).
+# - lors: LoRS_Distill sh/distill_flickr_lors_100.sh (lr_img 100, lr_txt 100, lr_sim 10, lr_lr 1e-2).
+# - mtt_vl: multimodal_dataset_distillation README's Flickr command (lr_img 1000, lr_txt 1000, lr_lr 1e-2; no
+#   similarity, so lr_sim is unused), and its inner loop's logit scale ln(1/0.07) ≈ 2.66 (distill.py: the
+#   logits are multiplied by ``logit_scale`` = ln(1/0.07) without ``.exp()``; its experts and evaluation
+#   use 1/0.07).
+# The released lr_lr steps the raw η; here it steps log η (DistillationArguments.lr_lr), where the same number
+# is a ~100x smaller step at η = 0.1 (METHOD.md, step 4). None for inner_logit_scale means 1/temperature.
 METHOD_PRESETS: dict[str, dict[str, object]] = {
     "repblend": dict(blend_beta=1.0, matching="symmetric", distill_loss="wbce", similarity="lowrank",
-                     meta_gradient="tesla"),
+                     meta_gradient="tesla", lr_img=100.0, lr_txt=100.0, lr_sim=10.0, lr_lr=1e-2,
+                     inner_logit_scale=None),
     "lors": dict(blend_beta=0.0, matching="asymmetric", distill_loss="wbce", similarity="lowrank",
-                 meta_gradient="tesla"),
+                 meta_gradient="tesla", lr_img=100.0, lr_txt=100.0, lr_sim=10.0, lr_lr=1e-2, inner_logit_scale=None),
     "mtt_vl": dict(blend_beta=0.0, matching="asymmetric", distill_loss="infonce", similarity="none",
-                   meta_gradient="unrolled"),
+                   meta_gradient="unrolled", lr_img=1000.0, lr_txt=1000.0, lr_sim=10.0, lr_lr=1e-2,
+                   inner_logit_scale=math.log(1 / 0.07)),
 }
 
 
@@ -74,6 +85,10 @@ class ExpertTrainingArguments(TrainingArguments):
     matching: str = field(default="symmetric", metadata={
         "help": "'symmetric' trains only the two projection heads on cached features (RepBlend); 'asymmetric' also "
                 "fine-tunes the image encoder from pixels (LoRS / MTT-VL buffers)."})
+    asymmetric_image_head: bool = field(default=False, metadata={
+        "help": "Asymmetric experts only, an ablation: train an image head on top of the encoder. Off (the released "
+                "LoRS / MTT-VL buffers): the image branch is the encoder alone and its pooled feature is the image "
+                "embedding, so embed_dim must equal the encoder's feature width."})
     embed_dim: int = field(default=512, metadata={"help": "Output dimension of both projection heads (paper: 2304)."})
     temperature: float = field(default=0.07, metadata={"help": "InfoNCE temperature τ (not learned)."})
     learning_rate: float = field(default=0.1, metadata={"help": "SGD learning rate of the experts (paper: 0.1)."})
@@ -94,6 +109,9 @@ class ExpertTrainingArguments(TrainingArguments):
         _check(self.matching in ("symmetric", "asymmetric"),
                f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")
         _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
+        _check(not self.asymmetric_image_head or self.matching == "asymmetric",
+               "asymmetric_image_head=True adds an image head to the asymmetric experts' encoder; symmetric experts "
+               "always train both heads: drop asymmetric_image_head or set matching='asymmetric'")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         _check(self.max_steps <= 0, f"experts are snapshotted once per epoch: set num_train_epochs, not max_steps "
                                     f"(got max_steps={self.max_steps})")
@@ -107,8 +125,20 @@ class DistillationArguments(TrainingArguments):
     """Arguments of :class:`~repblend_hf.trainers.DistillationTrainer` (METHOD.md, "Distillation loop").
 
     One training step is one outer iteration. Defaults are the released Flickr-100 setting except where
-    noted; ``method`` fills ``blend_beta``, ``matching``, ``distill_loss``, ``similarity`` and
-    ``meta_gradient`` from :data:`METHOD_PRESETS` unless they are set explicitly.
+    noted; ``method`` fills ``blend_beta``, ``matching``, ``distill_loss``, ``similarity``,
+    ``meta_gradient``, the outer learning rates ``lr_img``, ``lr_txt``, ``lr_sim``, ``lr_lr`` and
+    ``inner_logit_scale`` from :data:`METHOD_PRESETS` unless they are set explicitly. The learning rates that
+    result when none is given:
+
+    ========== ====== ====== ====== ====== ==================
+    method     lr_img lr_txt lr_sim lr_lr  inner_logit_scale
+    ========== ====== ====== ====== ====== ==================
+    repblend   100    100    10     1e-2   1/temperature
+    lors       100    100    10     1e-2   1/temperature
+    mtt_vl     1000   1000   (10)   1e-2   ln(1/0.07) ≈ 2.66
+    ========== ====== ====== ====== ====== ==================
+
+    (MTT-VL learns no similarity: its lr_sim is unused.) ``syn_momentum`` is 0.5 for every method, as released.
     Defaults that differ from ``TrainingArguments``: ``max_steps=3000``, ``lr_scheduler_type="constant"``,
     ``max_grad_norm=0`` (the groups have very different gradient scales; η is clipped separately),
     ``logging_steps=10``, ``save_steps=100``, ``save_total_limit=2``, ``per_device_train_batch_size=1``,
@@ -126,10 +156,15 @@ class DistillationArguments(TrainingArguments):
     inner_dropout: float = field(default=0.1, metadata={
         "help": "Dropout of the heads in the inner loop (the released code runs the student in train mode, p = 0.1); "
                 "each step's masks are drawn once and reused when TESLA recomputes the step. 0 disables."})
-    lr_img: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic images."})
-    lr_txt: float = field(default=100.0, metadata={"help": "Outer SGD learning rate of the synthetic texts."})
-    lr_sim: float = field(default=10.0, metadata={"help": "Outer SGD learning rate of the similarity parameters."})
-    lr_lr: float = field(default=1e-2, metadata={"help": "Outer SGD learning rate of log η (the inner lrs)."})
+    lr_img: float | None = field(default=None, metadata={
+        "help": "Outer SGD learning rate of the synthetic images (preset: 100 for repblend / lors, 1000 for mtt_vl)."})
+    lr_txt: float | None = field(default=None, metadata={
+        "help": "Outer SGD learning rate of the synthetic texts (preset: 100 for repblend / lors, 1000 for mtt_vl)."})
+    lr_sim: float | None = field(default=None, metadata={
+        "help": "Outer SGD learning rate of the similarity parameters (preset: 10)."})
+    lr_lr: float | None = field(default=None, metadata={
+        "help": "Outer SGD learning rate of log η, the inner lrs (preset: 1e-2, the released number, which there "
+                "steps the raw η)."})
     lr_init: float = field(default=0.1, metadata={"help": "Initial inner learning rate η of both heads."})
     lr_min: float = field(default=1e-3, metadata={
         "help": "Lower bound of η. η = exp(log η) clamped to [lr_min, lr_max]: a plain η went negative or to 0 and "
@@ -147,7 +182,11 @@ class DistillationArguments(TrainingArguments):
                 "repblend, 0 for lors / mtt_vl)."})
     matching: str | None = field(default=None, metadata={
         "help": "'symmetric' matches both projection heads (RepBlend); 'asymmetric' matches the image encoder + "
-                "image head and the text head (LoRS / MTT-VL)."})
+                "text head (LoRS / MTT-VL: the student's image branch is the encoder alone, as released)."})
+    asymmetric_image_head: bool = field(default=False, metadata={
+        "help": "Asymmetric matching only, an ablation: put an image head on top of the trained image encoder (this "
+                "library's layout before issue #11). Off (the released LoRS / MTT-VL student): the image embedding is the "
+                "encoder's pooled feature, so the text head outputs its width (embed_dim = image_dim)."})
     branch_normalization: str = field(default="separate", metadata={
         "help": "'separate' sums per-branch normalised distances (Flickr settings); 'joint' uses one ratio (COCO)."})
     meta_gradient: str | None = field(default=None, metadata={
@@ -157,6 +196,10 @@ class DistillationArguments(TrainingArguments):
         "help": "Inner loss: 'wbce' against the learned similarity (LoRS / RepBlend) or 'infonce' (MTT-VL)."})
     similarity: str | None = field(default=None, metadata={
         "help": "Learned similarity kind: 'lowrank', 'full' or 'none' (preset). Rank and scale are in the config."})
+    inner_logit_scale: float | None = field(default=None, metadata={
+        "help": "Factor of the cosine logits in the inner loop only (experts and evaluation keep 1/temperature). "
+                "None: 1/temperature (repblend, lors); preset for mtt_vl: ln(1/0.07) ≈ 2.66, what its released "
+                "inner loop uses."})
     encoder_chunk_size: int = field(default=0, metadata={
         "help": "Synthetic images per encoder call in the symmetric path (0: all touched images in one call). With "
                 "encoder_recompute each chunk's forward graph is freed and recomputed in the pixel backward, so "
@@ -213,6 +256,8 @@ class DistillationArguments(TrainingArguments):
         _check(0 <= self.inner_dropout < 1, f"inner_dropout must be in [0, 1), got {self.inner_dropout}")
         for name in ("lr_img", "lr_txt", "lr_sim", "lr_lr", "lr_init"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _check(self.inner_logit_scale is None or self.inner_logit_scale > 0,
+               f"inner_logit_scale must be > 0, got {self.inner_logit_scale}; leave it unset for 1/temperature")
         _check(0 < self.lr_min <= self.lr_init <= self.lr_max,
                f"need 0 < lr_min <= lr_init <= lr_max, got {self.lr_min}, {self.lr_init}, {self.lr_max}")
         _check(self.lr_grad_clip >= 0, f"lr_grad_clip must be >= 0 (0 disables), got {self.lr_grad_clip}")
@@ -222,6 +267,9 @@ class DistillationArguments(TrainingArguments):
         _check(self.blend_beta >= 0, f"blend_beta must be >= 0, got {self.blend_beta}; use 0 to disable blending")
         _check(self.matching in ("symmetric", "asymmetric"),
                f"matching must be 'symmetric' or 'asymmetric', got {self.matching!r}")
+        _check(not self.asymmetric_image_head or self.matching == "asymmetric",
+               "asymmetric_image_head=True adds an image head to the asymmetric student's encoder; symmetric matching "
+               "always trains both heads: drop asymmetric_image_head or set matching='asymmetric'")
         _check(self.branch_normalization in ("separate", "joint"),
                f"branch_normalization must be 'separate' or 'joint', got {self.branch_normalization!r}")
         _check(self.meta_gradient in ("tesla", "unrolled"),

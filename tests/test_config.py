@@ -15,6 +15,8 @@ from repblend_hf.configuration import METHODS, SIMILARITY_KINDS, RepBlendConfig
 from repblend_hf.training_args import METHOD_PRESETS, DistillationArguments, ExpertTrainingArguments
 
 PRESET_FIELDS = ("blend_beta", "matching", "distill_loss", "similarity", "meta_gradient")
+# The released hyperparameters each preset carries (issue #11): outer lrs and the inner logit scale.
+RELEASED_FIELDS = ("lr_img", "lr_txt", "lr_sim", "lr_lr", "inner_logit_scale")
 
 
 def _ids(cases):
@@ -102,6 +104,12 @@ REPBLEND_CONFIG_INVALID = [
     (dict(sim_alpha=0.0), "sim_alpha must be > 0, got 0.0"),
     (dict(lr_img=0.0), "lr_img and lr_txt (learned inner learning rates) must be > 0, got 0.0, 0.1"),
     (dict(lr_txt=-1.0), "lr_img and lr_txt (learned inner learning rates) must be > 0, got 0.1, -1.0"),
+    (dict(matching="both"), "matching must be 'symmetric' or 'asymmetric', got 'both'"),
+    (dict(asymmetric_image_head=True), "asymmetric_image_head=True describes an asymmetric student; set "
+                                       "matching='asymmetric' or drop it"),
+    (dict(matching="asymmetric", image_dim=1280, embed_dim=512),
+     "matching='asymmetric' without an image head uses the image encoder's 1280-d feature as the image embedding, "
+     "so the text head outputs that width: set embed_dim=1280 (got 512), or asymmetric_image_head=True"),
 ]
 
 
@@ -133,7 +141,7 @@ def test_presets_cover_the_methods():
     assert set(METHOD_PRESETS) == set(EXPECTED_PRESETS)
     assert set(METHOD_PRESETS) <= set(METHODS)  # every distilled set's method is a config method
     for preset in METHOD_PRESETS.values():
-        assert set(preset) == set(PRESET_FIELDS)
+        assert set(preset) == set(PRESET_FIELDS) | set(RELEASED_FIELDS)
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_PRESETS))
@@ -159,6 +167,43 @@ def test_distillation_explicit_value_overrides_preset(tmp_path, method, override
     untouched = set(PRESET_FIELDS) - set(override)
     preset = dict(zip(PRESET_FIELDS, EXPECTED_PRESETS[method]))
     assert {name: getattr(args, name) for name in untouched} == {name: preset[name] for name in untouched}
+
+
+# Outer lrs and inner logit scale when none is given (the released Flickr-100 commands of each method).
+EXPECTED_RELEASED = {
+    "repblend": (100.0, 100.0, 10.0, 1e-2, None),
+    "lors": (100.0, 100.0, 10.0, 1e-2, None),
+    "mtt_vl": (1000.0, 1000.0, 10.0, 1e-2, pytest.approx(2.6592600369)),  # ln(1/0.07), not 1/0.07
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_RELEASED))
+def test_distillation_preset_fills_released_lrs(tmp_path, method):
+    args = DistillationArguments(output_dir=str(tmp_path), method=method)
+    assert tuple(getattr(args, name) for name in RELEASED_FIELDS) == EXPECTED_RELEASED[method]
+    assert args.syn_momentum == 0.5 and args.asymmetric_image_head is False
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_RELEASED))
+@pytest.mark.parametrize("explicit", [dict(lr_img=7.0), dict(lr_txt=3.0, lr_lr=1e-4), dict(lr_sim=100.0),
+                                      dict(inner_logit_scale=1 / 0.07), dict(lr_img=100.0, lr_txt=1000.0)])
+def test_distillation_explicit_lrs_win_over_preset(tmp_path, method, explicit):
+    args = DistillationArguments(output_dir=str(tmp_path), method=method, **explicit)
+    preset = dict(zip(RELEASED_FIELDS, EXPECTED_RELEASED[method]))
+    assert {k: getattr(args, k) for k in RELEASED_FIELDS} == {**preset, **explicit}
+
+
+def test_distillation_released_lrs_from_the_command_line(tmp_path):
+    parser = HfArgumentParser(DistillationArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--method", "mtt_vl",
+                                                  "--lr_img", "5", "--inner_logit_scale", "14.285714"])
+    assert (args.lr_img, args.lr_txt, args.lr_lr) == (5.0, 1000.0, 1e-2)
+    assert args.inner_logit_scale == pytest.approx(1 / 0.07, rel=1e-6)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--method", "lors",
+                                                  "--asymmetric_image_head", "true"])
+    assert args.asymmetric_image_head is True and args.lr_img == 100.0
+    saved = json.loads(args.to_json_string())  # the resolved values are what is written next to the outputs
+    assert (saved["lr_img"], saved["lr_sim"], saved["asymmetric_image_head"]) == (100.0, 10.0, True)
 
 
 def test_distillation_defaults(tmp_path):
@@ -199,6 +244,10 @@ DISTILLATION_INVALID = [
      "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')"),
     (dict(encoder_chunk_size=-1), "encoder_chunk_size must be >= 0, got -1"),
     (dict(num_eval_seeds=0), "num_eval_seeds must be > 0, got 0"),
+    (dict(inner_logit_scale=0.0), "inner_logit_scale must be > 0, got 0.0; leave it unset for 1/temperature"),
+    (dict(asymmetric_image_head=True),  # the repblend preset is symmetric
+     "asymmetric_image_head=True adds an image head to the asymmetric student's encoder; symmetric matching always "
+     "trains both heads: drop asymmetric_image_head or set matching='asymmetric'"),
 ]
 
 
@@ -287,6 +336,9 @@ EXPERT_INVALID = [
     (dict(temperature=0.0), "temperature must be > 0, got 0.0"),
     (dict(num_train_epochs=0), "num_train_epochs must be a whole number >= 1 (snapshots are per epoch), got 0"),
     (dict(num_train_epochs=2.5), "num_train_epochs must be a whole number >= 1 (snapshots are per epoch), got 2.5"),
+    (dict(asymmetric_image_head=True),
+     "asymmetric_image_head=True adds an image head to the asymmetric experts' encoder; symmetric experts always "
+     "train both heads: drop asymmetric_image_head or set matching='asymmetric'"),
 ]
 
 

@@ -1,5 +1,7 @@
 """ExpertTrainer and DistillationTrainer on tiny random models (a handful of steps each)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -50,8 +52,9 @@ def experts(experts_dir):
 def _synthetic(encoder, seed=0, **config):
     torch.manual_seed(seed)  # the low-rank similarity's L is drawn from the global generator
     g = torch.Generator().manual_seed(seed)
+    config = {"embed_dim": EMBED, **config}
     cfg = RepBlendConfig(image_encoder="test_efficientnet", image_size=SIZE, image_dim=encoder.feature_dim,
-                         text_dim=TEXT_DIM, embed_dim=EMBED, num_pairs=N, sim_rank=2, **config)
+                         text_dim=TEXT_DIM, num_pairs=N, sim_rank=2, **config)
     return SyntheticSet(cfg, torch.randn(N, 3, SIZE, SIZE, generator=g), torch.randn(N, TEXT_DIM, generator=g))
 
 
@@ -271,29 +274,119 @@ def test_bf16_runs_the_encoder_in_bf16_and_keeps_the_set_in_fp32(encoder, expert
     assert len(logged) == 2 and all(h["nonfinite_skipped"] == 0 for h in logged)
 
 
-def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
-    """LoRS-style: experts fine-tune the image encoder from pixels; the student unrolls encoder + heads."""
+@pytest.fixture(scope="module")
+def pixel_split(encoder):
+    """16 random PIL images with cached (random) features and two captions each, for asymmetric experts."""
     import numpy as np
     from PIL import Image
-
-    from repblend_hf.modeling import RetrievalHeads, branch_sizes
 
     rng = np.random.default_rng(0)
     m = 16
     images = [Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype("uint8")) for _ in range(m)]
-    split = FeatureSplit(torch.randn(m, encoder.feature_dim), torch.randn(2 * m, TEXT_DIM),
+    g = torch.Generator().manual_seed(5)
+    split = FeatureSplit(torch.randn(m, encoder.feature_dim, generator=g), torch.randn(2 * m, TEXT_DIM, generator=g),
                          torch.arange(m).repeat_interleave(2))
-    args = ExpertTrainingArguments(output_dir=str(tmp_path / "e"), num_experts=1, num_train_epochs=2, embed_dim=EMBED,
-                                   matching="asymmetric", per_device_train_batch_size=8, disable_tqdm=True)
+    return split, images
+
+
+def _asymmetric_expert_args(out, encoder, image_head=False, **kw):
+    return ExpertTrainingArguments(output_dir=str(out), num_experts=1, num_train_epochs=2, matching="asymmetric",
+                                   embed_dim=EMBED if image_head else encoder.feature_dim,
+                                   asymmetric_image_head=image_head, per_device_train_batch_size=8,
+                                   disable_tqdm=True, report_to="none", **kw)
+
+
+@pytest.fixture(scope="module")
+def asymmetric_experts(encoder, pixel_split, tmp_path_factory):
+    """One asymmetric expert as the released buffer.py trains it: the image encoder and the text head, no image head."""
+    split, images = pixel_split
+    out = tmp_path_factory.mktemp("asymmetric")
+    return train_experts(split, _asymmetric_expert_args(out / "e", encoder), str(out / "traj"),
+                         image_encoder=encoder, images=images)
+
+
+def _asymmetric_set(encoder, seed=0, image_head=False, **config):
+    """A pixel set built for the asymmetric student (without an image head: embed_dim = the encoder's width)."""
+    return _synthetic(encoder, seed, matching="asymmetric", asymmetric_image_head=image_head,
+                      embed_dim=EMBED if image_head else encoder.feature_dim, **config)
+
+
+def test_asymmetric_student_is_the_encoder_and_the_text_head(encoder, pixel_split, asymmetric_experts, tmp_path):
+    """The released LoRS / MTT-VL layout: image branch = the encoder's parameters exactly, no image head anywhere."""
+    from repblend_hf.distillation import _Student
+    from repblend_hf.modeling import RetrievalHeads, branch_sizes, flatten_parameters
+    from repblend_hf.trainers import ExpertModel
+
+    encoder_size = sum(p.numel() for p in encoder.model.parameters())
+    experts = asymmetric_experts
+    assert experts.metadata["image_branch"] == "encoder"
+    assert experts.branch_sizes["image"] == encoder_size  # nothing after the encoder's parameters
+    assert torch.equal(experts.snapshot(0, 0)["image"], flatten_parameters(encoder.model))  # epoch 0 = pretrained
+    assert not torch.equal(experts.snapshot(0, 0)["image"], experts.snapshot(0, 2)["image"])  # the encoder trained
+    assert not torch.equal(experts.snapshot(0, 0)["text"], experts.snapshot(0, 2)["text"])
+    heads = RetrievalHeads(encoder.feature_dim, TEXT_DIM, encoder.feature_dim, image_head=False)
+    assert list(heads.image_head.parameters()) == [] and not heads.has_image_head
+    assert experts.branch_sizes == branch_sizes(heads, encoder.model)
+    # The expert model's parameters are exactly the two matched branches (nothing unused for DDP to trip on).
+    model = ExpertModel(heads, 0.07, copy.deepcopy(encoder.model).requires_grad_(True))
+    assert sum(p.numel() for p in model.parameters()) == sum(experts.branch_sizes.values())
+    model(torch.randn(3, TEXT_DIM), pixel_values=torch.randn(3, 3, SIZE, SIZE))["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # The student splits the image branch into the encoder's tensors only, and the trainer accepts these experts.
+    student = _Student(heads, encoder.model, dropout=0.1)
+    split = student.split(experts.snapshot(0, 1))
+    assert [t.shape for t in split["image"]] == [p.shape for p in encoder.model.parameters()]
+    assert [t.shape for t in split["text"]] == [p.shape for p in heads.text_head.parameters()]
+    assert student.masks(0, 4, "cpu")[0] is None  # no image head: no dropout on the encoder's feature
+    trainer = DistillationTrainer(_asymmetric_set(encoder), _args(tmp_path, method="lors"), experts, encoder)
+    assert not trainer.heads.has_image_head and trainer.heads.text_head.fc.out_features == encoder.feature_dim
+
+
+def test_asymmetric_image_head_is_an_explicit_ablation(encoder, pixel_split, asymmetric_experts, tmp_path):
+    from repblend_hf.modeling import RetrievalHeads, branch_sizes
+
+    split, images = pixel_split
+    # Without the flag the text head must output the encoder's width: a clear error, before any expert trains.
+    args = ExpertTrainingArguments(output_dir=str(tmp_path / "e"), num_experts=1, num_train_epochs=2,
+                                   matching="asymmetric", embed_dim=EMBED, disable_tqdm=True)
+    with pytest.raises(ValueError, match=f"set embed_dim={encoder.feature_dim} \\(got {EMBED}\\)"):
+        train_experts(split, args, str(tmp_path / "bad"), image_encoder=encoder, images=images)
+    assert not (tmp_path / "bad").exists()
+    with_head = train_experts(split, _asymmetric_expert_args(tmp_path / "e", encoder, image_head=True),
+                              str(tmp_path / "head"), image_encoder=encoder, images=images)
+    assert with_head.metadata["image_branch"] == "encoder+image_head"
+    heads = RetrievalHeads(encoder.feature_dim, TEXT_DIM, EMBED)
+    assert with_head.branch_sizes == branch_sizes(heads, encoder.model)
+    assert with_head.branch_sizes["image"] > asymmetric_experts.branch_sizes["image"]
+    # Experts and student must agree on the layout: each refuses the other's trajectories.
+    with pytest.raises(ValueError, match="branch 'image' of the expert trajectories has"):
+        DistillationTrainer(_asymmetric_set(encoder), _args(tmp_path, method="lors"), with_head, encoder)
+    with pytest.raises(ValueError, match="branch 'image' of the expert trajectories has"):
+        DistillationTrainer(_asymmetric_set(encoder, image_head=True),
+                            _args(tmp_path, method="lors", asymmetric_image_head=True), asymmetric_experts, encoder)
+    trainer = DistillationTrainer(_asymmetric_set(encoder, image_head=True),
+                                  _args(tmp_path, method="lors", asymmetric_image_head=True), with_head, encoder)
+    assert trainer.heads.has_image_head
+    # The set's config must describe the student the arguments build.
+    with pytest.raises(ValueError, match="args.asymmetric_image_head=True but the SyntheticSet was built with "
+                                         "config.asymmetric_image_head=False"):
+        DistillationTrainer(_asymmetric_set(encoder), _args(tmp_path, method="lors", asymmetric_image_head=True),
+                            with_head, encoder)
+    with pytest.raises(ValueError, match="args.matching='asymmetric' but the SyntheticSet was built with "
+                                         "config.matching='symmetric'"):
+        DistillationTrainer(_synthetic(encoder), _args(tmp_path, method="lors"), asymmetric_experts, encoder)
+
+
+def test_asymmetric_experts_and_lors_distillation_run(encoder, pixel_split, asymmetric_experts, tmp_path):
+    """LoRS-style: experts fine-tune the image encoder from pixels; the student unrolls encoder + text head."""
+    split, images = pixel_split
+    args = _asymmetric_expert_args(tmp_path / "e", encoder)
     with pytest.raises(ValueError, match="pass image_encoder= and images="):
         train_experts(split, args, str(tmp_path / "bad"))
-    experts = train_experts(split, args, str(tmp_path / "traj"), image_encoder=encoder, images=images)
-    heads = RetrievalHeads(encoder.feature_dim, TEXT_DIM, EMBED)
-    assert experts.branch_sizes == branch_sizes(heads, encoder.model)
-    assert not torch.equal(experts.snapshot(0, 0)["image"], experts.snapshot(0, 2)["image"])
+    experts = asymmetric_experts
 
     fresh = load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)  # never folded before
-    syn = _synthetic(fresh)
+    syn = _asymmetric_set(fresh)
     before = syn.pixel_values.detach().clone()
     trainer = DistillationTrainer(syn, _args(tmp_path, method="lors", max_steps=1, max_start_epoch=1), experts,
                                   fresh)
@@ -305,6 +398,49 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, tmp_path):
     # a step; three backwards per image and step (the step's gradient, and the recomputation's double backward).
     k = trainer.args.segments_per_iteration
     assert trainer.encoder_passes == {"forward": k * 2 * 3 * 4, "backward": k * 3 * 3 * 4}
+
+
+def test_mtt_vl_inner_logit_scale_is_used_by_the_inner_loop_only(encoder, pixel_split, asymmetric_experts, tmp_path,
+                                                                 monkeypatch):
+    """MTT-VL's released inner loop multiplies the cosine by ln(1/0.07); its experts and evaluation use 1/0.07."""
+    import math
+
+    import repblend_hf.trainers.distillation_trainer as module
+    from repblend_hf.evaluation import train_heads
+
+    seen = {"inner": [], "evaluation": []}
+
+    def inner(*a, **kw):
+        seen["inner"].append(kw["temperature"])
+        return matching_gradients(*a, **kw)
+
+    def evaluation(*a, **kw):
+        seen["evaluation"].append(kw["temperature"])
+        return train_heads(*a, **kw)
+
+    monkeypatch.setattr(module, "matching_gradients", inner)
+    monkeypatch.setattr(module, "train_heads", evaluation)
+    split, _ = pixel_split
+    args = _args(tmp_path, method="mtt_vl", max_steps=1, max_start_epoch=1, eval_head_epochs=1, syn_steps=2,
+                 mini_batch_size=3, segments_per_iteration=1)
+    assert args.inner_logit_scale == pytest.approx(math.log(1 / 0.07))
+    trainer = DistillationTrainer(_asymmetric_set(encoder, similarity="none"), args, asymmetric_experts, encoder,
+                                  validation=split)
+    trainer.train()
+    trainer.evaluate()
+    assert seen["inner"] == [pytest.approx(1 / math.log(1 / 0.07))]
+    assert seen["evaluation"] == [0.07]  # evaluation keeps τ, as do the experts:
+    assert asymmetric_experts.metadata["temperature"] == 0.07
+    # LoRS has no preset scale (τ); an explicit scale is what the inner loop uses.
+    lors = DistillationTrainer(_asymmetric_set(encoder), _args(tmp_path, method="lors"), asymmetric_experts, encoder)
+    assert lors._inner_temperature == 0.07
+    seen["inner"].clear()
+    trainer = DistillationTrainer(_asymmetric_set(encoder), _args(tmp_path, method="lors", inner_logit_scale=4.0,
+                                                                  segments_per_iteration=1, syn_steps=2,
+                                                                  mini_batch_size=3), asymmetric_experts, encoder)
+    trainer.create_optimizer()
+    trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])})
+    assert seen["inner"] == [0.25]
 
 
 def test_symmetric_distillation_folds_the_encoder_batchnorms_with_the_same_result(experts, tmp_path):

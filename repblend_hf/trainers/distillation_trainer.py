@@ -176,12 +176,16 @@ class DistillationTrainer(Trainer):
         self.validation = validation
         self.reference = reference
         config = model.config
-        self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim)
+        for name in ("similarity", "matching", "asymmetric_image_head"):
+            if getattr(args, name) != getattr(config, name):
+                raise ValueError(f"args.{name}={getattr(args, name)!r} but the SyntheticSet was built with "
+                                 f"config.{name}={getattr(config, name)!r}; build the config from the arguments")
+        # The student: both heads (symmetric), or the image encoder and the text head (asymmetric, as released;
+        # an image head only for the asymmetric_image_head ablation). Experts must have trained the same branches.
+        image_head = args.matching == "symmetric" or args.asymmetric_image_head
+        self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim, image_head=image_head)
         trajectories.check_compatible(
             branch_sizes(self.heads, image_encoder.model if args.matching == "asymmetric" else None))
-        if args.similarity != config.similarity:
-            raise ValueError(f"args.similarity={args.similarity!r} but the SyntheticSet was built with "
-                             f"config.similarity={config.similarity!r}; build the config from the arguments")
         self._metrics: dict[str, list[float]] = defaultdict(list)
         # Images through the frozen encoder (forward) and images whose encoder output got a gradient (backward):
         # counted where the symmetric path calls the encoder, and by a hook for the encoder that LoRS unrolls.
@@ -232,6 +236,12 @@ class DistillationTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
     # ----- one outer iteration ----------------------------------------------------------------------------
+
+    @property
+    def _inner_temperature(self) -> float:
+        """The inner loop's temperature: 1 / ``inner_logit_scale`` when set (MTT-VL's ln(1/0.07)), else τ."""
+        scale = self.args.inner_logit_scale
+        return self._synthetic.config.temperature if scale is None else 1.0 / scale
 
     def _generator(self) -> torch.Generator:
         seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1009 + self.args.process_index
@@ -296,7 +306,7 @@ class DistillationTrainer(Trainer):
                 try:
                     loss_s, grads_s, stats_s = matching_gradients(
                         self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
-                        segment.target_params, eta, wrt, temperature=syn.config.temperature,
+                        segment.target_params, eta, wrt, temperature=self._inner_temperature,
                         distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
                         branch_normalization=args.branch_normalization, image_encoder=student_encoder,
                         inner_dropout=args.inner_dropout)

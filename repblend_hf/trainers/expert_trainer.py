@@ -5,8 +5,10 @@ SGD lr 0.1, batch 128, and every head parameter is recorded at epoch 0 and after
 is one pass over the (image, caption) pairs of the training split, as in the authors' loaders (BLIP's
 ``flickr30k_train.json`` has one item per caption), each pair with one random cached augmented view of
 its image. With ``matching="asymmetric"`` (the LoRS /
-MTT-VL buffers) a trainable copy of the image encoder is trained from pixels as well and leads the
-``"image"`` branch vector.
+MTT-VL buffers) a trainable copy of the image encoder is trained from pixels instead of the image head,
+as the released ``buffer.py`` does (it records ``teacher_net.image_encoder`` and
+``teacher_net.text_projection``): the ``"image"`` branch vector is the encoder's parameters and its pooled
+feature is the image embedding. ``asymmetric_image_head=True`` (an ablation) keeps an image head after it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ logger = logging.getLogger(__name__)
 
 
 class ExpertModel(nn.Module):
-    """The retrieval heads (and, for asymmetric experts, a trainable image encoder) with an InfoNCE loss."""
+    """The retrieval heads (and, for asymmetric experts, a trainable image encoder) with an InfoNCE loss.
+
+    For the released asymmetric layout ``heads`` has no image head (``RetrievalHeads(..., image_head=False)``):
+    the image embedding is the encoder's feature, and the model's parameters are exactly the two matched
+    branches (encoder, text head).
+    """
 
     def __init__(self, heads: RetrievalHeads, temperature: float, image_encoder: nn.Module | None = None):
         super().__init__()
@@ -72,7 +79,8 @@ class ExpertModel(nn.Module):
         """The flat parameter vector of each matched branch (``image`` leads with the encoder if trained)."""
         image = flatten_parameters(self.heads.image_head)
         if self.image_encoder is not None:
-            image = torch.cat([flatten_parameters(self.image_encoder), image])
+            encoder = flatten_parameters(self.image_encoder)
+            image = torch.cat([encoder, image.to(encoder)]) if image.numel() else encoder
         return {"image": image, "text": flatten_parameters(self.heads.text_head)}
 
 
@@ -178,9 +186,10 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     """Train ``args.num_experts`` experts into ``trajectory_dir``, skipping those already complete.
 
     METHOD.md, "Expert trajectories". Expert ``e`` uses seed ``args.seed + e``. Symmetric experts
-    train on the cached features of ``train``; asymmetric ones (``args.matching="asymmetric"``) also
-    fine-tune a copy of ``image_encoder`` (a FrozenImageEncoder) on ``images`` (the train split's PIL
-    images) through its train-time transform. Each finished expert is written atomically, so a
+    train on the cached features of ``train``; asymmetric ones (``args.matching="asymmetric"``) fine-tune a
+    copy of ``image_encoder`` (a FrozenImageEncoder) on ``images`` (the train split's PIL images) through its
+    train-time transform, with the text head and no image head (``embed_dim`` must then be the encoder's
+    feature width) unless ``args.asymmetric_image_head``. Each finished expert is written atomically, so a
     killed run resumes where it stopped.
 
     Under ``accelerate launch`` with P processes every expert is trained data-parallel: each process
@@ -197,9 +206,11 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         raise ValueError("matching='asymmetric' trains the image encoder: pass image_encoder= and images=")
     dims = (train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim)
     trained_encoder = image_encoder.model if args.matching == "asymmetric" else None
+    image_head = args.matching == "symmetric" or args.asymmetric_image_head
+    heads = RetrievalHeads(*dims, image_head=image_head)  # an inconsistent embed_dim fails here, before any work
     info = {
         "num_epochs": int(args.num_train_epochs),
-        "branch_sizes": branch_sizes(RetrievalHeads(*dims), trained_encoder),
+        "branch_sizes": branch_sizes(heads, trained_encoder),
         "num_experts": args.num_experts,
         "matching": args.matching,
         "image_dim": int(train.image_features.shape[1]),
@@ -213,6 +224,8 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         "features_fingerprint": train.fingerprint,
         **(metadata or {}),
     }
+    if args.matching == "asymmetric":  # what the image branch holds (symmetric experts: always the image head)
+        info["image_branch"] = "encoder+image_head" if image_head else "encoder"
     with state.main_process_first():  # the main process creates the directory and its metadata
         writer = TrajectoryWriter(trajectory_dir, info)
     todo = [e for e in range(args.num_experts) if e not in writer.completed]
@@ -222,7 +235,8 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         expert_args = dataclasses.replace(args, seed=args.seed + e, per_device_train_batch_size=(
             args.per_device_train_batch_size // state.num_processes))
         torch.manual_seed(expert_args.seed)
-        model = ExpertModel(RetrievalHeads(*dims), args.temperature, _trainable_copy(trained_encoder))
+        model = ExpertModel(RetrievalHeads(*dims, image_head=image_head), args.temperature,
+                            _trainable_copy(trained_encoder))
         if args.matching == "asymmetric":
             dataset = _PixelPairs(train, images, image_encoder.train_transform)
         else:
