@@ -318,8 +318,8 @@ def check_distill_run(data_args, set_args, args) -> str | None:
         p.check(width is None or set_args.embed_dim == width,
                 f"asymmetric matching (--method {args.method}) builds the student as the released LoRS / MTT-VL code "
                 f"does: the image encoder's pooled feature is the image embedding, so the text head outputs its "
-                f"width: set --embed_dim {width} ({data_args.image_encoder}'s feature width; got {set_args.embed_dim}),"
-                " or --asymmetric_image_head true for the ablation with an image head")
+                f"width: set --embed_dim {width} ({data_args.image_encoder}'s feature width; got "
+                f"{set_args.embed_dim}), or --asymmetric_image_head true for the ablation with an image head")
 
     out = Path(args.output_dir)
     trajectory_dir = Path(set_args.trajectory_dir or out / "experts")

@@ -185,8 +185,8 @@ class DistillationArguments(TrainingArguments):
                 "text head (LoRS / MTT-VL: the student's image branch is the encoder alone, as released)."})
     asymmetric_image_head: bool = field(default=False, metadata={
         "help": "Asymmetric matching only, an ablation: put an image head on top of the trained image encoder (this "
-                "library's layout before issue #11). Off (the released LoRS / MTT-VL student): the image embedding is the "
-                "encoder's pooled feature, so the text head outputs its width (embed_dim = image_dim)."})
+                "library's layout before issue #11). Off (the released LoRS / MTT-VL student): the image embedding "
+                "is the encoder's pooled feature, so the text head outputs its width (embed_dim = image_dim)."})
     branch_normalization: str = field(default="separate", metadata={
         "help": "'separate' sums per-branch normalised distances (Flickr settings); 'joint' uses one ratio (COCO)."})
     meta_gradient: str | None = field(default=None, metadata={

@@ -298,7 +298,7 @@ def _asymmetric_expert_args(out, encoder, image_head=False, **kw):
 
 @pytest.fixture(scope="module")
 def asymmetric_experts(encoder, pixel_split, tmp_path_factory):
-    """One asymmetric expert as the released buffer.py trains it: the image encoder and the text head, no image head."""
+    """One asymmetric expert as the released buffer.py trains it: image encoder and text head, no image head."""
     split, images = pixel_split
     out = tmp_path_factory.mktemp("asymmetric")
     return train_experts(split, _asymmetric_expert_args(out / "e", encoder), str(out / "traj"),
