@@ -9,7 +9,13 @@ only for comparison (:meth:`EvaluationResult.summary`).
 
 The pieces compose: :func:`retrieval_metrics` and :func:`modality_diagnostics` are pure functions of
 scores / embeddings; :func:`train_heads` trains one seed; :func:`evaluate_pairs` runs the protocol
-over seeds and aggregates.
+over seeds and aggregates (``settings["protocol"] = "frozen_encoder"``, the protocol shared by every set).
+
+The asymmetric methods (LoRS, MTT-VL) are evaluated by their authors another way: the image encoder is
+fine-tuned with a fresh text head on the set's *pixels* (their ``epoch.py``).
+:func:`finetune_image_encoder` / :func:`evaluate_finetuned` are that protocol (``"finetune_encoder"``); its
+inputs are the set as a :class:`PixelPairSet` and the real splits as :class:`ImageSplit` (images plus the
+encoder's eval transform, and the cached caption features).
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ __all__ = [
     "SeedResult",
     "EvaluationResult",
     "evaluate_pairs",
+    "FROZEN_ENCODER",
+    "FINETUNE_ENCODER",
+    "PixelPairSet",
+    "ImageSplit",
+    "FinetunedModel",
+    "finetune_image_encoder",
+    "embed_image_split",
+    "evaluate_finetuned",
     "ReferenceDiagnostics",
 ]
 
@@ -243,11 +257,12 @@ def _resolve_lrs(train, lr, lr_img, lr_txt) -> tuple[float, float]:
     resolved = []
     for name, explicit in (("lr_img", lr_img), ("lr_txt", lr_txt)):
         value = explicit if explicit is not None else lr
-        if value is None and isinstance(train, PairSet):
+        if value is None and isinstance(train, (PairSet, PixelPairSet)):
             value = getattr(train, name)
         if value is None:
+            owner = type(train).__name__ if isinstance(train, PixelPairSet) else "PairSet"
             raise ValueError(f"no learning rate for {name}: pass lr= (both heads) or {name}=, or set "
-                             f"PairSet.{name} (a distilled set's learned η)")
+                             f"{owner}.{name} (a distilled set's learned η)")
         value = float(value)
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -594,6 +609,7 @@ def evaluate_pairs(
         "use_augmented_views": use_augmented_views, "seeds": list(seeds),
         "num_train_pairs": len(train) if isinstance(train, PairSet) else train.num_images,
         "train_kind": "pairs" if isinstance(train, PairSet) else "full_split",
+        "protocol": FROZEN_ENCODER,
     }
     if not seeds:
         raise ValueError("seeds must name at least one seed")
@@ -611,16 +627,398 @@ def evaluate_pairs(
             callback=test_callback, use_augmented_views=use_augmented_views, seed=seed, device=device,
             progress=progress,
         )
-        if not trained.history:
-            raise ValueError("eval_epochs is empty; nothing was evaluated")
-        selected = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
-        on_test = max(trained.history, key=lambda h: h["test"]["r_mean"])  # first maximum on ties
-        results.append(SeedResult(
-            seed=seed, selected_epoch=trained.best_epoch, validation=selected["validation"],
-            test=selected["test"], diagnostics=selected["diagnostics"], test_selected_epoch=on_test["epoch"],
-            test_selected_on_test=on_test["test"], history=trained.history, train_loss=trained.train_loss,
-            diverged_epoch=trained.diverged_epoch,
-        ))
+        results.append(_seed_result(seed, trained))
+    return EvaluationResult(seeds=results, settings=settings)
+
+
+def _seed_result(seed: int, trained: TrainedHeads | FinetunedModel) -> SeedResult:
+    """One seed's result from a training run whose history holds validation, test and diagnostics entries."""
+    if not trained.history:
+        raise ValueError("eval_epochs is empty; nothing was evaluated")
+    selected = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
+    on_test = max(trained.history, key=lambda h: h["test"]["r_mean"])  # first maximum on ties
+    return SeedResult(
+        seed=seed, selected_epoch=trained.best_epoch, validation=selected["validation"],
+        test=selected["test"], diagnostics=selected["diagnostics"], test_selected_epoch=on_test["epoch"],
+        test_selected_on_test=on_test["test"], history=trained.history, train_loss=trained.train_loss,
+        diverged_epoch=trained.diverged_epoch,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The asymmetric methods' own protocol: fine-tune the image encoder on the set's pixels
+# --------------------------------------------------------------------------------------------------
+
+#: ``EvaluationResult.settings["protocol"]`` of :func:`evaluate_pairs`: fresh heads on frozen-encoder features.
+FROZEN_ENCODER = "frozen_encoder"
+#: ``EvaluationResult.settings["protocol"]`` of :func:`evaluate_finetuned`: the image encoder is fine-tuned.
+FINETUNE_ENCODER = "finetune_encoder"
+
+
+def _check_lrs(owner: str, lr_img: float | None, lr_txt: float | None) -> tuple[float | None, float | None]:
+    out = []
+    for name, value in (("lr_img", lr_img), ("lr_txt", lr_txt)):
+        if value is not None:
+            value = float(value)
+            if not value > 0:
+                raise ValueError(f"{owner}.{name} must be > 0, got {value}; a learned η that is not positive "
+                                 "cannot train the model")
+            if not np.isfinite(value):
+                raise ValueError(f"{owner}.{name} must be finite, got {value}")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _check_finite_tensors(owner: str, **tensors: torch.Tensor | None) -> None:
+    for name, value in tensors.items():
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{owner}.{name} holds {int((~torch.isfinite(value)).sum())} NaN/inf value(s); a "
+                             "non-finite set cannot be evaluated. If it is a distilled set, it was damaged: use an "
+                             "earlier checkpoint or distil again with lower learning rates")
+
+
+@dataclass
+class PixelPairSet:
+    """N image-text training pairs with the images as *pixels*, for :func:`evaluate_finetuned`.
+
+    ``pixel_values`` ``[N, 3, H, W]`` are normalised pixels, the image encoder's input (a distilled set's
+    ``SyntheticSet.images``); ``text_features`` ``[N, d_txt]`` its text embeddings; ``similarity`` the learned
+    soft similarity S (None: identity targets) and ``lr_img`` / ``lr_txt`` the learned inner learning rates η,
+    as in :class:`PairSet`.
+    """
+
+    pixel_values: torch.Tensor
+    text_features: torch.Tensor
+    similarity: torch.Tensor | None = None
+    lr_img: float | None = None
+    lr_txt: float | None = None
+
+    def __post_init__(self):
+        self.pixel_values = torch.as_tensor(self.pixel_values).detach().float()
+        self.text_features = torch.as_tensor(self.text_features).detach().float()
+        n = self.pixel_values.shape[0]
+        if self.pixel_values.ndim != 4 or self.text_features.ndim != 2 or self.text_features.shape[0] != n:
+            raise ValueError(f"pixel_values must be [N, 3, H, W] and text_features [N, d] with the same N, got "
+                             f"{tuple(self.pixel_values.shape)} and {tuple(self.text_features.shape)}")
+        if self.similarity is not None:
+            self.similarity = torch.as_tensor(self.similarity).detach().float()
+            if tuple(self.similarity.shape) != (n, n):
+                raise ValueError(f"similarity must be [N, N] = [{n}, {n}], got {tuple(self.similarity.shape)}")
+        _check_finite_tensors("PixelPairSet", pixel_values=self.pixel_values, text_features=self.text_features,
+                              similarity=self.similarity)
+        self.lr_img, self.lr_txt = _check_lrs("PixelPairSet", self.lr_img, self.lr_txt)
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+@dataclass
+class ImageSplit:
+    """A real split for a protocol that trains the image encoder: its images and its cached caption features.
+
+    ``images[i]`` is image ``i`` of ``features`` (e.g. ``dataset["test"]["image"]``, the PIL images in the order
+    :func:`~repblend_hf.features.encode_dataset` encoded them); ``transform`` maps one to the encoder's input
+    (the frozen encoder's ``eval_transform``). With ``transform=None``, ``images`` is already a pixel tensor
+    ``[M, 3, H, W]``. Only ``features.caption_features`` and ``caption_to_image`` are used: the image side is
+    re-encoded by the encoder being trained. The transformed pixels are kept after their first use
+    (:meth:`pixels`: ``4 · 3 · H · W`` bytes per image, 49 KB at 64 px), so a split is transformed once for every
+    seed and evaluation epoch.
+    """
+
+    images: Sequence[Any] | torch.Tensor
+    transform: Callable[[Any], torch.Tensor] | None
+    features: FeatureSplit
+    _pixels: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.transform is None and not (torch.is_tensor(self.images) and self.images.ndim == 4):
+            raise ValueError("ImageSplit without a transform needs images as a [M, 3, H, W] pixel tensor; pass the "
+                             "image encoder's eval_transform to use PIL images")
+        if len(self.images) != self.features.num_images:
+            raise ValueError(f"ImageSplit has {len(self.images)} images but its features {self.features.num_images}; "
+                             "pass the split's image column in the order it was encoded")
+
+    @property
+    def num_images(self) -> int:
+        return self.features.num_images
+
+    def pixels(self) -> torch.Tensor:
+        """The split's images as encoder input ``[M, 3, H, W]`` (float32, CPU), transformed once."""
+        if self._pixels is None:
+            if self.transform is None:
+                self._pixels = self.images.detach().float().cpu()
+            else:
+                from .data.images import to_rgb
+
+                self._pixels = torch.stack([self.transform(to_rgb(img)) for img in self.images]).float()
+        return self._pixels
+
+
+@dataclass
+class FinetunedModel:
+    """What :func:`finetune_image_encoder` returns (the fields of :class:`TrainedHeads`, plus the encoder).
+
+    ``image_encoder`` and ``heads`` hold the best-by-validation state (else the final one), in eval mode;
+    ``heads.image_head`` is an ``nn.Identity`` unless an image head was trained.
+    """
+
+    image_encoder: torch.nn.Module
+    heads: RetrievalHeads
+    best_epoch: int
+    history: list[dict[str, Any]]
+    train_loss: list[float]
+    diverged_epoch: int | None = None
+
+
+def _encoder_network(image_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The network to copy: a FrozenImageEncoder's unfolded ``model`` (what the experts and the student train)."""
+    return getattr(image_encoder, "model", image_encoder)
+
+
+@torch.no_grad()
+def embed_image_split(image_encoder: torch.nn.Module, heads: RetrievalHeads, split: ImageSplit, *,
+                      batch_size: int = 256, chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of a split for a model whose image encoder is trained: ``(image [M, d], text [C, d])``.
+
+    Images go through ``image_encoder`` (in batches of ``batch_size``, without gradients) and then
+    ``heads.image_head`` (the identity for the released asymmetric student); captions are the cached caption
+    features through ``heads.text_head``. Both modules are run in eval mode and their modes restored.
+    """
+    modes = image_encoder.training, heads.training
+    image_encoder.eval()
+    heads.eval()
+    device = next(heads.text_head.parameters()).device
+    try:
+        pixels = split.pixels()
+        feats = torch.cat([image_encoder(pixels[i:i + batch_size].to(device)).float()
+                           for i in range(0, len(pixels), batch_size)])
+        images = heads.image_head(feats)
+        captions = split.features.caption_features
+        texts = torch.cat([heads.text_head(captions[i:i + chunk_size].to(device).float())
+                           for i in range(0, len(captions), chunk_size)])
+        return images, texts
+    finally:
+        image_encoder.train(modes[0])
+        heads.train(modes[1])
+
+
+def _image_split_metrics(image_encoder, heads, split: ImageSplit, temperature: float, batch_size: int):
+    image_embeds, text_embeds = embed_image_split(image_encoder, heads, split, batch_size=batch_size)
+    if not (bool(torch.isfinite(image_embeds).all()) and bool(torch.isfinite(text_embeds).all())):
+        return dict.fromkeys(METRIC_NAMES, 0.0), image_embeds, text_embeds
+    scores = similarity_logits(image_embeds, text_embeds, temperature)
+    return retrieval_metrics(scores, split.features.caption_to_image), image_embeds, text_embeds
+
+
+def finetune_image_encoder(
+    train: PixelPairSet,
+    image_encoder: torch.nn.Module,
+    *,
+    embed_dim: int | None = None,
+    image_head: bool = False,
+    loss: str = "wbce",
+    lr: float | None = None,
+    lr_img: float | None = None,
+    lr_txt: float | None = None,
+    epochs: int = 100,
+    decay_epoch: int | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    temperature: float = 0.07,
+    dropout: float = 0.1,
+    eval_epochs: Sequence[int] | None = None,
+    validation: ImageSplit | None = None,
+    callback: Callable[[int, torch.nn.Module, RetrievalHeads], dict[str, Any] | None] | None = None,
+    encode_batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> FinetunedModel:
+    """Fine-tune a copy of the image encoder and a fresh text head on a set of pixel pairs (LoRS / MTT-VL).
+
+    The asymmetric methods' own evaluation protocol, as their released ``epoch.py`` runs it
+    (``evaluate_synset_with_similarity``, LoRS Algorithm 2): a *trainable copy* of ``image_encoder`` (a
+    FrozenImageEncoder, whose unfolded ``model`` is copied, or any module mapping pixels to features; the
+    original is not changed) and a fresh text head (and a fresh image head only with ``image_head=True``, the
+    ablation's layout) are trained on ``train``'s pixels and text embeddings with SGD, momentum 0.9, weight
+    decay 5e-4, the encoder (and image head) at ``lr_img`` and the text head at ``lr_txt`` (default: the set's
+    learned η; ``lr`` sets both), ×0.1 from ``decay_epoch`` (default ``epochs // 2 + 1``), batch 128, wBCE
+    against ``S[I][:, I]`` (identity when S is None) or InfoNCE, logits = cosine / ``temperature``. Without an
+    image head the image embedding is the encoder's pooled feature, so ``embed_dim`` (default) is its width.
+
+    BatchNorm: the encoder copy runs in **eval mode** throughout, i.e. with the pretrained running statistics
+    (not updated) while its convolutions and BatchNorm affine weights are trained, and without its dropout /
+    drop-path. That is the function the experts trained (``ExpertModel.train``) and the distillation student
+    unrolled, so the pixels are judged by the model they were optimised for; training-mode BatchNorm would
+    replace the pretrained statistics with those of ≤ 128 synthetic images. The released code calls
+    ``net.train()``, which for its NFNet encoder (no BatchNorm, no drop-path by default) is the same function.
+    The heads' dropout is active while training, as there.
+
+    Evaluation epochs, the ``callback(epoch, image_encoder, heads)`` and the best-by-validation selection work as
+    in :func:`train_heads`; ``validation`` is an :class:`ImageSplit` whose images are encoded by the encoder
+    being trained (``encode_batch_size`` at a time, without gradients). Randomness comes from ``seed`` only; the
+    global RNG state is restored afterwards.
+    """
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {list(_LOSSES)}, got {loss!r}")
+    if not isinstance(train, PixelPairSet):
+        raise TypeError(f"train must be a PixelPairSet (the set's pixels), got {type(train).__name__}")
+    if train.similarity is not None and loss == "infonce":
+        raise ValueError("the PixelPairSet has a soft similarity S but loss='infonce' ignores it; use loss='wbce' "
+                         "or drop the similarity")
+    if epochs < 0 or batch_size < 1 or encode_batch_size < 1:
+        raise ValueError(f"epochs must be >= 0 and batch sizes >= 1, got {epochs}, {batch_size}, {encode_batch_size}")
+    lr_img, lr_txt = _resolve_lrs(train, lr, lr_img, lr_txt)
+    decay_epoch = epochs // 2 + 1 if decay_epoch is None else decay_epoch
+    eval_epochs = _default_eval_epochs(epochs) if eval_epochs is None else tuple(sorted(set(eval_epochs)))
+    if any(e < 0 or e > epochs for e in eval_epochs):
+        raise ValueError(f"eval_epochs must lie in 0..{epochs}, got {list(eval_epochs)}")
+    device = torch.device(train.pixel_values.device if device is None else device)
+    pixels, texts = train.pixel_values.to(device), train.text_features.to(device)
+    similarity = None if train.similarity is None else train.similarity.to(device)
+    generator = torch.Generator().manual_seed(seed)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        encoder = copy.deepcopy(_encoder_network(image_encoder)).to(device).eval()
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+        with torch.no_grad():
+            feature_dim = encoder(pixels[:1]).shape[-1]
+        embed_dim = feature_dim if embed_dim is None else embed_dim
+        heads = RetrievalHeads(feature_dim, texts.shape[-1], embed_dim, dropout=dropout,
+                               image_head=image_head).to(device)
+        optimizer = torch.optim.SGD(
+            [{"params": [*encoder.parameters(), *heads.image_head.parameters()], "lr": lr_img},
+             {"params": heads.text_head.parameters(), "lr": lr_txt}],
+            lr=lr_img, momentum=momentum, weight_decay=weight_decay,
+        )
+        base_lrs = [lr_img, lr_txt]
+
+        history: list[dict[str, Any]] = []
+        train_loss: list[float] = []
+        best_score, best_epoch, best_state = float("-inf"), epochs, None
+        diverged_epoch = None
+
+        def evaluate(epoch: int) -> None:
+            nonlocal best_score, best_epoch, best_state
+            entry: dict[str, Any] = {"epoch": epoch, "validation": None}
+            if validation is not None:
+                entry["validation"] = _image_split_metrics(encoder, heads, validation, temperature,
+                                                           encode_batch_size)[0]
+                if entry["validation"]["r_mean"] > best_score:
+                    best_score, best_epoch = entry["validation"]["r_mean"], epoch
+                    best_state = (copy.deepcopy(encoder.state_dict()), copy.deepcopy(heads.state_dict()))
+            if callback is not None:
+                entry.update(callback(epoch, encoder, heads) or {})
+            history.append(entry)
+
+        if 0 in eval_epochs:
+            evaluate(0)
+        for epoch in tqdm(range(1, epochs + 1), desc="fine-tune encoder", leave=False, disable=not progress):
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * (0.1 if epoch >= decay_epoch else 1.0)
+            if diverged_epoch is None:
+                heads.train()
+                encoder.eval()  # BatchNorm statistics stay the pretrained ones (see the docstring)
+                total, count = 0.0, 0
+                order = torch.randperm(len(train), generator=generator).to(device)
+                for start in range(0, len(train), batch_size):
+                    idx = order[start:start + batch_size]
+                    logits = similarity_logits(*heads(encoder(pixels[idx]), texts[idx]), temperature)
+                    targets = None if similarity is None else similarity[idx][:, idx]
+                    batch_loss = _batch_loss(loss, logits, targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    batch_loss.backward()
+                    optimizer.step()
+                    total += float(batch_loss.detach()) * len(idx)
+                    count += len(idx)
+                train_loss.append(total / max(count, 1))
+                if not np.isfinite(train_loss[-1]):
+                    diverged_epoch = epoch
+                    warnings.warn(f"encoder fine-tuning diverged at epoch {epoch} (loss {train_loss[-1]}); lr_img="
+                                  f"{lr_img}, lr_txt={lr_txt} are too large. Training stops; later evaluations "
+                                  "score 0.", RuntimeWarning, stacklevel=2)
+            if epoch in eval_epochs:
+                evaluate(epoch)
+
+    if best_state is not None:
+        encoder.load_state_dict(best_state[0])
+        heads.load_state_dict(best_state[1])
+    encoder.eval()
+    heads.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return FinetunedModel(image_encoder=encoder, heads=heads,
+                          best_epoch=best_epoch if validation is not None else epochs, history=history,
+                          train_loss=train_loss, diverged_epoch=diverged_epoch)
+
+
+def evaluate_finetuned(
+    train: PixelPairSet,
+    image_encoder: torch.nn.Module,
+    validation: ImageSplit,
+    test: ImageSplit,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    embed_dim: int | None = None,
+    image_head: bool = False,
+    loss: str = "wbce",
+    lr: float | None = None,
+    lr_img: float | None = None,
+    lr_txt: float | None = None,
+    epochs: int = 100,
+    decay_epoch: int | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    temperature: float = 0.07,
+    dropout: float = 0.1,
+    eval_epochs: Sequence[int] | None = None,
+    encode_batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> EvaluationResult:
+    """The asymmetric methods' own protocol over seeds: fine-tune encoder + text head, select on validation.
+
+    :func:`finetune_image_encoder` per seed (same arguments, see there), scored on ``validation`` and ``test``
+    (:class:`ImageSplit`: image embeddings are the fine-tuned encoder's features of the split's images, text
+    embeddings the text head on the cached caption features) at every ``eval_epochs`` entry; the reported
+    numbers are those of the best validation epoch, in the same :class:`EvaluationResult` shape as
+    :func:`evaluate_pairs`, with ``settings["protocol"] = "finetune_encoder"``. Call it with a distilled set's
+    ``PixelPairSet(syn.images, syn.text_embeddings, S, lr_img=η_img, lr_txt=η_txt)`` and the frozen encoder it
+    was distilled with.
+    """
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    settings = {
+        "protocol": FINETUNE_ENCODER, "image_head": image_head, "encoder_batchnorm": "eval (pretrained statistics)",
+        "embed_dim": embed_dim, "loss": loss, "lr": lr, "lr_img": lr_img, "lr_txt": lr_txt, "epochs": epochs,
+        "decay_epoch": decay_epoch, "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
+        "temperature": temperature, "dropout": dropout,
+        "eval_epochs": None if eval_epochs is None else list(eval_epochs), "seeds": list(seeds),
+        "num_train_pairs": len(train), "train_kind": "pixels",
+    }
+    # The learning rates actually used (the set's learned η unless lr / lr_img / lr_txt were given).
+    settings["encoder_lr"], settings["text_head_lr"] = _resolve_lrs(train, lr, lr_img, lr_txt)
+
+    def test_callback(epoch: int, encoder: torch.nn.Module, heads: RetrievalHeads) -> dict[str, Any]:
+        metrics, image_embeds, text_embeds = _image_split_metrics(encoder, heads, test, temperature,
+                                                                  encode_batch_size)
+        return {"test": metrics, "diagnostics": modality_diagnostics(image_embeds, text_embeds)}
+
+    results = []
+    for seed in tqdm(seeds, desc="seeds", leave=False, disable=not progress):
+        trained = finetune_image_encoder(
+            train, image_encoder, embed_dim=embed_dim, image_head=image_head, loss=loss, lr=lr, lr_img=lr_img,
+            lr_txt=lr_txt, epochs=epochs, decay_epoch=decay_epoch, momentum=momentum, weight_decay=weight_decay,
+            batch_size=batch_size, temperature=temperature, dropout=dropout, eval_epochs=eval_epochs,
+            validation=validation, callback=test_callback, encode_batch_size=encode_batch_size, seed=seed,
+            device=device, progress=progress,
+        )
+        settings["embed_dim"] = trained.heads.text_head.fc.out_features  # resolved (the encoder's width by default)
+        results.append(_seed_result(seed, trained))
     return EvaluationResult(seeds=results, settings=settings)
 
 

@@ -18,12 +18,25 @@ from typing import Any
 
 from .coresets import select_coreset
 from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, load_image_encoder, load_text_encoder
-from .evaluation import METRIC_NAMES, EvaluationResult, PairSet, ReferenceDiagnostics, evaluate_pairs, train_heads
+from .evaluation import (
+    FINETUNE_ENCODER,
+    FROZEN_ENCODER,
+    METRIC_NAMES,
+    EvaluationResult,
+    ImageSplit,
+    PairSet,
+    PixelPairSet,
+    ReferenceDiagnostics,
+    evaluate_finetuned,
+    evaluate_pairs,
+    train_heads,
+)
 from .features import FeatureSplit, encode_dataset
 
 __all__ = ["DataArguments", "Prepared", "configure_cpu_threads", "prepare_features", "evaluate_baseline",
            "BASELINE_PROTOCOLS", "results_record", "write_results", "format_table", "parse_with_config",
-           "last_complete_checkpoint", "reference_diagnostics"]
+           "last_complete_checkpoint", "reference_diagnostics", "image_splits", "evaluate_finetuned_set",
+           "own_protocol_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,13 +187,59 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
     return reference
 
 
+def image_splits(prepared: Prepared, splits: tuple[str, ...] = ("validation", "test")) -> dict[str, ImageSplit]:
+    """The real splits as images (with the image encoder's eval transform) for the fine-tuned-encoder protocol."""
+    transform = prepared.image_encoder.eval_transform
+    return {s: ImageSplit(prepared.dataset[s]["image"], transform, prepared.features[s]) for s in splits}
+
+
+def evaluate_finetuned_set(pairs: PixelPairSet, prepared: Prepared, config, *, seeds: list[int], loss: str,
+                           device=None, **overrides) -> EvaluationResult:
+    """An asymmetric (LoRS / MTT-VL) set under its own protocol: ``prepared``'s image encoder fine-tuned on it.
+
+    :func:`~repblend_hf.evaluation.evaluate_finetuned` with the set's layout (``config.asymmetric_image_head``)
+    and τ, scored on ``prepared``'s validation and test images. Without an image head the text head outputs the
+    encoder's feature width. ``overrides`` go to ``evaluate_finetuned`` (``lr``, ``epochs``, ...).
+    """
+    splits = image_splits(prepared)
+    embed_dim = config.embed_dim if config.asymmetric_image_head else None
+    return evaluate_finetuned(pairs, prepared.image_encoder, splits["validation"], splits["test"], seeds=seeds,
+                              embed_dim=embed_dim, image_head=config.asymmetric_image_head, loss=loss,
+                              temperature=config.temperature, device=device, **overrides)
+
+
+# What a results record's settings say about the run (not the protocol): an own-protocol record copies them.
+RUN_SETTINGS = ("synthetic_space", "feature_range", "matching", "asymmetric_image_head", "inner_logit_scale")
+
+
+def own_protocol_record(shared: dict[str, Any], own: EvaluationResult) -> dict[str, Any]:
+    """An asymmetric set's ``results.json`` record under its own protocol, the shared one under ``shared_protocol``.
+
+    ``shared`` is the set's :func:`results_record` under the shared frozen-encoder protocol (with the run's
+    settings and ``set_diagnostics``), so every method stays comparable on the same protocol (issue #11).
+    """
+    record = results_record(own, dataset=shared["dataset"], method=shared["method"], pairs=shared["pairs"])
+    record["settings"].update({k: shared["settings"][k] for k in RUN_SETTINGS if k in shared["settings"]})
+    if "set_diagnostics" in shared:
+        record["set_diagnostics"] = shared["set_diagnostics"]
+    record["shared_protocol"] = shared
+    return record
+
+
 def results_record(result: EvaluationResult, *, dataset: str, method: str, pairs: int) -> dict[str, Any]:
-    """The ``results.json`` schema: dataset, method, pairs, seeds and validation / test mean ± std per metric."""
+    """The ``results.json`` schema: dataset, method, pairs, seeds and validation / test mean ± std per metric.
+
+    ``protocol`` names how the set was evaluated (``settings["protocol"]``): ``"frozen_encoder"`` (fresh heads on
+    frozen-encoder features, the protocol shared by every set) or ``"finetune_encoder"`` (the asymmetric methods'
+    own: the image encoder fine-tuned with a fresh text head on the set's pixels). An asymmetric set's record
+    is under its own protocol and carries the shared one's record under ``"shared_protocol"``.
+    """
     summary = result.summary()
     return {
         "dataset": dataset,
         "method": method,
         "pairs": pairs,
+        "protocol": result.settings.get("protocol", FROZEN_ENCODER),
         "seeds": len(result.seeds),
         "validation": {k: summary["validation"][k] for k in METRIC_NAMES},
         "test": {k: summary["test"][k] for k in METRIC_NAMES},
@@ -198,13 +257,27 @@ def write_results(path: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
+_PROTOCOL_LABELS = {FROZEN_ENCODER: "shared protocol: frozen encoder",
+                    FINETUNE_ENCODER: "own protocol: fine-tuned encoder"}
+
+
 def format_table(records: list[dict[str, Any]], split: str = "test") -> str:
-    """A Markdown table of ``split`` metrics (mean ± std) with one row per record."""
+    """A Markdown table of ``split`` metrics (mean ± std) with one row per record.
+
+    A record with a ``shared_protocol`` record (an asymmetric set) gives two rows, each labelled with its protocol.
+    """
     header = "| method | pairs | " + " | ".join(METRIC_NAMES) + " |"
     lines = [header, "|" + "---|" * (len(METRIC_NAMES) + 2)]
+    rows = []
     for r in records:
+        if "shared_protocol" in r:
+            rows += [(f"{x['method']} ({_PROTOCOL_LABELS.get(x.get('protocol'), x.get('protocol'))})", x)
+                     for x in (r, r["shared_protocol"])]
+        else:
+            rows.append((r["method"], r))
+    for label, r in rows:
         cells = [f"{r[split][k]['mean']:.1f} ± {r[split][k]['std']:.1f}" for k in METRIC_NAMES]
-        lines.append(f"| {r['method']} | {r['pairs']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {r['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

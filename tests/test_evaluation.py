@@ -277,3 +277,164 @@ def test_evaluate_pairs_and_train_heads_share_defaults():
     for name, param in inspect.signature(evaluate_pairs).parameters.items():
         if name in train_params and name not in ("train", "validation"):
             assert param.default == train_params[name].default, name
+
+
+# --------------------------------------------------------------------------------------------------
+# The asymmetric methods' own protocol: the image encoder fine-tuned on the set's pixels
+# --------------------------------------------------------------------------------------------------
+
+SIZE, TEXT_DIM = 32, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    from repblend_hf.encoders import load_image_encoder
+
+    return load_image_encoder("test_efficientnet", pretrained=False, image_size=SIZE)
+
+
+def pixel_problem(seed=0, n=10, m=12):
+    """A pixel set (N pairs, S = I + noise, learned η) and two pixel splits of M images with 2 captions each."""
+    from repblend_hf.evaluation import ImageSplit, PixelPairSet
+
+    g = torch.Generator().manual_seed(seed)
+    similarity = torch.eye(n) + 0.05 * torch.rand(n, n, generator=g)
+    pairs = PixelPairSet(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randn(n, TEXT_DIM, generator=g),
+                         similarity, lr_img=0.002, lr_txt=0.1)
+
+    def split():
+        caption_to_image = torch.arange(m).repeat_interleave(2)
+        features = FeatureSplit(torch.zeros(m, 1), torch.randn(2 * m, TEXT_DIM, generator=g), caption_to_image)
+        return ImageSplit(torch.randn(m, 3, SIZE, SIZE, generator=g), None, features)
+
+    return pairs, split(), split()
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_finetune_trains_a_copy_of_the_encoder_and_a_text_head(tiny_encoder):
+    from repblend_hf.evaluation import finetune_image_encoder
+
+    pairs, validation, _ = pixel_problem()
+    original = _state(tiny_encoder.model)
+    trained = finetune_image_encoder(pairs, tiny_encoder, epochs=4, validation=validation, eval_epochs=(4,))
+    after = trained.image_encoder.state_dict()
+    weights = [k for k, _ in tiny_encoder.model.named_parameters()]
+    assert all(not torch.equal(after[k], original[k]) for k in weights)  # every encoder tensor was trained
+    # BatchNorm in eval mode: the pretrained running statistics are kept (its affine weights are trained above).
+    stats = [k for k in original if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(after[k], original[k]) for k in stats)
+    # The frozen original is untouched and still frozen.
+    assert all(torch.equal(v, original[k]) for k, v in tiny_encoder.model.state_dict().items())
+    assert not any(p.requires_grad for p in tiny_encoder.model.parameters())
+    # Released layout: no image head, the text head outputs the encoder's width and was trained.
+    assert not trained.heads.has_image_head and trained.heads.text_head.fc.out_features == tiny_encoder.feature_dim
+    assert trained.train_loss[-1] < trained.train_loss[0]
+    assert [h["epoch"] for h in trained.history] == [4] and trained.best_epoch == 4
+    assert set(trained.history[0]["validation"]) == set(METRIC_NAMES)
+    with_head = finetune_image_encoder(pairs, tiny_encoder, epochs=1, image_head=True, embed_dim=16, eval_epochs=())
+    assert with_head.heads.has_image_head and with_head.heads.text_head.fc.out_features == 16
+    with pytest.raises(ValueError, match=f"set embed_dim={tiny_encoder.feature_dim} \\(got 16\\)"):
+        finetune_image_encoder(pairs, tiny_encoder, epochs=1, embed_dim=16)
+
+
+def _one_step_deltas(encoder, pairs, **lrs):
+    from repblend_hf.evaluation import finetune_image_encoder
+
+    torch.manual_seed(0)
+    start = _state(encoder.model)
+    trained = finetune_image_encoder(pairs, encoder, epochs=1, momentum=0.0, weight_decay=0.0, eval_epochs=(),
+                                     seed=3, **lrs)
+    enc = torch.cat([(trained.image_encoder.state_dict()[k] - start[k]).reshape(-1)
+                     for k, _ in encoder.model.named_parameters()])
+    # The text head starts from the seed's initialisation: rebuild it the same way to get its step.
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        from repblend_hf.modeling import RetrievalHeads
+
+        fresh = RetrievalHeads(encoder.feature_dim, TEXT_DIM, encoder.feature_dim, image_head=False)
+    text = flatten_parameters(trained.heads.text_head) - flatten_parameters(fresh.text_head)
+    return enc, text
+
+
+def test_finetune_steps_the_encoder_at_eta_img_and_the_text_head_at_eta_txt(tiny_encoder):
+    pairs, _, _ = pixel_problem()
+    enc, text = _one_step_deltas(tiny_encoder, pairs)  # the set's learned η: 0.002 and 0.1
+    assert enc.abs().sum() > 0 and text.abs().sum() > 0
+    enc_2, text_same = _one_step_deltas(tiny_encoder, pairs, lr_img=0.004, lr_txt=0.1)
+    # One SGD step is Δθ = -η g (up to the float rounding of θ - η g, ~1e-7 for weights of order 1).
+    def same(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+        assert float(a.norm() / b.norm()) == pytest.approx(1.0, rel=1e-3)
+
+    same(enc_2, 2 * enc)
+    same(text_same, text)
+    enc_same, text_3 = _one_step_deltas(tiny_encoder, pairs, lr_img=0.002, lr_txt=0.3)
+    same(enc_same, enc)
+    same(text_3, 3 * text)
+
+
+def test_image_split_and_its_embeddings(tiny_encoder):
+    from PIL import Image
+
+    from repblend_hf.evaluation import ImageSplit, embed_image_split
+    from repblend_hf.modeling import RetrievalHeads
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype("uint8")) for _ in range(3)]
+    features = FeatureSplit(torch.zeros(3, 1), torch.randn(6, TEXT_DIM), torch.arange(3).repeat_interleave(2))
+    split = ImageSplit(images, tiny_encoder.eval_transform, features)
+    pixels = split.pixels()
+    assert torch.equal(pixels, torch.stack([tiny_encoder.eval_transform(img) for img in images]))
+    assert split.pixels() is pixels  # transformed once
+    heads = RetrievalHeads(tiny_encoder.feature_dim, TEXT_DIM, tiny_encoder.feature_dim, image_head=False).train()
+    image, text = embed_image_split(tiny_encoder.model, heads, split, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(image, tiny_encoder.model(pixels))  # the encoder's features are the embeddings
+        torch.testing.assert_close(text, heads.eval().text_head(features.caption_features))
+    with pytest.raises(ValueError, match="has 2 images but its features 3"):
+        ImageSplit(images[:2], tiny_encoder.eval_transform, features)
+    with pytest.raises(ValueError, match="needs images as a \\[M, 3, H, W\\] pixel tensor"):
+        ImageSplit(images, None, features)
+
+
+def test_evaluate_finetuned_selects_on_validation_and_records_the_protocol(tiny_encoder):
+    from repblend_hf.evaluation import FINETUNE_ENCODER, evaluate_finetuned
+    from repblend_hf.pipeline import results_record
+
+    pairs, validation, test = pixel_problem()
+    result = evaluate_finetuned(pairs, tiny_encoder, validation, test, seeds=(0, 1), epochs=4, eval_epochs=(0, 2, 4))
+    assert result.settings["protocol"] == FINETUNE_ENCODER and result.settings["image_head"] is False
+    assert (result.settings["encoder_lr"], result.settings["text_head_lr"]) == (0.002, 0.1)  # the learned η
+    assert result.settings["embed_dim"] == tiny_encoder.feature_dim
+    for seed in result.seeds:
+        by_epoch = {h["epoch"]: h for h in seed.history}
+        assert set(by_epoch) == {0, 2, 4}
+        assert seed.selected_epoch == max(by_epoch, key=lambda e: (by_epoch[e]["validation"]["r_mean"], -e))
+        assert seed.test == by_epoch[seed.selected_epoch]["test"]
+    assert not torch.equal(torch.tensor(result.seeds[0].train_loss), torch.tensor(result.seeds[1].train_loss))
+    summary = result.summary()
+    assert set(summary) == {"validation", "test", "test_selected_on_test", "diagnostics"}
+    assert set(summary["test"]) == set(METRIC_NAMES)
+    record = results_record(result, dataset="d", method="lors", pairs=len(pairs))
+    assert record["protocol"] == FINETUNE_ENCODER and record["settings"]["protocol"] == FINETUNE_ENCODER
+    frozen = evaluate_pairs(PairSet(torch.randn(10, 4), pairs.text_features, lr_img=0.1, lr_txt=0.1),
+                            FeatureSplit(torch.randn(12, 4), validation.features.caption_features,
+                                         validation.features.caption_to_image),
+                            FeatureSplit(torch.randn(12, 4), test.features.caption_features,
+                                         test.features.caption_to_image), seeds=(0,), embed_dim=8, epochs=1)
+    assert results_record(frozen, dataset="d", method="lors", pairs=10)["protocol"] == "frozen_encoder"
+
+
+def test_evaluate_finetuned_and_finetune_share_defaults():
+    from repblend_hf.evaluation import evaluate_finetuned, finetune_image_encoder
+
+    params = inspect.signature(finetune_image_encoder).parameters
+    for name, param in inspect.signature(evaluate_finetuned).parameters.items():
+        if name in params and name not in ("train", "validation", "image_encoder"):
+            assert param.default == params[name].default, name
+    # The released protocol's optimiser: momentum 0.9, weight decay 5e-4, decay at half, batch 128, 100 epochs.
+    assert (params["momentum"].default, params["weight_decay"].default, params["batch_size"].default,
+            params["epochs"].default) == (0.9, 5e-4, 128, 100)

@@ -49,3 +49,35 @@ def test_config_file_sits_under_the_command_line(tmp_path):
     assert none.image_size == DataArguments().image_size
     with pytest.raises(FileNotFoundError, match="no such file"):
         parse_with_config(parser, ["--config", str(tmp_path / "absent.yaml")])
+
+
+def _record(method, protocol, r_mean, **settings):
+    metrics = {k: {"mean": r_mean, "std": 0.0} for k in ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")}
+    return {"dataset": "d", "method": method, "pairs": 99, "protocol": protocol, "seeds": 1, "validation": metrics,
+            "test": metrics, "test_selected_on_test": metrics, "diagnostics": {}, "settings": {"protocol": protocol,
+                                                                                              **settings}}
+
+
+def test_an_asymmetric_set_is_recorded_under_both_protocols():
+    from repblend_hf.evaluation import EvaluationResult, SeedResult
+    from repblend_hf.pipeline import format_table, own_protocol_record
+
+    metrics = {k: 30.0 for k in ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")}
+    seed = SeedResult(0, 4, metrics, metrics, {"gap": 0.1}, 4, metrics, [], [1.0])
+    own = EvaluationResult([seed], {"protocol": "finetune_encoder", "loss": "wbce"})
+    shared = {**_record("lors", "frozen_encoder", 5.0, synthetic_space="pixels", matching="asymmetric",
+                        asymmetric_image_head=False, inner_logit_scale=None, use_augmented_views=True),
+              "set_diagnostics": {"gap": 0.5}}
+    record = own_protocol_record(shared, own)
+    assert record["protocol"] == "finetune_encoder" and record["test"]["r_mean"]["mean"] == 30.0
+    assert record["shared_protocol"] is shared and record["set_diagnostics"] == {"gap": 0.5}
+    # The run's settings are copied; the other protocol's own settings are not.
+    assert {k: record["settings"][k] for k in ("synthetic_space", "matching", "asymmetric_image_head")} == {
+        "synthetic_space": "pixels", "matching": "asymmetric", "asymmetric_image_head": False}
+    assert "use_augmented_views" not in record["settings"] and record["settings"]["loss"] == "wbce"
+    json.dumps(record)  # results.json stays plain JSON
+    table = format_table([record, _record("random", "frozen_encoder", 4.0)]).splitlines()
+    assert len(table) == 2 + 3
+    assert table[2].startswith("| lors (own protocol: fine-tuned encoder) | 99 | 30.0 ± 0.0")
+    assert table[3].startswith("| lors (shared protocol: frozen encoder) | 99 | 5.0 ± 0.0")
+    assert table[4].startswith("| random | 99 | 4.0 ± 0.0")  # a symmetric / baseline row is unchanged

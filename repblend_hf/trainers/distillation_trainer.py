@@ -29,7 +29,14 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
 from ..distillation import matching_gradients, plan_inner_loop
-from ..evaluation import PairSet, ReferenceDiagnostics, embed_split, modality_diagnostics, train_heads
+from ..evaluation import (
+    PairSet,
+    PixelPairSet,
+    ReferenceDiagnostics,
+    embed_split,
+    modality_diagnostics,
+    train_heads,
+)
 from ..features import FeatureSplit
 from ..modeling import RetrievalHeads, branch_sizes
 from ..synthetic import SyntheticSet
@@ -601,6 +608,23 @@ class DistillationTrainer(Trainer):
         return PairSet(feats.cpu(), syn.text_embeddings.detach().cpu(),
                        None if similarity is None else similarity.cpu(),
                        lr_img=float(lrs["image"]), lr_txt=float(lrs["text"]))
+
+    @torch.no_grad()
+    def synthetic_pixel_pairs(self) -> PixelPairSet:
+        """The current set as pixels, texts, S and η: the input of the asymmetric methods' own protocol.
+
+        :func:`~repblend_hf.evaluation.evaluate_finetuned` fine-tunes the image encoder on these pixels (LoRS /
+        MTT-VL's ``epoch.py``); η is clamped to ``[lr_min, lr_max]`` as in :meth:`synthetic_pairs`.
+        """
+        syn = self._synthetic
+        if syn.config.synthetic_space != "pixels":
+            raise ValueError("a feature-space set has no pixels to fine-tune the image encoder on; evaluate it with "
+                             "synthetic_pairs() (fresh heads on the frozen encoder)")
+        lrs = syn.inner_lrs(self.args.lr_min, self.args.lr_max)
+        similarity = syn.similarity().detach() if self.args.distill_loss == "wbce" else None
+        return PixelPairSet(syn.images.detach().cpu(), syn.text_embeddings.detach().cpu(),
+                            None if similarity is None else similarity.cpu(),
+                            lr_img=float(lrs["image"]), lr_txt=float(lrs["text"]))
 
     def evaluate(self, eval_dataset=None, ignore_keys: Sequence[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
