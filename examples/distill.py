@@ -33,8 +33,10 @@ from repblend_hf.evaluation import evaluate_pairs
 from repblend_hf.pipeline import (
     DataArguments,
     evaluate_baseline,
+    evaluate_finetuned_set,
     format_table,
     last_complete_checkpoint,
+    own_protocol_record,
     parse_with_config,
     prepare_features,
     reference_diagnostics,
@@ -117,7 +119,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         num_train_epochs=set_args.expert_train_epochs, learning_rate=set_args.expert_learning_rate,
         per_device_train_batch_size=set_args.expert_batch_size, embed_dim=set_args.embed_dim,
         temperature=set_args.temperature, matching=args.matching, seed=set_args.expert_seed,
-        disable_tqdm=args.disable_tqdm,
+        asymmetric_image_head=args.asymmetric_image_head, disable_tqdm=args.disable_tqdm,
         use_cpu=args.use_cpu, bf16=args.bf16, fp16=args.fp16, report_to="none")  # one mixed precision per process
     trajectories = train_experts(
         train, expert_args, set_args.trajectory_dir or str(out / "experts"),
@@ -134,7 +136,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         embed_dim=set_args.embed_dim, num_pairs=set_args.num_pairs, temperature=set_args.temperature,
         similarity=args.similarity, sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
         lr_img=args.lr_init, lr_txt=args.lr_init, source_dataset=data_args.dataset,
-        synthetic_space=set_args.synthetic_space)
+        synthetic_space=set_args.synthetic_space, matching=args.matching,
+        asymmetric_image_head=args.asymmetric_image_head)
     init_features = None
     if set_args.synthetic_space == "features":
         views = train.augmented_image_features
@@ -191,6 +194,14 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     records[0]["settings"]["synthetic_space"] = config.synthetic_space
     if config.synthetic_space == "features":
         records[0]["settings"]["feature_range"] = set_args.feature_range
+    records[0]["settings"].update(matching=args.matching, asymmetric_image_head=args.asymmetric_image_head,
+                                  inner_logit_scale=args.inner_logit_scale)
+    if args.matching == "asymmetric" and config.synthetic_space == "pixels":
+        # LoRS / MTT-VL under their own protocol (the image encoder fine-tuned on the pixels at the learned η), with
+        # the shared frozen-encoder record kept inside it so that every method stays comparable (issue #11).
+        own = evaluate_finetuned_set(trainer.synthetic_pixel_pairs(), prepared, config, seeds=seeds,
+                                     loss=args.distill_loss, device=args.device)
+        records[0] = own_protocol_record(records[0], own)
     for name in filter(None, set_args.baselines.split(",")):
         n = train.num_images if name == "full" else config.num_pairs
         baseline = evaluate_baseline(name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds,

@@ -3,10 +3,14 @@
     python examples/evaluate.py --dataset fashion-scenes --method random --pairs 100 --seeds 3 --output_dir out
     python examples/evaluate.py --method distilled --distilled_set outputs/fashion-scenes-repblend-99/synthetic_set
     python examples/evaluate.py --method distilled --distilled_set someone/fashion-scenes-repblend-99   # a Hub repo
+    python examples/evaluate.py --method distilled --distilled_set outputs/lors-99/synthetic_set --protocol frozen
 
 Trains fresh projection heads on the pairs (encoders frozen), selects the evaluation epoch on the
 validation split, and reports test retrieval as mean ± std over seeds (METHOD.md, "Evaluation
-protocol"). Writes ``OUTPUT_DIR/results.json`` and prints a Markdown table.
+protocol"). A distilled set of an asymmetric method (LoRS, MTT-VL) is evaluated under its own protocol by
+default, as their authors do: the image encoder fine-tuned with a fresh text head on the set's pixels at the
+learned η (``--protocol frozen``: the shared protocol above). Writes ``OUTPUT_DIR/results.json`` and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import torch
 from transformers import HfArgumentParser
 
 from repblend_hf.checks import check_evaluate_data, check_evaluate_run
-from repblend_hf.evaluation import PairSet, evaluate_pairs
+from repblend_hf.evaluation import PairSet, PixelPairSet, evaluate_pairs
 from repblend_hf.pipeline import (
     DataArguments,
     evaluate_baseline,
+    evaluate_finetuned_set,
     format_table,
     prepare_features,
     results_record,
@@ -46,6 +51,11 @@ class EvaluateArguments:
     loss: str | None = field(default=None, metadata={"help": "Override the protocol's loss ('infonce' or 'wbce')."})
     lr: float | None = field(default=None, metadata={"help": "Override the protocol's learning rate."})
     epochs: int | None = field(default=None, metadata={"help": "Override the protocol's number of epochs."})
+    protocol: str = field(default="own", metadata={
+        "help": "For --method distilled: 'own' evaluates the set under its own protocol (RepBlend: fresh heads on the "
+                "frozen encoder; LoRS / MTT-VL sets: the image encoder fine-tuned with a fresh text head on the set's "
+                "pixels at the learned η); 'frozen' under the protocol shared by every set (fresh heads on "
+                "frozen-encoder features)."})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,16 +64,31 @@ class EvaluateArguments:
             raise ValueError("--method distilled needs --distilled_set FOLDER or REPO_ID (a saved SyntheticSet)")
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.protocol not in ("own", "frozen"):
+            raise ValueError(f"--protocol must be 'own' or 'frozen', got {self.protocol!r}")
 
 
-def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict):
+def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, protocol: str = "frozen"):
     """Encode a saved set's images with this run's image encoder (any architecture) and evaluate it.
 
     ``path`` is a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id. A
-    feature-space set is used as it is, and only with the encoder (and image size) it was made for.
+    feature-space set is used as it is, and only with the encoder (and image size) it was made for. With
+    ``protocol="own"`` a set distilled with asymmetric matching (``config.matching``) fine-tunes a copy of this
+    run's image encoder on its pixels instead (:func:`~repblend_hf.pipeline.evaluate_finetuned_set`).
     """
     synthetic = SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
     config, encoder = synthetic.config, prepared.image_encoder
+    if protocol == "own" and config.matching == "asymmetric":
+        if config.synthetic_space != "pixels":
+            raise ValueError(f"{path} is a feature-space set: it has no pixels to fine-tune the image encoder on; "
+                             "use --protocol frozen")
+        has_s = config.similarity != "none" and overrides.get("loss") != "infonce"
+        pairs = PixelPairSet(synthetic.images.detach(), synthetic.text_embeddings.detach(),
+                             synthetic.similarity().detach() if has_s else None, lr_img=config.lr_img,
+                             lr_txt=config.lr_txt)
+        result = evaluate_finetuned_set(pairs, prepared, config, seeds=seeds,
+                                        **{"loss": "wbce" if has_s else "infonce", **overrides})
+        return result, synthetic.num_pairs
     if config.synthetic_space == "features":
         if (config.image_encoder, config.image_size) != (encoder.name, encoder.image_size):
             raise ValueError(f"{path} holds image features of {config.image_encoder} at {config.image_size} px, "
@@ -91,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(range(args.seeds))
     overrides = {k: v for k, v in {"loss": args.loss, "lr": args.lr, "epochs": args.epochs}.items() if v is not None}
     if args.method == "distilled":
-        result, pairs = evaluate_distilled(args.distilled_set, prepared, seeds, overrides)
+        result, pairs = evaluate_distilled(args.distilled_set, prepared, seeds, overrides, args.protocol)
     else:
         pairs = prepared.features["train"].num_images if args.method == "full" else args.pairs
         result = evaluate_baseline(args.method, prepared.features, pairs, embed_dim=args.embed_dim, seeds=seeds,

@@ -152,6 +152,60 @@ def test_kill_9_then_resume_latest_equals_an_uninterrupted_run(tiny_karpathy_dir
 
 
 @pytest.mark.slow
+def test_lors_is_reported_under_its_own_protocol_and_the_shared_one(tiny_karpathy_dir, tiny_text_encoder_dir,
+                                                                    tmp_path):
+    """LoRS as released: experts and student train the image encoder + text head (embed_dim = the encoder's width);
+    the set is scored by fine-tuning the encoder on its pixels *and* by fresh heads on frozen features."""
+    out = tmp_path / "lors"
+    data = _tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir)
+    args = [*data, "--config", "none", "--method", "lors", "--num_pairs", "8", "--sim_rank", "2", "--embed_dim", "256",
+            "--num_experts", "1", "--expert_train_epochs", "2", "--max_steps", "2", "--save_strategy", "no",
+            "--eval_strategy", "no", "--mini_batch_size", "4", "--syn_steps", "2", "--max_start_epoch", "1",
+            "--lr_img", "1", "--lr_txt", "1", "--lr_sim", "0.1", "--lr_lr", "0.0001", "--eval_seeds", "1",
+            "--baselines", "", "--output_dir", str(out), "--disable_tqdm", "true"]
+    result = _launch("distill.py", args, tmp_path)
+    assert "| lors (own protocol: fine-tuned encoder) | 8 |" in result.stdout
+    assert "| lors (shared protocol: frozen encoder) | 8 |" in result.stdout
+    record = json.loads((out / "results.json").read_text())
+    assert record["protocol"] == "finetune_encoder" and record["settings"]["image_head"] is False
+    assert record["settings"]["matching"] == "asymmetric" and record["settings"]["asymmetric_image_head"] is False
+    assert record["shared_protocol"]["protocol"] == "frozen_encoder"
+    assert set(record["shared_protocol"]["test"]) == set(record["test"])
+    assert json.loads((out / "experts" / "trajectories.json").read_text())["image_branch"] == "encoder"
+    config = json.loads((out / "synthetic_set" / "config.json").read_text())
+    assert (config["matching"], config["asymmetric_image_head"], config["embed_dim"]) == ("asymmetric", False, 256)
+
+    # evaluate.py: the saved set's own protocol by default, the shared one on request.
+    for protocol, expected in (("own", "finetune_encoder"), ("frozen", "frozen_encoder")):
+        _launch("evaluate.py", [*data, "--method", "distilled", "--distilled_set", str(out / "synthetic_set"),
+                                "--seeds", "1", "--epochs", "2", "--protocol", protocol, "--output_dir",
+                                str(tmp_path / protocol)], tmp_path)
+        assert json.loads((tmp_path / protocol / "results.json").read_text())["protocol"] == expected
+
+
+def test_distill_run_check_names_the_embed_dim_of_the_asymmetric_student(tmp_path):
+    from transformers import HfArgumentParser
+
+    from repblend_hf.checks import check_distill_run
+    from repblend_hf.pipeline import DataArguments, parse_with_config
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from distill import SetArguments
+    finally:
+        sys.path.pop(0)
+    parser = HfArgumentParser((DataArguments, SetArguments, __import__("repblend_hf").DistillationArguments))
+    argv = ["--config", "none", "--image_encoder", "test_efficientnet", "--output_dir", str(tmp_path / "out"),
+            "--method", "lors", "--embed_dim", "8"]
+    with pytest.raises(ValueError, match=r"set --embed_dim 256 \(test_efficientnet's feature width; got 8\), or "
+                                         r"--asymmetric_image_head true"):
+        check_distill_run(*parse_with_config(parser, argv))
+    check_distill_run(*parse_with_config(parser, [*argv, "--asymmetric_image_head", "true"]))  # the ablation: any dim
+    check_distill_run(*parse_with_config(parser, [*argv[:-2], "--embed_dim", "256"]))
+    check_distill_run(*parse_with_config(parser, [*argv[:-4], "--embed_dim", "8"]))  # symmetric: any dim
+
+
+@pytest.mark.slow
 def test_evaluate_script_writes_the_results_schema(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):
     result = _launch("evaluate.py", [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--method",
                                      "herding", "--pairs", "10", "--seeds", "2", "--embed_dim", "8", "--output_dir",
