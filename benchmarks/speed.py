@@ -18,7 +18,9 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
 - ``repblend_unfolded``: (a) with ``fold_batchnorm=False`` (the encoder's BatchNorms run as such);
 - ``repblend_per_step`` (b): ``encoder_per_step=True``, the authors' design: the encoder runs inside every
   inner step and again when TESLA recomputes the step, its BatchNorms not folded (as in their code);
-- ``lors`` (c): ``method="lors"``: asymmetric matching, the image encoder is unrolled in the inner loop;
+- ``lors`` (c): ``method="lors"``: asymmetric matching, the image encoder is unrolled in the inner loop; as
+  released, the student is the encoder + the text head (no image head, so the text head outputs the encoder's
+  width whatever ``--embed_dim`` says);
 - ``floor``: the least work any implementation must do: one encoder forward and one input-gradient
   backward of the touched images, plus the inner loop on features alone (timed separately and summed),
   with the same encoder function as (a) (BatchNorms folded) called at the same chunk size (graphs kept).
@@ -226,9 +228,11 @@ def _synthetic_set(spec: dict, image_dim: int, similarity: str):
     from repblend_hf import RepBlendConfig, SyntheticSet
 
     n, size = spec["num_pairs"], spec["image_size"]
+    asymmetric = spec["variant"] == "lors"  # the released LoRS student: encoder + text head of the encoder's width
     config = RepBlendConfig(image_encoder=spec["image_encoder"], image_size=size, image_dim=image_dim,
-                            text_dim=spec["text_dim"], embed_dim=spec["embed_dim"], num_pairs=n,
-                            similarity=similarity, sim_rank=min(spec["sim_rank"], n), method="repblend")
+                            text_dim=spec["text_dim"], embed_dim=image_dim if asymmetric else spec["embed_dim"],
+                            num_pairs=n, similarity=similarity, sim_rank=min(spec["sim_rank"], n), method="repblend",
+                            matching="asymmetric" if asymmetric else "symmetric")
     g = torch.Generator().manual_seed(spec["seed"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
@@ -527,11 +531,13 @@ def write_random_trajectories(directory: Path, image_encoder, text_dim: int, emb
     if ExpertTrajectories.completed_experts(directory):
         return directory
     torch.manual_seed(0)
-    heads = RetrievalHeads(image_encoder.feature_dim, text_dim, embed_dim)
+    if asymmetric:  # the released LoRS experts: the encoder and a text head of its width, no image head
+        embed_dim = image_encoder.feature_dim
+    heads = RetrievalHeads(image_encoder.feature_dim, text_dim, embed_dim, image_head=not asymmetric)
     trained = image_encoder.model if asymmetric else None
     start = {"image": flatten_parameters(heads.image_head), "text": flatten_parameters(heads.text_head)}
     if trained is not None:
-        start["image"] = torch.cat([flatten_parameters(trained), start["image"]])
+        start["image"] = flatten_parameters(trained)
     writer = TrajectoryWriter(directory, {
         "num_epochs": num_epochs, "branch_sizes": branch_sizes(heads, trained), "num_experts": 1,
         "matching": "asymmetric" if asymmetric else "symmetric", "image_encoder": image_encoder.name,
@@ -549,7 +555,8 @@ def config_key(spec: dict) -> str:
     return (f"{spec['device']}|{encoder}|{spec['dtype']}|{spec['image_size']}px|N={spec['num_pairs']}|"
             f"{spec['variant']}|steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
             f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}"
-            + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else ""))
+            + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else "")
+            + ("|no_image_head" if spec["variant"] == "lors" else ""))  # apart from LoRS runs with an image head
 
 
 def folds_batchnorm(spec: dict) -> bool:
@@ -941,7 +948,8 @@ def main(argv: list[str] | None = None) -> dict:
         asymmetric = variant == "lors"
         if asymmetric not in trajectory_dirs:
             encoder = load_image_encoder(args.image_encoder, pretrained=args.pretrained)
-            name = f"{'asymmetric' if asymmetric else 'symmetric'}-{args.image_encoder}-{text_dim}-{args.embed_dim}"
+            name = (f"asymmetric-encoder-{args.image_encoder}-{text_dim}" if asymmetric
+                    else f"symmetric-{args.image_encoder}-{text_dim}-{args.embed_dim}")
             trajectory_dirs[asymmetric] = str(write_random_trajectories(
                 Path(args.work_dir) / "trajectories" / name, encoder, text_dim, args.embed_dim, num_epochs=2,
                 asymmetric=asymmetric))
