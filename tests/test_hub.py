@@ -365,6 +365,19 @@ def test_card_without_results_or_grid_leaves_those_sections_out():
     assert "## Configuration" in text and "## Citation" in text
 
 
+def test_card_says_what_an_asymmetric_set_was_distilled_for():
+    from repblend_hf import RepBlendConfig
+    from repblend_hf.hub import render_synthetic_set_card
+
+    assert "| distilled for |" not in str(render_synthetic_set_card(_card_data()))  # RepBlend: the heads
+    for head, says in ((False, "the image encoder (its pooled feature is the image embedding) and the text head"),
+                       (True, "the image encoder with an image head and the text head")):
+        config = RepBlendConfig(method="lors", matching="asymmetric", asymmetric_image_head=head, image_dim=16,
+                                embed_dim=16, num_pairs=6, sim_rank=2).to_dict()
+        text = str(render_synthetic_set_card(_card_data(config=config)))
+        assert f"| distilled for | {says} (asymmetric matching, as LoRS / MTT-VL)" in text
+
+
 def test_card_rejects_results_outside_the_schema():
     with pytest.raises(ValueError, match=r"results\[0\] lacks \[\"test\['r_mean'\]\"\]; pass records in the "
                                          r"results.json schema"):
