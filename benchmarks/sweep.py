@@ -72,7 +72,7 @@ def main() -> None:
     points, keys = grid_points(args.grid)
     rows = []
     for point in points:
-        name = "_".join(f"{k}{v}" for k, v in point.items())
+        name = "_".join(f"{k}{Path(v).name if '/' in v else v}" for k, v in point.items())
         out = work / name
         if not (out / "results.json").exists():
             flags = [x for k, v in point.items() for x in (f"--{k}", v)]

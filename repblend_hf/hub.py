@@ -104,7 +104,8 @@ class SyntheticSetCardData:
 
     DESIGN.md, "The Hub artefact". ``config`` is ``RepBlendConfig.to_dict()`` (learned lrs included);
     ``results`` are records in the ``results.json`` schema (``method``, ``pairs``,
-    ``test: {metric: {mean, std}}`` and optionally ``diagnostics: {sim_image | sim_text | gap: {mean, std}}``),
+    ``test: {metric: {mean, std}}`` and optionally ``diagnostics: {sim_image | sim_text | gap: {mean, std}}`` and
+    ``set_diagnostics: {sim_image | sim_text | gap: value}``, the pairs' own embeddings under the reference model),
     shown as a table beside the baselines; ``grid_image`` is the path in the repo of a picture of the
     synthetic images; ``metadata`` is extra YAML metadata for the card header (``license``,
     ``pretty_name``, more ``tags``, ...), which wins over the defaults except that tags add up.
@@ -144,8 +145,13 @@ class SyntheticSetCardData:
             this = record["method"] in (self.config.get("method"), "distilled") and record["pairs"] == n
             rows.append({**record, "this": this, "has_diagnostics": all(
                 k in (record.get("diagnostics") or {}) for k in DIAGNOSTIC_NAMES)})
+        set_rows = [{"label": f"{r['method']} ({r['pairs']} pairs)" + (", this set" if r["this"] else
+                                                                     ", random real subset" if r["method"] == "random"
+                                                                     else ""), "diag": r["set_diagnostics"]}
+                    for r in rows if all(k in (r.get("set_diagnostics") or {}) for k in DIAGNOSTIC_NAMES)]
         return {"repo_id": self.repo_id, "config": self.config, "results": rows, "metrics": list(METRIC_NAMES),
-                "diagnostic_rows": [r for r in rows if r["has_diagnostics"]], "grid_image": self.grid_image,
+                "diagnostic_rows": [r for r in rows if r["has_diagnostics"]], "set_diagnostic_rows": set_rows,
+                "grid_image": self.grid_image,
                 "has_nearest_captions": self.has_nearest_captions, "versions": self.versions}
 
 

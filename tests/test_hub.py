@@ -323,8 +323,11 @@ def _card_data(**overrides):
     config = RepBlendConfig(num_pairs=6, image_size=8, text_dim=16, sim_rank=2, sim_alpha=2.0, lr_img=0.0625,
                             lr_txt=0.125, source_dataset="fashion-scenes").to_dict()
     results = [{"method": "repblend", "pairs": 6, "test": {m: {"mean": 20.0, "std": 1.25} for m in METRICS},
-                "diagnostics": {k: {"mean": 0.5, "std": 0.125} for k in ("sim_image", "sim_text", "gap")}},
-               {"method": "herding", "pairs": 6, "test": {m: {"mean": 5.0, "std": 0.0} for m in METRICS}}]
+                "diagnostics": {k: {"mean": 0.5, "std": 0.125} for k in ("sim_image", "sim_text", "gap")},
+                "set_diagnostics": {"sim_image": 0.25, "sim_text": 0.125, "gap": 0.75}},
+               {"method": "herding", "pairs": 6, "test": {m: {"mean": 5.0, "std": 0.0} for m in METRICS}},
+               {"method": "random", "pairs": 6, "test": {m: {"mean": 4.0, "std": 0.0} for m in METRICS},
+                "set_diagnostics": {"sim_image": 0.0625, "sim_text": 0.0625, "gap": 0.5}}]
     kwargs = {"repo_id": "someone/set", "config": config, "results": results, "has_nearest_captions": True,
               "grid_image": "images/synthetic_grid.png", "metadata": {"pretty_name": "Tiny set"}}
     return SyntheticSetCardData(**{**kwargs, **overrides})
@@ -339,7 +342,8 @@ def test_synthetic_set_card_has_every_section():
     assert card.data.tags == ["dataset-distillation", "repblend", "multimodal", "image-text-retrieval"]
     assert card.data.size_categories == "n<1K" and card.data.source_datasets == ["fashion-scenes"]
     sections = ["# Tiny set", "## Contents", "## How to use it", "## Retrieval results", "### Modality diagnostics",
-                "## The synthetic images", "## Configuration", "## License", "## Citation", "## Framework versions"]
+                "### Modality collapse on the set itself", "## The synthetic images", "## Configuration", "## License",
+                "## Citation", "## Framework versions"]
     positions = [text.index(s) for s in sections]
     assert positions == sorted(positions)
     assert "| `similarity_left` | float32 [2] |" in text and "| `nearest_caption` | string |" in text
@@ -348,12 +352,27 @@ def test_synthetic_set_card_has_every_section():
     assert "| herding | 6 |" + " 5.0 ± 0.0 |" * 7 in text
     assert "| repblend | 6 | 0.500 ± 0.125 | 0.500 ± 0.125 | 0.500 ± 0.125 |" in text
     assert "| herding |" not in text.split("### Modality diagnostics")[1]  # no diagnostics, no row
+    on_set = text.split("### Modality collapse on the set itself")[1].split("##")[0]
+    assert "| repblend (6 pairs), this set | 0.250 | 0.125 | 0.750 |" in on_set
+    assert "| random (6 pairs), random real subset | 0.062 | 0.062 | 0.500 |" in on_set and "herding" not in on_set
+    assert "| `pixel_values` | float32 [3, 8, 8] |" in text and "| synthetic images | pixels |" in text
     assert "low rank: S = diag(a) + (α/r)·L·Rᵀ, a of length 6, L and R of shape 6×2 (r = 2, α = 2.0)" in text
     assert "| learned inner learning rate η (image head) | 0.0625 |" in text
     assert "| learned inner learning rate η (text head) | 0.125 |" in text
     assert "author  = {Zhang, Xin and Zhang, Ziruo and Du, Jiawei and Liu, Zuozhu and Zhou, Joey Tianyi}" in text
     for name in ("repblend_hf", "torch", "transformers", "datasets", "huggingface_hub"):
         assert f"\n- {name}: " in text
+
+
+def test_feature_space_card_says_which_encoder_its_features_belong_to():
+    from repblend_hf import RepBlendConfig
+    from repblend_hf.hub import render_synthetic_set_card
+
+    config = RepBlendConfig(num_pairs=6, image_size=8, text_dim=16, sim_rank=2, synthetic_space="features").to_dict()
+    text = str(render_synthetic_set_card(_card_data(config=config)))
+    assert "**This set lives in `tf_efficientnet_lite0`'s feature space.**" in text
+    assert "does not transfer to another image encoder" in text
+    assert "| `image_features` | float32 [1280] |" in text and "pixel_values" not in text
 
 
 def test_card_without_results_or_grid_leaves_those_sections_out():
