@@ -72,9 +72,10 @@ class SetArguments:
         "help": "How the real images that initialise the set are prepared: 'train' (one random augmented view, as the "
                 "released code's training set gives them) or 'eval' (resized only)."})
     num_experts: int = field(default=8, metadata={"help": "Expert trajectories (paper: 20)."})
-    expert_train_epochs: int = field(default=10, metadata={
-        "help": "Epochs per expert (paper: 10). An epoch is one pass over the (image, caption) pairs; distillation "
-                "samples only epochs up to max_start_epoch - 1 + expert_epochs, so more are never used."})
+    expert_train_epochs: int | None = field(default=None, metadata={
+        "help": "Epochs per expert (paper: 10). An epoch is one pass over the (image, caption) pairs. Default: "
+                "max_start_epoch - 1 + expert_epochs, the last epoch distillation samples (later ones are never "
+                "used); set it to share experts between runs with other segments."})
     expert_learning_rate: float = field(default=0.1, metadata={"help": "Experts' SGD learning rate (paper: 0.1)."})
     expert_batch_size: int = field(default=128, metadata={"help": "Experts' batch size (paper: 128)."})
     expert_seed: int = field(default=0, metadata={
@@ -96,6 +97,8 @@ class SetArguments:
 
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
+    if set_args.expert_train_epochs is None:  # only the epochs the segments can reach
+        set_args.expert_train_epochs = args.max_start_epoch - 1 + args.expert_epochs
     check_distill_run(data_args, set_args, args)  # everything that can fail is judged before the long work
     out = Path(args.output_dir)
     # --push_to_hub / --hub_model_id push the distilled *dataset* at the end (main process only); Trainer's own
