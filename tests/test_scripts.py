@@ -196,7 +196,7 @@ def test_distill_run_check_names_the_embed_dim_of_the_asymmetric_student(tmp_pat
         sys.path.pop(0)
     parser = HfArgumentParser((DataArguments, SetArguments, __import__("repblend_hf").DistillationArguments))
     argv = ["--config", "none", "--image_encoder", "test_efficientnet", "--output_dir", str(tmp_path / "out"),
-            "--method", "lors", "--embed_dim", "8"]
+            "--expert_train_epochs", "2", "--method", "lors", "--embed_dim", "8"]
     with pytest.raises(ValueError, match=r"set --embed_dim 256 \(test_efficientnet's feature width; got 8\), or "
                                          r"--asymmetric_image_head true"):
         check_distill_run(*parse_with_config(parser, argv))
