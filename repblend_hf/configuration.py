@@ -12,6 +12,9 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .hub import check_distilled_set_config, not_a_distilled_set_error
+from .version import __version__
+
 __all__ = ["RepBlendConfig", "METHODS", "SIMILARITY_KINDS", "SYNTHETIC_SPACES"]
 
 METHODS = ("repblend", "lors", "mtt_vl", "coreset")
@@ -95,8 +98,6 @@ class RepBlendConfig(PretrainedConfig):
             if not ok:
                 raise ValueError(message)
         if self.repblend_version is None:
-            from . import __version__
-
             self.repblend_version = __version__
 
     @classmethod
@@ -112,8 +113,6 @@ class RepBlendConfig(PretrainedConfig):
 
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import RemoteEntryNotFoundError
-
-        from .hub import check_distilled_set_config, not_a_distilled_set_error
 
         try:
             path = hf_hub_download(repo_id, "config.json", repo_type="dataset", revision=revision, token=token)

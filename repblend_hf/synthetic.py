@@ -22,6 +22,7 @@ from torch import nn
 
 from .configuration import RepBlendConfig
 from .data.images import to_rgb
+from .hub import GRID_IMAGE, SyntheticSetCardData, check_distilled_set_config, commit_files, render_synthetic_set_card
 from .similarity import SoftSimilarity, build_similarity
 
 __all__ = ["SyntheticSet"]
@@ -303,8 +304,6 @@ class SyntheticSet(nn.Module):
         """
         import tempfile
 
-        from .hub import GRID_IMAGE, SyntheticSetCardData, commit_files, render_synthetic_set_card
-
         if grid_image is not None and (not Path(grid_image).is_file() or Path(grid_image).suffix.lower() != ".png"):
             raise ValueError(f"grid_image must be an existing .png file, got {str(grid_image)!r}")
         card = SyntheticSetCardData(repo_id, self.sync_config().to_dict(), results=results,
@@ -329,8 +328,6 @@ class SyntheticSet(nn.Module):
         dataset repo (``revision``: a branch or a revision id), then :meth:`from_pretrained`.
         """
         from huggingface_hub import snapshot_download
-
-        from .hub import check_distilled_set_config
 
         local = snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token,
                                   allow_patterns=["config.json", "data/*.parquet"])

@@ -47,6 +47,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .hub import TrajectoriesCardData, commit_files, render_trajectories_card
+
 __all__ = [
     "TRAJECTORIES_FORMAT_VERSION",
     "TRAJECTORIES_METADATA_NAME",
@@ -430,8 +432,6 @@ class ExpertTrajectories:
         Returns the commit URL (``.oid`` is the new revision); a failed push leaves the repo at its
         previous revision and raises ``RuntimeError`` saying so.
         """
-        from .hub import TrajectoriesCardData, commit_files, render_trajectories_card
-
         if not self._experts:
             raise ValueError("these trajectories hold no expert; add experts (add_expert / TrajectoryWriter) first")
         card = TrajectoriesCardData(repo_id, self.metadata, self.expert_indices, dict(card_data or {}))
