@@ -318,7 +318,7 @@ def student_heads(config: RepBlendConfig) -> RetrievalHeads:
 
 
 def encoder_pass_for(image_encoder: nn.Module, config: RepBlendConfig, args: Any) -> EncoderPass:
-    """The :class:`~repblend_hf.encoders.EncoderPass` of a run: the set's space and student, the run's encoder settings.
+    """The :class:`~repblend_hf.encoders.EncoderPass` of a run: the set's space and student, the run's encoder options.
 
     ``args`` (a :class:`~repblend_hf.DistillationArguments`) gives ``encoder_chunk_size``, ``encoder_recompute``,
     ``encoder_per_step``, ``fold_batchnorm`` and ``bf16``.
