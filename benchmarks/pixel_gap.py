@@ -110,7 +110,7 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Can pixels hold a feature-space set?\n",
              f"`.venv/bin/python benchmarks/pixel_gap.py --feature_set {args.feature_set} --steps {args.steps} "
-             f"--lr {args.lr} --seed {args.seed}`\n",
+             f"--lr {args.lr} --seed {args.seed} --output {args.output}`\n",
              f"Validation r_mean (best of the protocol's evaluations, {args.eval_seeds} seeds) of the set's texts, S "
              f"and η with these image features. {100 * float(outside):.1f} % of the feature set's entries lie outside "
              "the range real training images reach in their dimension. Inversion: relative squared error trace "
