@@ -61,7 +61,7 @@ def main() -> None:
     def score(feats: torch.Tensor) -> dict:
         values = []
         for seed in range(args.eval_seeds):
-            pairs = PairSet(feats, texts, similarity, lr_img=config.lr_img, lr_txt=config.lr_txt)
+            pairs = PairSet(feats, texts, similarity, lr_img=config.inner_lr_img, lr_txt=config.inner_lr_txt)
             trained = train_heads(pairs, embed_dim=config.embed_dim, loss="wbce" if similarity is not None else
                                   "infonce", validation=validation, temperature=config.temperature, seed=seed)
             values.append(max(h["validation"]["r_mean"] for h in trained.history))

@@ -138,7 +138,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         image_dim=prepared.image_encoder.feature_dim, text_dim=prepared.text_encoder.feature_dim,
         embed_dim=set_args.embed_dim, num_pairs=set_args.num_pairs, temperature=set_args.temperature,
         similarity=args.similarity, sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
-        lr_img=args.lr_init, lr_txt=args.lr_init, source_dataset=data_args.dataset,
+        inner_lr_img=args.lr_init, inner_lr_txt=args.lr_init, source_dataset=data_args.dataset,
         synthetic_space=set_args.synthetic_space, matching=args.matching,
         asymmetric_image_head=args.asymmetric_image_head)
     init_features = None

@@ -84,8 +84,8 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, p
                              "use --protocol frozen")
         has_s = config.similarity != "none" and overrides.get("loss") != "infonce"
         pairs = PixelPairSet(synthetic.images.detach(), synthetic.text_embeddings.detach(),
-                             synthetic.similarity().detach() if has_s else None, lr_img=config.lr_img,
-                             lr_txt=config.lr_txt)
+                             synthetic.similarity().detach() if has_s else None, lr_img=config.inner_lr_img,
+                             lr_txt=config.inner_lr_txt)
         result = evaluate_finetuned_set(pairs, prepared, config, seeds=seeds,
                                         **{"loss": "wbce" if has_s else "infonce", **overrides})
         return result, synthetic.num_pairs
@@ -101,7 +101,7 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, p
     # With a learned S the set's own protocol is wBCE against it; --loss infonce trains with identity targets.
     has_s = synthetic.config.similarity != "none" and overrides.get("loss") != "infonce"
     pairs = PairSet(feats, synthetic.text_embeddings.detach(), synthetic.similarity().detach() if has_s else None,
-                    lr_img=synthetic.config.lr_img, lr_txt=synthetic.config.lr_txt)
+                    lr_img=synthetic.config.inner_lr_img, lr_txt=synthetic.config.inner_lr_txt)
     protocol = {"loss": "wbce" if has_s else "infonce", **overrides}
     result = evaluate_pairs(pairs, prepared.features["validation"], prepared.features["test"], seeds=seeds,
                             embed_dim=synthetic.config.embed_dim, temperature=synthetic.config.temperature, **protocol)

@@ -325,7 +325,7 @@ def check_distill_run(data_args, set_args, args) -> str | None:
             RepBlendConfig(image_size=data_args.image_size, image_dim=1, text_dim=1, embed_dim=set_args.embed_dim,
                            num_pairs=n, temperature=set_args.temperature, similarity=args.similarity,
                            sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
-                           lr_img=args.lr_init, lr_txt=args.lr_init)
+                           inner_lr_img=args.lr_init, inner_lr_txt=args.lr_init)
         except ValueError as err:
             p.messages.append(str(err))
     if not p.messages and args.matching == "asymmetric" and not getattr(args, "asymmetric_image_head", False):

@@ -75,8 +75,8 @@ class SyntheticSet(nn.Module):
         self.text_embeddings = nn.Parameter(text_embeddings.detach().clone().float())
         self.similarity: SoftSimilarity = build_similarity(config.similarity, n, rank=config.sim_rank,
                                                            alpha=config.sim_alpha)
-        self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.lr_img)))
-        self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.lr_txt)))
+        self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.inner_lr_img)))
+        self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.inner_lr_txt)))
 
     @staticmethod
     def image_parameter_name(config: RepBlendConfig) -> str:
@@ -113,8 +113,8 @@ class SyntheticSet(nn.Module):
     def sync_config(self) -> RepBlendConfig:
         """Write the current learned learning rates into ``config`` and return it."""
         lrs = {k: v.detach() for k, v in self.inner_lrs().items()}
-        self.config.lr_img = float(lrs["image"])
-        self.config.lr_txt = float(lrs["text"])
+        self.config.inner_lr_img = float(lrs["image"])
+        self.config.inner_lr_txt = float(lrs["text"])
         return self.config
 
     def check_finite(self, action: str = "use") -> None:

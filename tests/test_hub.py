@@ -112,7 +112,22 @@ out["from_hub_revision_exact"] = same(original, state(pinned))
 config = RepBlendConfig.from_hub("repblend-tester/tiny-set", token=token)
 out["config"] = {"model_type": config.model_type, "lr_img": config.lr_img, "lr_txt": config.lr_txt,
                  "num_pairs": config.num_pairs}
-out["synced_lrs"] = [synthetic.config.lr_img, synthetic.config.lr_txt]
+out["synced_lrs"] = [synthetic.config.inner_lr_img, synthetic.config.inner_lr_txt]
+# from_pretrained on the dataset repo of the push: no model repo of that id, so it looks in the dataset repo.
+for repo_type in (None, "dataset"):
+    pretrained = RepBlendConfig.from_pretrained("repblend-tester/tiny-set", token=token, repo_type=repo_type)
+    out[f"from_pretrained_{repo_type}"] = {k: v for k, v in pretrained.to_dict().items() if k != "_name_or_path"}
+out["from_hub_config"] = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+try:
+    RepBlendConfig.from_pretrained("repblend-tester/tiny-set", token=token, repo_type="model")
+    out["from_pretrained_model"] = "no error"
+except OSError as err:
+    out["from_pretrained_model"] = type(err).__name__
+try:
+    RepBlendConfig.from_pretrained("repblend-tester/no-such-set", token=token)
+    out["from_pretrained_missing"] = "no error"
+except OSError as err:
+    out["from_pretrained_missing"] = str(err)
 
 # The other routes, through the real client: whoami, paths-info, commit history, refs, ranged reads.
 from huggingface_hub import HfApi, HfFileSystem
@@ -219,6 +234,18 @@ def test_pushed_set_reads_back_with_load_dataset_and_from_hub(session):
 
 
 @pytest.mark.hub
+def test_config_from_pretrained_finds_the_dataset_repo_of_a_push(session):
+    out, _, _ = session
+    assert out["from_pretrained_None"] == out["from_pretrained_dataset"] == out["from_hub_config"]
+    assert out["from_pretrained_None"]["num_pairs"] == 6
+    assert [out["from_pretrained_None"][k] for k in ("inner_lr_img", "inner_lr_txt")] == out["synced_lrs"]
+    assert out["from_pretrained_model"].endswith("Error")  # repo_type="model" never looks in the dataset repo
+    assert out["from_pretrained_missing"].startswith(
+        "repblend-tester/no-such-set is not a local folder, and neither a model repo nor a dataset repo of that id "
+        "holds a config.json")
+
+
+@pytest.mark.hub
 def test_push_is_one_commit_with_rows_config_card_and_grid(session):
     out, server, _ = session
     history = server.history("repblend-tester/tiny-set")
@@ -228,7 +255,7 @@ def test_push_is_one_commit_with_rows_config_card_and_grid(session):
     assert set(files) == {".gitattributes", "README.md", "config.json", PARQUET, "images/synthetic_grid.png"}
     assert hashlib.sha256(files["images/synthetic_grid.png"]).hexdigest() == out["grid_sha256"]
     config = json.loads(files["config.json"])
-    assert config["model_type"] == "repblend" and [config["lr_img"], config["lr_txt"]] == out["synced_lrs"]
+    assert config["model_type"] == "repblend" and [config["inner_lr_img"], config["inner_lr_txt"]] == out["synced_lrs"]
 
 
 @pytest.mark.hub
@@ -382,6 +409,29 @@ def test_card_without_results_or_grid_leaves_those_sections_out():
     for absent in ("## Retrieval results", "### Modality diagnostics", "## The synthetic images", "nearest_caption"):
         assert absent not in text
     assert "## Configuration" in text and "## Citation" in text
+
+
+def test_card_says_how_a_no_blend_or_lors_set_was_made(tmp_path):
+    from repblend_hf import RepBlendConfig
+    from repblend_hf.hub import render_synthetic_set_card
+    from repblend_hf.training_args import DistillationArguments
+
+    text = str(render_synthetic_set_card(_card_data()))
+    assert "| representation blending |" not in text and "| outer iterations |" not in text  # nothing recorded
+    for method, explicit, says in (
+            ("repblend", {"blend_beta": 0.0}, ["| method | `repblend` |", "| representation blending | none (β = 0) |",
+                                               "| matching | symmetric (both projection heads) |"]),
+            ("repblend", {}, ["| representation blending | λ ~ Beta(β, β), β = 1.0 |"]),
+            ("lors", {}, ["| method | `lors` |", "| representation blending | none (β = 0) |",
+                          "| matching | asymmetric (the image encoder and the text head) |",
+                          "| inner loss, meta-gradient | wbce, tesla |"])):
+        args = DistillationArguments(output_dir=str(tmp_path), method=method, report_to="none", **explicit)
+        config = RepBlendConfig(method=method, matching=args.matching, image_dim=16, embed_dim=16, num_pairs=6,
+                                sim_rank=2).record_distillation(args, iterations=300)
+        text = str(render_synthetic_set_card(_card_data(config=config.to_dict())))
+        for line in says + ["| outer iterations | 300 |",
+                            "| expert segments | 8 inner steps against 1 expert epoch(s), start epoch < 2 |"]:
+            assert line in text, line
 
 
 def test_card_says_what_an_asymmetric_set_was_distilled_for():

@@ -96,6 +96,11 @@ def test_distillation_changes_the_set_and_logs(encoder, experts, real, tmp_path)
     # One encoder forward and one backward per distinct touched image per iteration (+ N for the evaluation).
     touched = sum(h["touched_images"] for h in logged)
     assert trainer.encoder_passes == {"forward": touched + N, "backward": touched}
+    # The set's config says how it was made (config.json and the card are written from it).
+    config = syn.config
+    assert (config.method, config.blend_beta, config.matching, config.distill_loss) == ("repblend", 1.0, "symmetric",
+                                                                                        "wbce")
+    assert (config.syn_steps, config.iterations) == (3, 4)
 
 
 def test_matching_loss_drops_on_a_fixed_segment(encoder, experts, tmp_path):
@@ -392,6 +397,8 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, pixel_split, asym
                                   fresh)
     trainer.train()
     assert fresh.fast_model is None  # LoRS trains the encoder it unrolls: its BatchNorms are never folded
+    assert (syn.config.method, syn.config.blend_beta, syn.config.matching, syn.config.iterations) == (
+        "lors", 0.0, "asymmetric", 1)  # a LoRS set says what it is
     assert not torch.equal(before, syn.pixel_values)
     assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]
     # The unrolled encoder's passes are counted: 3 steps × 4 images per segment, run again when TESLA recomputes

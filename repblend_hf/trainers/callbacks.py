@@ -3,8 +3,9 @@
 :class:`NonFiniteGuard` keeps NaN / inf out of the synthetic set: it rolls back an update that made the set
 non-finite, counts consecutive skipped iterations, lowers the offending groups' learning rates and finally stops
 the run (:class:`NonFiniteError`). :class:`FeatureRangeProjection` keeps a feature-space set inside the range
-real features reach. Both act on Trainer events (``on_pre_optimizer_step`` / ``on_optimizer_step``), the
-extension points the Trainer offers, rather than on the optimiser's internals.
+real features reach. :class:`RecordIterations` keeps the set's config counting the outer iterations done. They act
+on Trainer events (``on_pre_optimizer_step`` / ``on_optimizer_step`` / ``on_step_end``), the extension points the
+Trainer offers, rather than on the optimiser's internals.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from transformers import TrainerCallback
 
 from ..checks import last_complete_checkpoint
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "RecordIterations"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +126,17 @@ class FeatureRangeProjection(TrainerCallback):
             features = _synthetic(model).image_features
             low, high = self.low.to(features.device), self.high.to(features.device)
             features.copy_(torch.maximum(torch.minimum(features, high), low))
+
+
+class RecordIterations(TrainerCallback):
+    """Writes the outer iterations done into the set's config (``iterations``) after every step.
+
+    So the ``config.json`` saved or pushed at the end of a run, or of one stopped early, says how long the set was
+    distilled (the rest of how it was made is recorded by :meth:`RepBlendConfig.record_distillation`).
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.config.iterations = state.global_step

@@ -38,7 +38,7 @@ from ..modeling import branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
-from .callbacks import FeatureRangeProjection, NonFiniteError, NonFiniteGuard
+from .callbacks import FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
 
 __all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
@@ -137,6 +137,7 @@ class DistillationTrainer(Trainer):
             if getattr(args, name) != getattr(config, name):
                 raise ValueError(f"args.{name}={getattr(args, name)!r} but the SyntheticSet was built with "
                                  f"config.{name}={getattr(config, name)!r}; build the config from the arguments")
+        config.record_distillation(args)  # the set's config.json and card say how it was made (method, β, ...)
         # The student: both heads (symmetric), or the image encoder and the text head (asymmetric, as released;
         # an image head only for the asymmetric_image_head ablation). Experts must have trained the same branches.
         self.heads = student_heads(config)
@@ -153,6 +154,7 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.nonfinite_guard = NonFiniteGuard(self)
         self.add_callback(self.nonfinite_guard)
+        self.add_callback(RecordIterations(config))
         if feature_bounds is not None:
             if config.synthetic_space != "features":
                 raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
