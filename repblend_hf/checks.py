@@ -2,9 +2,9 @@
 
 Encoding every split, training the experts and distilling take minutes to hours; an input that can be
 judged before them is judged here, and the error names the problem and the setting that fixes it
-(STYLE.md, "Errors say what was wrong and what to set"). ``examples/distill.py`` calls
+(STYLE.md, "Errors say what was wrong and what to set"). ``repblend-distill`` calls
 :func:`check_distill_run` first and :func:`check_distill_data` right after loading the dataset (before
-encoding); ``examples/evaluate.py`` does the same with :func:`check_evaluate_run` /
+encoding); ``repblend-evaluate`` does the same with :func:`check_evaluate_run` /
 :func:`check_evaluate_data`. The checkpoint helpers (:func:`checkpoint_problem`,
 :func:`state_shapes_mismatch`, :func:`last_complete_checkpoint`) serve ``--resume_from_checkpoint latest`` and the
 :class:`~repblend_hf.trainers.DistillationTrainer`'s resume.
@@ -50,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What ``--baselines`` of examples/distill.py accepts: the coreset methods and the full data.
+#: What ``--baselines`` of repblend-distill accepts: the coreset methods and the full data.
 BASELINES = ("random", "herding", "kcenter", "full")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 

@@ -92,7 +92,7 @@ def _check_results(results: list[dict[str, Any]] | dict[str, Any]) -> list[dict[
         if missing:
             raise ValueError(f"results[{i}] lacks {missing}; pass records in the results.json schema: "
                              "{'method', 'pairs', 'test': {metric: {'mean', 'std'}}} with metrics "
-                             f"{list(METRIC_NAMES)} (what examples/evaluate.py writes)")
+                             f"{list(METRIC_NAMES)} (what repblend-evaluate writes)")
     return list(results)
 
 

@@ -1,7 +1,7 @@
 """The shared front of every script: dataset → frozen encoders → cached features, and result tables.
 
-DESIGN.md, "Data flow": ``examples/distill.py``, ``examples/evaluate.py`` and the benchmarks all start
-by loading an image-text dataset, building the frozen encoders and encoding every split once
+DESIGN.md, "Data flow": ``repblend-distill``, ``repblend-evaluate`` (:mod:`repblend_hf.commands`) and the
+benchmarks all start by loading an image-text dataset, building the frozen encoders and encoding every split once
 (cached by ``datasets``); :func:`prepare_features` is that step, :class:`DataArguments` its
 command-line arguments (parsed with ``HfArgumentParser``). The baselines' evaluation protocols and
 the ``results.json`` schema live here too, so every script reports the same way.

@@ -325,8 +325,9 @@ class ExpertTrajectories:
                              f"max_start_epoch - 1 + expert_epochs <= {self.num_epochs}, "
                              "or train experts for more epochs")
         if not self._experts:
-            raise ValueError("these trajectories hold no expert; train experts first (examples/train_experts.py) "
-                             "or point to a directory with completed expert_*.safetensors files")
+            raise ValueError("these trajectories hold no expert; train experts first (repblend-distill trains them, "
+                             "or repblend_hf.trainers.train_experts) or point to a directory with completed "
+                             "expert_*.safetensors files")
         indices = self.expert_indices
         expert_index = indices[int(torch.randint(len(indices), (1,), generator=generator).item())]
         start = int(torch.randint(max_start_epoch, (1,), generator=generator).item())
@@ -389,8 +390,8 @@ class ExpertTrajectories:
         meta_path = directory / TRAJECTORIES_METADATA_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: {directory} is not an expert trajectories directory; "
-                                    "train experts first (examples/train_experts.py) or pass the directory they "
-                                    "were saved to")
+                                    "train experts first (repblend-distill trains them, or "
+                                    "repblend_hf.trainers.train_experts) or pass the directory they were saved to")
         trajectories = cls(json.loads(meta_path.read_text()))
         expected = {b: [trajectories.num_epochs + 1, n] for b, n in trajectories.branch_sizes.items()}
         for index in cls.completed_experts(directory):

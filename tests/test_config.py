@@ -65,8 +65,7 @@ def test_repblend_config_defaults_and_version_stamp(tmp_path):
 def test_config_json_of_an_earlier_version_with_lr_img_lr_txt_loads(tmp_path):
     """The learned inner lrs were saved as ``lr_img`` / ``lr_txt`` (the outer lrs' names in the arguments)."""
     saved = RepBlendConfig(num_pairs=6, sim_rank=2).to_dict()
-    for new, old in (("inner_lr_img", "lr_img"), ("inner_lr_txt", "lr_txt")):
-        del saved[new]
+    del saved["inner_lr_img"], saved["inner_lr_txt"]
     saved.update(lr_img=0.37, lr_txt=0.012)
     for name in ("method", "blend_beta", "distill_loss", "meta_gradient", "branch_normalization", "syn_steps",
                  "expert_epochs", "max_start_epoch", "iterations"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -375,6 +374,7 @@ def test_synthetic_set_card_has_every_section():
     assert positions == sorted(positions)
     assert "| `similarity_left` | float32 [2] |" in text and "| `nearest_caption` | string |" in text
     assert 'load_dataset("someone/set", split="train")' in text and 'RepBlendConfig.from_hub("someone/set")' in text
+    assert "repblend-evaluate --method distilled --distilled_set someone/set" in text  # the installed command
     assert "| **repblend (this set)** | 6 |" + " 20.0 ± 1.2 |" * 7 in text  # Python's round-half-even
     assert "| herding | 6 |" + " 5.0 ± 0.0 |" * 7 in text
     assert "| repblend | 6 | 0.500 ± 0.125 | 0.500 ± 0.125 | 0.500 ± 0.125 |" in text
@@ -467,7 +467,8 @@ def test_trajectories_card():
 
 
 def test_card_templates_ship_in_the_wheel(tmp_path):
-    """setup.cfg's package_data puts hub_cards/*.md in the wheel (built from a copy, not the shared checkout)."""
+    """setup.cfg's package_data puts hub_cards/*.md and configs/*.yaml in the wheel, and its entry_points the
+    console scripts (built from a copy, not the shared checkout)."""
     pytest.importorskip("pip")
     source = tmp_path / "src"
     source.mkdir()
@@ -478,15 +479,22 @@ def test_card_templates_ship_in_the_wheel(tmp_path):
                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("repblend_hf-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
     assert {"repblend_hf/hub_cards/synthetic_set.md", "repblend_hf/hub_cards/trajectories.md"} <= names
+    # The commands and the embedded default's config ship too, with their console scripts.
+    assert {"repblend_hf/commands/distill.py", "repblend_hf/commands/evaluate.py",
+            "repblend_hf/configs/fashion_scenes_99.yaml"} <= names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = {line.split("=")[0].strip(): line.split("=")[1].strip()
+               for line in archive.read(entry_points).decode().splitlines() if "=" in line}
+    assert scripts == {"repblend-distill": "repblend_hf.commands.distill:cli",
+                       "repblend-evaluate": "repblend_hf.commands.evaluate:cli"}
 
 
 def test_evaluate_script_reads_a_folder_or_a_hub_repo_id(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_example", REPO_ROOT / "examples" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "evaluate_example", module)  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
+    import repblend_hf.commands.evaluate as module
+
     calls = []
 
     class Loaded(Exception):
