@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "expert_ladder"))
     args = parser.parse_args()
 
-    from repblend_hf.evaluation import _split_metrics
+    from repblend_hf.evaluation.heads import _split_metrics
     from repblend_hf.modeling import RetrievalHeads, unflatten_parameters
     from repblend_hf.pipeline import DataArguments, prepare_features
     from repblend_hf.trainers import train_experts
