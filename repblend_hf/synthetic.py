@@ -175,7 +175,8 @@ class SyntheticSet(nn.Module):
                         feats = feats[int(torch.randint(len(feats), (1,), generator=g))]
                     pixels.append(feats.float())
                 else:
-                    transform = image_encoder.train_transform if init_transform == "train" else image_encoder.eval_transform
+                    transform = (image_encoder.train_transform if init_transform == "train"
+                                 else image_encoder.eval_transform)
                     pixels.append(transform(to_rgb(images[i])))
                 lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
                 texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
@@ -246,7 +247,8 @@ class SyntheticSet(nn.Module):
         if len(dataset) != config.num_pairs:
             raise ValueError(f"dataset has {len(dataset)} rows but config.num_pairs is {config.num_pairs}")
         table = dataset.with_format("numpy")
-        synthetic = cls(config, torch.from_numpy(np.asarray(table[cls.image_parameter_name(config)], dtype=np.float32)),
+        images = np.asarray(table[cls.image_parameter_name(config)], dtype=np.float32)
+        synthetic = cls(config, torch.from_numpy(images),
                         torch.from_numpy(np.asarray(table["text_embedding"], dtype=np.float32)))
         factor_columns = sorted(c for c in dataset.column_names if c.startswith("similarity_"))
         expected = sorted(f"similarity_{name}" for name, _ in synthetic.similarity.named_parameters())

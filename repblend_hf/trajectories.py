@@ -154,15 +154,17 @@ def _prepare_directory(directory: Path, metadata: dict[str, Any]) -> dict[str, A
         keys = (set(existing) | set(metadata)) - set(_RESUMABLE_KEYS)
         differing = sorted(k for k in keys if existing.get(k) != metadata.get(k))
         if differing:
-            changes = "; ".join(f"{k}: {_short(existing.get(k))} there, {_short(metadata.get(k))} now" for k in differing)
+            changes = "; ".join(f"{k}: {_short(existing.get(k))} there, {_short(metadata.get(k))} now"
+                                for k in differing)
             why = ""
             if "epoch_definition" in differing and existing.get("epoch_definition") is None:
                 why = (" These experts were trained with the old epoch definition (one pass over the images, one "
                        "random caption each; repblend_hf < 0.2): an expert epoch is now one pass over the (image, "
                        "caption) pairs, as in the authors' code, so their segments would be ~5x too short.")
-            raise ValueError(f"{directory} already holds expert trajectories made with other settings ({changes}).{why} "
-                             "Delete that directory (or pass another --trajectory_dir / --output_dir) to train new "
-                             "experts, or run with the settings that made them to reuse them")
+            raise ValueError(f"{directory} already holds expert trajectories made with other settings "
+                             f"({changes}).{why} Delete that directory (or pass another --trajectory_dir / "
+                             "--output_dir) to train new experts, or run with the settings that made them to reuse "
+                             "them")
     _atomic_write_bytes(meta_path, (json.dumps(metadata, indent=2, sort_keys=False) + "\n").encode())
     return metadata
 
