@@ -115,7 +115,8 @@ def main() -> None:
              f"and η with these image features. {100 * float(outside):.1f} % of the feature set's entries lie outside "
              "the range real training images reach in their dimension. Inversion: relative squared error trace "
              + ", ".join(f"{s}: {v}" for s, v in trace) + f" ({record['inversion_seconds']} s).\n",
-             "| image features | validation r_mean | relative squared error to f* | cosine to f* |", "|---|---|---|---|"]
+             "| image features | validation r_mean | relative squared error to f* | cosine to f* |",
+             "|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['validation_r_mean']:.1f} ± {r['std']:.1f} | {r['relative_sq_error']:.3f} "
                      f"| {r['cosine']:.3f} |")

@@ -47,7 +47,8 @@ def summarise(out: Path) -> dict:
     timings = json.loads((out / "timings.json").read_text())
     evals = [h for h in state["log_history"] if "eval_r_mean" in h]
     logs = [h for h in state["log_history"] if "lr_img" in h]
-    row = {"validation_r_mean": record["validation"]["r_mean"]["mean"], "test_r_mean": record["test"]["r_mean"]["mean"],
+    row = {"validation_r_mean": record["validation"]["r_mean"]["mean"],
+           "test_r_mean": record["test"]["r_mean"]["mean"],
            "best_validation_r_mean": max([h["eval_r_mean"] for h in evals] + [record["validation"]["r_mean"]["mean"]]),
            "curve": [(h["step"], round(h["eval_r_mean"], 2)) for h in evals],
            "lr_img": logs[-1]["lr_img"] if logs else None, "lr_txt": logs[-1]["lr_txt"] if logs else None,
