@@ -42,6 +42,7 @@ import datasets
 import numpy as np
 from PIL import Image as PILImage
 
+from ..schema import SCHEMA_FEATURES
 from .cache import build_cached_split
 from .captions import TEMPLATES, describe_scene
 from .scenes import Scene, SceneObject, _render, _sample_scene
@@ -78,9 +79,7 @@ __all__ = [
 
 _FEATURES = datasets.Features(
     {
-        "image": datasets.Image(),
-        "captions": datasets.List(datasets.Value("string")),
-        "image_id": datasets.Value("string"),
+        **SCHEMA_FEATURES,  # image, captions, image_id; then the provenance of each scene
         "objects": datasets.List(
             {
                 "category": datasets.Value("string"),
