@@ -62,7 +62,7 @@ logger = logging.getLogger("distill")
 
 @dataclass
 class SetArguments:
-    """What the distilled set is (becomes its RepBlendConfig) and how experts and evaluation are run."""
+    """What the distilled set is (becomes its RepBlendConfig), how experts and evaluation run, where it is pushed."""
 
     num_pairs: int = field(default=99, metadata={"help": "Synthetic pairs N (the paper's '100 pairs' is 99 + S)."})
     embed_dim: int = field(default=512, metadata={"help": "Projection head dimension (paper: 2304)."})
@@ -123,7 +123,6 @@ def hub_dataset_repo(set_args: SetArguments, args: DistillationArguments) -> str
         message = (f"--push_to_hub / --hub_model_id for the distilled set are deprecated (they are the Trainer's "
                    f"model-repo options): use --hub_dataset_id {repo or old}")
         warnings.warn(message, FutureWarning, stacklevel=2)
-        logger.warning(message)
         repo = repo or old
     args.push_to_hub = False
     return repo
