@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import RemoteEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, PretrainedConfig
 
 from .hub import check_distilled_set_config, not_a_distilled_set_error
@@ -159,6 +160,11 @@ class RepBlendConfig(PretrainedConfig):
                 if repo_type == "model" or os.path.exists(name):
                     raise
                 model_error = err
+        if repo_type is None:
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                raise model_error from None  # no folder and no repo id either: transformers' own message
         download = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in kwargs}
         try:
             path = hf_hub_download(name, "config.json", repo_type="dataset", **download)

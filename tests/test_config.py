@@ -96,6 +96,14 @@ def test_config_records_how_the_set_was_made(tmp_path, method, explicit):
     assert (saved["method"], saved["blend_beta"], saved["iterations"]) == (method, config.blend_beta, 7)
 
 
+@pytest.mark.parametrize("name", ["./missing_dir", "outputs/run/synthetic_set"])
+def test_config_from_pretrained_of_a_missing_folder_is_an_os_error_as_before(tmp_path, monkeypatch, name):
+    """A path that is no folder and no repo id never reaches the dataset-repo lookup (nor the network)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="Repo id must"):
+        RepBlendConfig.from_pretrained(name)
+
+
 def test_config_from_pretrained_rejects_an_unknown_repo_type(tmp_path):
     with pytest.raises(ValueError, match=re.escape("repo_type must be None, 'model' or 'dataset', got 'space'")):
         RepBlendConfig.from_pretrained(tmp_path, repo_type="space")
