@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ def summarise(out: Path) -> dict:
     timings = json.loads((out / "timings.json").read_text())
     evals = [h for h in state["log_history"] if "eval_r_mean" in h]
     logs = [h for h in state["log_history"] if "lr_img" in h]
-    row = {"validation_r_mean": record["validation"]["r_mean"]["mean"], "test_r_mean": record["test"]["r_mean"]["mean"],
+    row = {"validation_r_mean": record["validation"]["r_mean"]["mean"],
+           "test_r_mean": record["test"]["r_mean"]["mean"],
            "best_validation_r_mean": max([h["eval_r_mean"] for h in evals] + [record["validation"]["r_mean"]["mean"]]),
            "curve": [(h["step"], round(h["eval_r_mean"], 2)) for h in evals],
            "lr_img": logs[-1]["lr_img"] if logs else None, "lr_txt": logs[-1]["lr_txt"] if logs else None,
@@ -117,7 +119,33 @@ def write(args, passthrough: list[str], keys: list[str], rows: list[dict], plann
     for r in rows:
         if "failed" in r:
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")
+    if "seed" in keys:
+        lines += ["", *seed_table(keys, ok)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def seed_table(keys: list[str], rows: list[dict]) -> list[str]:
+    """Mean ± std over the distillation seeds of each setting (the grid's other names), best validation first."""
+    others = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k, "") for k in others), []).append(r)
+    metrics = [("best val", "best_validation_r_mean", ".1f"), ("final val", "validation_r_mean", ".1f"),
+               ("test", "test_r_mean", ".1f"), ("η_img", "lr_img", ".3f"), ("set Sim_img", "set_sim_image", ".3f"),
+               ("set Sim_txt", "set_sim_text", ".3f"), ("set Gap", "set_gap", ".3f")]
+    lines = ["Over distillation seeds (mean ± std; population std, the seeds run are listed):", "",
+             "| " + " | ".join(others) + " | seeds | " + " | ".join(m for m, _, _ in metrics) + " |",
+             "|" + "---|" * (len(others) + 1 + len(metrics))]
+    ranked = sorted(groups.items(), key=lambda g: -statistics.fmean(r["best_validation_r_mean"] for r in g[1]))
+    for setting, group in ranked:
+        cells = []
+        for _, key, fmt in metrics:
+            values = [r[key] for r in group if r.get(key) is not None]
+            cells.append("–" if not values else
+                         f"{statistics.fmean(values):{fmt}} ± {statistics.pstdev(values):{fmt}}")
+        seeds = ",".join(sorted(str(r["seed"]) for r in group))
+        lines.append("| " + " | ".join(map(str, setting)) + f" | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(value) -> str:
