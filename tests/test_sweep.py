@@ -17,7 +17,7 @@ def test_grid_points_is_the_union_of_grids_in_order_without_repeats():
 
 def _row(beta, seed, best, test):
     return {"blend_beta": beta, "seed": seed, "best_validation_r_mean": best, "validation_r_mean": best - 1,
-            "test_r_mean": test, "lr_img": 0.4, "set_sim_image": 0.1, "set_sim_text": None, "set_gap": 0.2}
+            "test_r_mean": test, "eta_img": 0.4, "set_sim_image": 0.1, "set_sim_text": None, "set_gap": 0.2}
 
 
 def test_seed_table_averages_each_setting_over_its_seeds_and_ranks_by_validation():
