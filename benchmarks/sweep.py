@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +52,8 @@ def summarise(out: Path) -> dict:
            "test_r_mean": record["test"]["r_mean"]["mean"],
            "best_validation_r_mean": max([h["eval_r_mean"] for h in evals] + [record["validation"]["r_mean"]["mean"]]),
            "curve": [(h["step"], round(h["eval_r_mean"], 2)) for h in evals],
-           "lr_img": logs[-1]["lr_img"] if logs else None, "lr_txt": logs[-1]["lr_txt"] if logs else None,
+           # The learned inner η, named apart from the grid's own lr_img / lr_txt (the outer learning rates).
+           "eta_img": logs[-1]["lr_img"] if logs else None, "eta_txt": logs[-1]["lr_txt"] if logs else None,
            "distillation_s": timings["distillation_s"], "iterations": timings["iterations"]}
     for k, v in (record.get("set_diagnostics") or {}).items():
         row[f"set_{k}"] = v
@@ -65,6 +67,9 @@ def main() -> None:
                              "union of several grids.")
     parser.add_argument("--name", required=True, help="Results go to benchmarks/results/NAME.{json,md}.")
     parser.add_argument("--work_dir", default=None, help="Where the runs live (default outputs/NAME).")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Write the table from the points already finished; start no run (a sweep still running "
+                             "elsewhere, or one to finish later).")
     parser.add_argument("--launcher", default=f"{sys.executable} {ROOT / 'examples' / 'distill.py'}",
                         help="The command each point runs (default: this Python on examples/distill.py).")
     args, passthrough = parser.parse_known_args()
@@ -76,6 +81,8 @@ def main() -> None:
         name = "_".join(f"{k}{Path(v).name if '/' in v else v}" for k, v in point.items())
         out = work / name
         if not (out / "results.json").exists():
+            if args.report_only:
+                continue
             flags = [x for k, v in point.items() for x in (f"--{k}", v)]
             command = [*shlex.split(args.launcher), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                        "--save_strategy", "no", *passthrough, *flags]
@@ -107,18 +114,44 @@ def write(args, passthrough: list[str], keys: list[str], rows: list[dict], plann
              "set's own embeddings under the reference model.\n",
              "| " + " | ".join(keys) + " | best val | final val | test | η_img | η_txt | set Sim_img | set Sim_txt "
              "| set Gap | s / it | validation curve |",
-             "|" + "---|" * (len(keys) + 11)]
+             "|" + "---|" * (len(keys) + 10)]
     for r in ok:
         curve = " ".join(f"{v:.1f}" for _, v in r["curve"])
         lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys)
                      + f" | {r['best_validation_r_mean']:.1f} | {r['validation_r_mean']:.1f} | {r['test_r_mean']:.1f}"
-                     + f" | {_fmt(r['lr_img'])} | {_fmt(r['lr_txt'])} | {_fmt(r.get('set_sim_image'))}"
+                     + f" | {_fmt(r['eta_img'])} | {_fmt(r['eta_txt'])} | {_fmt(r.get('set_sim_image'))}"
                      + f" | {_fmt(r.get('set_sim_text'))} | {_fmt(r.get('set_gap'))}"
                      + f" | {r['distillation_s'] / max(r['iterations'], 1):.2f} | {curve} |")
     for r in rows:
         if "failed" in r:
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")
+    if "seed" in keys:
+        lines += ["", *seed_table(keys, ok)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def seed_table(keys: list[str], rows: list[dict]) -> list[str]:
+    """Mean ± std over the distillation seeds of each setting (the grid's other names), best validation first."""
+    others = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k, "") for k in others), []).append(r)
+    metrics = [("best val", "best_validation_r_mean", ".1f"), ("final val", "validation_r_mean", ".1f"),
+               ("test", "test_r_mean", ".1f"), ("η_img", "eta_img", ".3f"), ("set Sim_img", "set_sim_image", ".3f"),
+               ("set Sim_txt", "set_sim_text", ".3f"), ("set Gap", "set_gap", ".3f")]
+    lines = ["Over distillation seeds (mean ± std; population std, the seeds run are listed):", "",
+             "| " + " | ".join(others) + " | seeds | " + " | ".join(m for m, _, _ in metrics) + " |",
+             "|" + "---|" * (len(others) + 1 + len(metrics))]
+    ranked = sorted(groups.items(), key=lambda g: -statistics.fmean(r["best_validation_r_mean"] for r in g[1]))
+    for setting, group in ranked:
+        cells = []
+        for _, key, fmt in metrics:
+            values = [r[key] for r in group if r.get(key) is not None]
+            cells.append("–" if not values else
+                         f"{statistics.fmean(values):{fmt}} ± {statistics.pstdev(values):{fmt}}")
+        seeds = ",".join(sorted(str(r["seed"]) for r in group))
+        lines.append("| " + " | ".join(map(str, setting)) + f" | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fmt(value) -> str:
