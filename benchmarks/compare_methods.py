@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
 
 VARIANTS: dict[str, list[str]] = {
     "repblend": [],
@@ -74,7 +73,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     """One ``examples/distill.py`` run of a variant (skipped when ``out/results.json`` exists); its records."""
-    import distill
+    from repblend_hf.commands import distill
 
     matching = matching_of(name)
     experts = []
@@ -95,13 +94,13 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
     if args.infonce_protocol:
         # The coresets' protocol (InfoNCE, lr 0.1, S = I) on the same distilled set: a method is reported under
         # whichever of its own protocol and this one scores higher on the *validation* split.
-        import evaluate
+        from repblend_hf.commands import evaluate as evaluate_command
 
         other = out / "infonce" / "results.json"
         if not other.exists():
-            evaluate.main(["--method", "distilled", "--distilled_set", str(out / "synthetic_set"), "--loss", "infonce",
-                           "--lr", "0.1", "--seeds", "1", "--protocol", "frozen", "--output_dir", str(other.parent),
-                           *extra_data_args(extra)])
+            evaluate_command.main(["--method", "distilled", "--distilled_set", str(out / "synthetic_set"), "--loss",
+                                   "infonce", "--lr", "0.1", "--seeds", "1", "--protocol", "frozen", "--output_dir",
+                                   str(other.parent), *extra_data_args(extra)])
         run["infonce"] = _scores(json.loads(other.read_text()))
     return run
 

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "expert_ladder"))
     args = parser.parse_args()
 
-    from repblend_hf.evaluation import _split_metrics
+    from repblend_hf.evaluation.heads import _split_metrics
     from repblend_hf.modeling import RetrievalHeads, unflatten_parameters
     from repblend_hf.pipeline import DataArguments, prepare_features
     from repblend_hf.trainers import train_experts
@@ -74,16 +74,17 @@ def main() -> None:
               "epoch_definition": trajectories.metadata.get("epoch_definition"),
               "steps_per_epoch": steps_per_epoch, "pairs_per_epoch": train.num_captions,
               "expert_seconds_this_run": round(experts_seconds, 1),
-              "validation_r_mean": {str(e): v for e, v in ladder.items()}, "summary": {str(e): r for e, r in rows.items()}}
+              "validation_r_mean": {str(e): v for e, v in ladder.items()},
+              "summary": {str(e): r for e, r in rows.items()}}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# Expert ladder: validation r_mean of each expert snapshot\n",
+    lines = ["# Expert ladder: validation r_mean of each expert snapshot\n",
              f"`.venv/bin/python {record['command']}`\n",
-             f"{len(trajectories)} symmetric experts (heads of dim {args.embed_dim} on cached features, InfoNCE, SGD lr "
-             f"{expert_args.learning_rate}, batch {expert_args.per_device_train_batch_size}); an epoch is one pass over "
-             f"the {train.num_captions:,} (image, caption) pairs ({steps_per_epoch} steps). Heads at each snapshot "
-             "scored on the validation split (1,000 images, 5,000 captions). A segment "
+             f"{len(trajectories)} symmetric experts (heads of dim {args.embed_dim} on cached features, InfoNCE, SGD "
+             f"lr {expert_args.learning_rate}, batch {expert_args.per_device_train_batch_size}); an epoch is one pass "
+             f"over the {train.num_captions:,} (image, caption) pairs ({steps_per_epoch} steps). Heads at each "
+             "snapshot scored on the validation split (1,000 images, 5,000 captions). A segment "
              "`[start, start + expert_epochs]` ends at the target epoch: its row is the most the segment can teach.\n",
              "| epoch | mean | std | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {e} | {r['mean']:.1f} | {r['std']:.1f} | {r['min']:.1f} | {r['max']:.1f} |" for e, r in rows.items()]

@@ -61,7 +61,7 @@ def main() -> None:
     def score(feats: torch.Tensor) -> dict:
         values = []
         for seed in range(args.eval_seeds):
-            pairs = PairSet(feats, texts, similarity, lr_img=config.lr_img, lr_txt=config.lr_txt)
+            pairs = PairSet(feats, texts, similarity, lr_img=config.inner_lr_img, lr_txt=config.inner_lr_txt)
             trained = train_heads(pairs, embed_dim=config.embed_dim, loss="wbce" if similarity is not None else
                                   "infonce", validation=validation, temperature=config.temperature, seed=seed)
             values.append(max(h["validation"]["r_mean"] for h in trained.history))
@@ -115,7 +115,8 @@ def main() -> None:
              f"and η with these image features. {100 * float(outside):.1f} % of the feature set's entries lie outside "
              "the range real training images reach in their dimension. Inversion: relative squared error trace "
              + ", ".join(f"{s}: {v}" for s, v in trace) + f" ({record['inversion_seconds']} s).\n",
-             "| image features | validation r_mean | relative squared error to f* | cosine to f* |", "|---|---|---|---|"]
+             "| image features | validation r_mean | relative squared error to f* | cosine to f* |",
+             "|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['validation_r_mean']:.1f} ± {r['std']:.1f} | {r['relative_sq_error']:.3f} "
                      f"| {r['cosine']:.3f} |")

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
 
 
 def curve(run_dir: Path) -> dict:
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "segments"))
     args, passthrough = parser.parse_known_args()
 
-    import distill
+    from repblend_hf.commands import distill
 
     segments = [int(k) for k in args.segments.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

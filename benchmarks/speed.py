@@ -22,8 +22,11 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
   released, the student is the encoder + the text head (no image head, so the text head outputs the encoder's
   width whatever ``--embed_dim`` says);
 - ``floor``: the least work any implementation must do: one encoder forward and one input-gradient
-  backward of the touched images, plus the inner loop on features alone (timed separately and summed),
-  with the same encoder function as (a) (BatchNorms folded) called at the same chunk size (graphs kept).
+  backward of the touched images, plus the inner loop on features alone, with the same encoder function as
+  (a) (BatchNorms folded) called at the same chunk size (graphs kept). It is the library's own
+  ``repblend_hf.distillation.outer_iteration`` called without the Trainer shell (no optimiser step, no
+  logging), its encoder pass timed apart (``encoder_s_per_iter``, the rest ``heads_s_per_iter``);
+  ``timed_iteration`` is what it times, and a test checks that it gives the trainer's gradients.
 
 ``--profile`` runs the timed iterations under ``torch.profiler`` and adds the seconds per phase (the
 trainer's ``record_function`` labels) and the ops with the most self time to the report.
@@ -77,7 +80,7 @@ ROOT = HERE.parent
 
 VARIANTS: dict[str, dict[str, object]] = {
     # DistillationArguments overrides of each variant; "floor" is not a trainer run (see _measure_floor).
-    "floor": {"method": "repblend"},
+    "floor": {"method": "repblend", "encoder_recompute": False},  # the chunk graphs kept: one forward per image
     "repblend": {"method": "repblend"},  # encoder_chunk_size comes from --encoder_chunk_size
     "repblend_unchunked": {"method": "repblend", "encoder_chunk_size": 0},
     "repblend_chunks_kept": {"method": "repblend", "encoder_recompute": False},
@@ -139,27 +142,6 @@ class PeakMemory:
             kind = "cpu VmHWM" + ("" if self.reset else " (not reset: includes set-up)")
         return {"peak_mem_mb": round(peak / MB, 1), "peak_mem_increase_mb": round((peak - self.baseline) / MB, 1),
                 "mem_kind": kind}
-
-
-class EncoderPassCounter:
-    """Images through the encoder's forward, and images whose encoder output receives a gradient (backward).
-
-    The same counting as the trainer's ``encoder_passes``, but for every variant (LoRS's unrolled encoder
-    included). A double backward through the encoder (LoRS: TESLA's recomputation) counts as one backward.
-    """
-
-    def __init__(self, model):
-        self.counts = {"forward": 0, "backward": 0}
-        self.handle = model.register_forward_hook(self._forward)
-
-    def _forward(self, module, inputs, output) -> None:
-        rows = len(output)
-        self.counts["forward"] += rows
-        if output.requires_grad:
-            output.register_hook(lambda grad: self._backward(rows))
-
-    def _backward(self, rows: int) -> None:
-        self.counts["backward"] += rows
 
 
 def _cpu_times() -> tuple[float, float, float]:
@@ -261,7 +243,7 @@ def measure(spec: dict) -> dict:
     """Time ``warmup + timed`` iterations of one configuration and measure its peak memory (in this process)."""
     import torch
 
-    from repblend_hf.encoders import load_image_encoder
+    from repblend_hf.encoders import EncoderPassCounter, load_image_encoder
     from repblend_hf.pipeline import configure_cpu_threads
     from repblend_hf.trajectories import ExpertTrajectories
 
@@ -273,7 +255,8 @@ def measure(spec: dict) -> dict:
         args = _distillation_args(spec, tmp)
         synthetic = _synthetic_set(spec, encoder.feature_dim, args.similarity)
         trajectories = ExpertTrajectories.load(spec["trajectory_dir"])
-        # LoRS unrolls encoder.model; every other variant calls the encoder itself (its folded copy by default).
+        # LoRS unrolls encoder.model; every other variant calls the encoder itself (its folded copy by default). The
+        # library's counter, attached from outside: the same hook as the trainer's own encoder_passes.
         counter = EncoderPassCounter(encoder.model if spec["variant"] == "lors" else encoder)
         with _profiler(spec) as profiler:
             step = profiler.step if profiler is not None else None
@@ -281,7 +264,7 @@ def measure(spec: dict) -> dict:
                 out = _measure_floor(spec, args, synthetic, trajectories, encoder, counter, step)
             else:
                 out = _measure_trainer(spec, args, synthetic, trajectories, encoder, counter, step)
-        counter.handle.remove()
+        counter.remove()
         if profiler is not None:
             out["profile"] = profile_summary(profiler.key_averages(), spec["timed"], spec["device"])
     other_cores = _other_processes_cores(cpu_before, _cpu_times())
@@ -310,69 +293,70 @@ def _measure_trainer(spec, args, synthetic, trajectories, encoder, counter, on_s
             "nonfinite_iterations": int(sum(h["nonfinite_skipped"] for h in logged))}
 
 
-def _measure_floor(spec, args, synthetic, trajectories, encoder, counter, on_step=None) -> dict:
-    """The floor: encoder forward + input-gradient backward of the touched images, and the feature-space inner loop.
+class _TimedEncoderPass:
+    """The library's :class:`~repblend_hf.encoders.EncoderPass` with its forward and backward timed (the floor's
+    encoder share); everything else is the wrapped pass itself."""
 
-    The same plan and expert segment sampling as one RepBlend iteration, without the Trainer shell, the
-    chunking, the optimiser step or the scatter of the gradients into the set.
+    def __init__(self, encoder_pass, device: str):
+        self.encoder_pass, self.device, self.seconds = encoder_pass, device, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.encoder_pass, name)
+
+    def _timed(self, method, *args):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = method(*args)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def forward(self, images):
+        return self._timed(self.encoder_pass.forward, images)
+
+    def backward(self, state, grad):
+        return self._timed(self.encoder_pass.backward, state, grad)
+
+
+def timed_iteration(synthetic, heads, trajectories, encoder_pass, args, step: int, device: str = "cpu"):
+    """One call of the library's ``outer_iteration`` at ``step``, timed: ``(result, seconds, encoder seconds)``.
+
+    The same function, generator and settings as the DistillationTrainer's step ``step`` (process 0), so it returns
+    the trainer's gradients (tests/test_speed_benchmark.py checks it); the Trainer shell around it (the surrogate
+    backward, the optimiser step, logging) is what the floor leaves out.
     """
-    import torch
-    from torch.profiler import record_function
+    from repblend_hf.distillation import inner_temperature, iteration_generator, outer_iteration
 
-    from repblend_hf.distillation import matching_gradients, plan_inner_loop
-    from repblend_hf.modeling import RetrievalHeads
+    timed = _TimedEncoderPass(encoder_pass, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    result = outer_iteration(synthetic, heads, trajectories, timed, args, iteration_generator(args.seed, step),
+                             temperature=inner_temperature(synthetic.config, args))
+    _sync(device)
+    return result, time.perf_counter() - t0, timed.seconds
+
+
+def _measure_floor(spec, args, synthetic, trajectories, encoder, counter, on_step=None) -> dict:
+    """The floor: :func:`timed_iteration` on the set, its encoder pass (forward + input-gradient backward of the
+    touched images) and the rest (the inner loop on features) timed apart."""
+    from repblend_hf.distillation import encoder_pass_for, student_heads
 
     device = spec["device"]
     syn = synthetic.to(device)
-    if args.fold_batchnorm:  # the same encoder function as (a) runs
-        encoder.fold_batchnorm_()
+    encoder_pass = encoder_pass_for(encoder, syn.config, args)  # folds the BatchNorms as (a) does
     encoder.to(device)
-    heads = RetrievalHeads(encoder.feature_dim, spec["text_dim"], spec["embed_dim"]).to(device)
-
-    def encode(pixels):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16"):
-            return encoder(pixels).float()
-
+    heads = student_heads(syn.config).to(device)
     memory = PeakMemory(device)
     memory.start()
     seconds, encoder_s, heads_s, passes, touched_counts = [], [], [], [], []
     for step in range(spec["warmup"] + spec["timed"]):
-        g = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + step)
-        segment = trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g, device=device)
-        plan = plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g).to(device)
-        touched = plan.touched
         before = dict(counter.counts)
-        _sync(device)
-        t0 = time.perf_counter()
-        pixel_leaf = syn.pixel_values.detach()[touched].requires_grad_(True)
-        with record_function("repblend:encoder_forward"):  # at the chunk size of (a), every graph kept
-            chunk = spec["encoder_chunk_size"]
-            feats = torch.cat([encode(c) for c in (pixel_leaf.split(chunk) if chunk else [pixel_leaf])])
-        _sync(device)
-        t1 = time.perf_counter()
-        image_inputs = feats.detach().requires_grad_(True)
-        text_inputs = syn.text_embeddings.detach()[touched].requires_grad_(True)
-        eta = {b: v.detach().requires_grad_(True) for b, v in syn.inner_lrs(args.lr_min, args.lr_max).items()}
-        sim_params = list(syn.similarity.parameters())
-        wrt = [image_inputs, text_inputs, eta["image"], eta["text"], *sim_params]
-        with record_function("repblend:inner_loop"):
-            _, grads, _ = matching_gradients(
-                heads, image_inputs, text_inputs, lambda pos, rows=touched: syn.similarity(rows[pos]), plan,
-                segment.start_params, segment.target_params, eta, wrt, temperature=syn.config.temperature,
-                distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
-                branch_normalization=args.branch_normalization)
-        g_feats = grads[0] if grads[0] is not None else torch.zeros_like(feats)
-        _sync(device)
-        t2 = time.perf_counter()
-        with record_function("repblend:pixel_backward"):
-            torch.autograd.grad(feats, pixel_leaf, g_feats)
-        _sync(device)
-        t3 = time.perf_counter()
-        seconds.append(t3 - t0)
-        encoder_s.append((t1 - t0) + (t3 - t2))
-        heads_s.append(t2 - t1)
+        result, total, encoding = timed_iteration(syn, heads, trajectories, encoder_pass, args, step, device)
+        seconds.append(total)
+        encoder_s.append(encoding)
+        heads_s.append(total - encoding)
         passes.append({f"hooked_{k}": counter.counts[k] - before[k] for k in before})
-        touched_counts.append(len(touched))
+        touched_counts.append(len(result.plans[0].touched))
         if on_step is not None:
             on_step()
     timed = slice(spec["warmup"], None)

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "sweep_lrs"))
     args, passthrough = parser.parse_known_args()
 
-    import distill
+    from repblend_hf.commands import distill
 
     grids = args.grid or ["lr_img=10,100,1000 lr_txt=10,100 lr_sim=1"]
     points, keys = [], []

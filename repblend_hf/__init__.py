@@ -3,20 +3,20 @@
 The public names below are the library's API; ``repblend_hf.trainers`` holds the Trainer subclasses.
 """
 
-__version__ = "0.1.0"
-
 from .configuration import RepBlendConfig
 from .coresets import CoresetSelection, select_coreset
 from .data import load_image_text_dataset
 from .encoders import FrozenImageEncoder, FrozenTextEncoder, load_image_encoder, load_text_encoder
-from .evaluation import PairSet, evaluate_pairs, modality_diagnostics, retrieval_metrics, train_heads
+from .evaluation import PairSet, evaluate_pairs, train_heads
 from .features import FeatureSplit, encode_dataset
 from .losses import info_nce, trajectory_matching_loss, weighted_bce
+from .metrics import modality_diagnostics, retrieval_metrics
 from .modeling import ProjectionHead, RetrievalHeads
 from .similarity import build_similarity
 from .synthetic import SyntheticSet
 from .training_args import DistillationArguments, ExpertTrainingArguments
 from .trajectories import ExpertTrajectories
+from .version import __version__
 
 __all__ = [
     "__version__",

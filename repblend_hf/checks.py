@@ -2,12 +2,12 @@
 
 Encoding every split, training the experts and distilling take minutes to hours; an input that can be
 judged before them is judged here, and the error names the problem and the setting that fixes it
-(STYLE.md, "Errors say what was wrong and what to set"). ``examples/distill.py`` calls
+(STYLE.md, "Errors say what was wrong and what to set"). ``repblend-distill`` calls
 :func:`check_distill_run` first and :func:`check_distill_data` right after loading the dataset (before
-encoding); ``examples/evaluate.py`` does the same with :func:`check_evaluate_run` /
+encoding); ``repblend-evaluate`` does the same with :func:`check_evaluate_run` /
 :func:`check_evaluate_data`. The checkpoint helpers (:func:`checkpoint_problem`,
-:func:`state_shapes_mismatch`) are shared with :func:`repblend_hf.pipeline.last_complete_checkpoint`
-and the :class:`~repblend_hf.trainers.DistillationTrainer`'s resume.
+:func:`state_shapes_mismatch`, :func:`last_complete_checkpoint`) serve ``--resume_from_checkpoint latest`` and the
+:class:`~repblend_hf.trainers.DistillationTrainer`'s resume.
 """
 
 from __future__ import annotations
@@ -25,9 +25,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+from safetensors import safe_open
+
+from .configuration import RepBlendConfig
+from .similarity import build_similarity
+from .synthetic import SyntheticSet
+from .trajectories import ExpertTrajectories, expert_filename
+
 __all__ = [
     "BASELINES",
     "checkpoint_problem",
+    "last_complete_checkpoint",
     "checkpoint_shapes",
     "state_shapes_mismatch",
     "check_output_dir",
@@ -41,7 +50,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What ``--baselines`` of examples/distill.py accepts: the coreset methods and the full data.
+#: What ``--baselines`` of repblend-distill accepts: the coreset methods and the full data.
 BASELINES = ("random", "herding", "kcenter", "full")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -80,8 +89,6 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     archives) must pass their CRC checks, so a truncated or damaged file is named here and not in a bare
     ``SafetensorError`` / ``RuntimeError`` half-way through the resume.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_dir():
         return f"{path} is not a directory"
@@ -117,10 +124,30 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely and is intact, or None.
+
+    Trainer writes a checkpoint's files one after another and ``trainer_state.json`` last, so a run
+    killed while saving leaves a ``checkpoint-N`` without it (or with a truncated one);
+    ``transformers.trainer_utils.get_last_checkpoint`` would pick that one, this skips it. A checkpoint
+    whose files are truncated or damaged (:func:`checkpoint_problem`) is skipped too,
+    with a warning naming the file, so ``--resume_from_checkpoint latest`` falls back to the previous one.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
 def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """``{tensor name: shape}`` of a checkpoint's ``model.safetensors`` (reads the header only)."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
@@ -151,8 +178,6 @@ def state_shapes_mismatch(saved: Mapping[str, Sequence[int]], expected: Mapping[
 def _expected_set_shapes(num_pairs: int, image_size: int, similarity: str, sim_rank: int, sim_alpha: float,
                          synthetic_space: str = "pixels") -> dict[str, tuple[int, ...]]:
     """The SyntheticSet state-dict shapes a run's settings give (encoder widths left as 0: the encoders give them)."""
-    from .similarity import build_similarity
-
     sim = build_similarity(similarity, num_pairs, rank=sim_rank, alpha=sim_alpha)
     images = ({"image_features": (num_pairs, 0)} if synthetic_space == "features"
               else {"pixel_values": (num_pairs, 3, image_size, image_size)})
@@ -201,10 +226,8 @@ def check_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | No
     """The checkpoint a run will resume from (``latest``: the newest intact one), checked; None for a fresh start.
 
     A damaged checkpoint given by path stops here, naming the file, and offers the newest intact one; ``latest``
-    skips damaged checkpoints with a warning (:func:`repblend_hf.pipeline.last_complete_checkpoint`).
+    skips damaged checkpoints with a warning (:func:`last_complete_checkpoint`).
     """
-    from .pipeline import last_complete_checkpoint
-
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
@@ -225,10 +248,6 @@ def check_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | No
 
 def check_expert_files(directory: str | os.PathLike) -> None:
     """Every ``expert_*.safetensors`` in ``directory`` must be readable; a damaged one is named with the fix."""
-    from safetensors import safe_open
-
-    from .trajectories import ExpertTrajectories, expert_filename
-
     for index in ExpertTrajectories.completed_experts(directory):
         path = Path(directory) / expert_filename(index)
         try:
@@ -271,10 +290,6 @@ def check_distill_run(data_args, set_args, args) -> str | None:
     run will resume from (None for a fresh start). Must be called before ``Trainer`` is built (with
     ``--overwrite_output_dir`` it deletes the old checkpoints, on the main process).
     """
-    from accelerate import PartialState
-
-    from .configuration import RepBlendConfig
-
     p = _Problems()
     n = set_args.num_pairs
     p.check(isinstance(n, int) and n >= 1, f"num_pairs must be >= 1, got {n}; set --num_pairs to the number of "
@@ -310,7 +325,7 @@ def check_distill_run(data_args, set_args, args) -> str | None:
             RepBlendConfig(image_size=data_args.image_size, image_dim=1, text_dim=1, embed_dim=set_args.embed_dim,
                            num_pairs=n, temperature=set_args.temperature, similarity=args.similarity,
                            sim_rank=set_args.sim_rank, sim_alpha=set_args.sim_alpha, method=args.method,
-                           lr_img=args.lr_init, lr_txt=args.lr_init)
+                           inner_lr_img=args.lr_init, inner_lr_txt=args.lr_init)
         except ValueError as err:
             p.messages.append(str(err))
     if not p.messages and args.matching == "asymmetric" and not getattr(args, "asymmetric_image_head", False):
@@ -396,8 +411,6 @@ def check_evaluate_run(args) -> None:
     except ValueError as err:
         p.messages.append(str(err))
     if not p.messages and args.method == "distilled":
-        from .synthetic import SyntheticSet
-
         path = args.distilled_set
         try:
             SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)

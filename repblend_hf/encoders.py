@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from .data.images import to_rgb
 
@@ -29,6 +30,8 @@ __all__ = [
     "load_image_encoder",
     "load_text_encoder",
     "fold_batchnorm",
+    "EncoderPass",
+    "EncoderPassCounter",
     "DEFAULT_IMAGE_ENCODER",
     "DEFAULT_TEXT_ENCODER",
 ]
@@ -326,3 +329,129 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, pooling: str | N
         raise ValueError(f"cannot load text encoder {name_or_path!r}: {err}. Pass a transformers Hub id "
                          "(online or cached) or a local model directory.") from err
     return FrozenTextEncoder(model, tokenizer, name_or_path, pooling=pooling, max_length=max_length)
+
+
+# ----- the synthetic images' pass through the frozen encoder in one distillation iteration ---------------------------
+
+
+class EncoderPassCounter:
+    """Counts images through a module's forward, and images whose output receives a gradient (its backward).
+
+    A forward hook on ``module`` (the :class:`FrozenImageEncoder` a pixel set runs through, or the ``model`` that
+    asymmetric matching unrolls); a backward is an output that receives a gradient, so a double backward through
+    the same output (TESLA's recomputation) counts as one. :meth:`remove` detaches it.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.counts = {"forward": 0, "backward": 0}
+        self.handle = module.register_forward_hook(self._forward)
+
+    def _forward(self, module, inputs, output) -> None:
+        rows = len(output)
+        self.counts["forward"] += rows
+        if output.requires_grad:
+            output.register_hook(lambda grad: self._backward(rows))
+
+    def _backward(self, rows: int) -> None:
+        self.counts["backward"] += rows
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class _PerStepEncoder(nn.Module):
+    """The frozen encoder called inside each inner step (the authors' design) as the student's image encoder.
+
+    It registers no parameters of its own, so the student's image branch stays the head alone.
+    """
+
+    def __init__(self, encode):
+        super().__init__()
+        self.__dict__["encode"] = encode  # not a submodule: the encoder's frozen weights are not student parameters
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode(pixels)
+
+
+class EncoderPass:
+    """How one distillation iteration's synthetic images reach the student, and their gradient back.
+
+    DESIGN.md, "Where the speed comes from". :meth:`forward` turns the touched images into the leaf the inner loop
+    differentiates, and :meth:`backward` carries that leaf's gradient back to the images. The mode follows from
+    the set and the run:
+
+    - ``"features"``: a feature-space set; its images are encoder features already, nothing runs;
+    - ``"once"``: symmetric matching: the frozen encoder (in eval mode, so a fixed function of the pixels) runs
+      once on the touched images, the inner loop works on their features, and one backward carries the summed
+      feature gradient to the pixels, in one graph (``chunk_size`` 0), chunk by chunk keeping every chunk's graph
+      (``recompute=False``), or chunk by chunk recomputing each chunk's forward in the backward (memory of one
+      chunk, one more forward per image);
+    - ``"per_step"``: the encoder runs inside every inner step, as the authors' code does
+      (:attr:`student_encoder`): the same gradient with more encoder work;
+    - ``"unrolled"``: asymmetric matching (LoRS / MTT-VL): the student trains the encoder itself, so its
+      ``model`` is the student's image encoder and the pixels are the leaf.
+
+    With ``fold_batchnorm`` the symmetric modes run the encoder's eval-mode BatchNorms folded into its convolutions
+    (:meth:`FrozenImageEncoder.fold_batchnorm_`); asymmetric matching trains the encoder and never folds. ``bf16``
+    runs the frozen encoder under bf16 autocast (features come back as float32). :attr:`passes` counts the images
+    through the encoder (:class:`EncoderPassCounter`).
+    """
+
+    def __init__(self, encoder: FrozenImageEncoder, *, synthetic_space: str = "pixels", matching: str = "symmetric",
+                 chunk_size: int = 0, recompute: bool = True, per_step: bool = False, fold_batchnorm: bool = True,
+                 bf16: bool = False):
+        self.encoder, self.chunk_size, self.recompute, self.bf16 = encoder, chunk_size, recompute, bf16
+        if matching == "asymmetric":
+            self.mode = "unrolled"
+        elif synthetic_space == "features":
+            self.mode = "features"
+        else:
+            self.mode = "per_step" if per_step else "once"
+        if fold_batchnorm and matching == "symmetric" and hasattr(encoder, "fold_batchnorm_"):
+            folded = encoder.fold_batchnorm_()
+            logger.info("the synthetic-pixel passes use the encoder with %d BatchNorms folded into its convolutions",
+                        folded)
+        counted = encoder.model if self.mode == "unrolled" else encoder
+        self._counter = EncoderPassCounter(counted)
+        self.student_encoder: nn.Module | None = {"unrolled": getattr(encoder, "model", None),
+                                                  "per_step": _PerStepEncoder(self.encode)}.get(self.mode)
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """Images through the encoder's forward and images whose encoder output got a gradient, so far."""
+        return self._counter.counts
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's features of ``pixels`` (float32; under bf16 autocast when asked)."""
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.encoder(pixels).float()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """The inner loop's image leaf for the touched ``images`` (detached), and what :meth:`backward` needs."""
+        if self.mode != "once":
+            return images.requires_grad_(True), None
+        with record_function("repblend:encoder_forward"):
+            if self.chunk_size and self.recompute:
+                with torch.no_grad():
+                    feats = torch.cat([self.encode(c) for c in images.split(self.chunk_size)])
+                pixel_leaf = None
+            else:  # one graph over the touched images, built chunk by chunk when asked
+                pixel_leaf = images.requires_grad_(True)
+                chunks = pixel_leaf.split(self.chunk_size) if self.chunk_size else [pixel_leaf]
+                feats = torch.cat([self.encode(c) for c in chunks])
+        return feats.detach().requires_grad_(True), (images, pixel_leaf, feats)
+
+    def backward(self, state: tuple | None, grad: torch.Tensor) -> torch.Tensor:
+        """The images' gradient from the leaf's: ``(∂ features / ∂ pixels)ᵀ grad``, one backward through the encoder.
+        """
+        if state is None:
+            return grad
+        images, pixel_leaf, feats = state
+        with record_function("repblend:pixel_backward"):
+            if pixel_leaf is not None:
+                return torch.autograd.grad(feats, pixel_leaf, grad)[0]
+            out = []
+            for chunk, g_chunk in zip(images.split(self.chunk_size), grad.split(self.chunk_size)):
+                leaf = chunk.detach().requires_grad_(True)
+                out.append(torch.autograd.grad(self.encode(leaf), leaf, g_chunk)[0])
+            return torch.cat(out)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .evaluation import METRIC_NAMES
+from .metrics import DIAGNOSTIC_NAMES, METRIC_NAMES
+from .version import __version__
 
 __all__ = [
     "SYNTHETIC_SET_TAGS",
@@ -52,13 +53,10 @@ TRAJECTORIES_TAGS = ("dataset-distillation", "repblend", "expert-trajectories", 
 DATA_FILES_PATTERN = "data/train-*"
 #: Where ``SyntheticSet.push_to_hub(grid_image=...)`` puts the picture of the synthetic images.
 GRID_IMAGE = "images/synthetic_grid.png"
-DIAGNOSTIC_NAMES = ("sim_image", "sim_text", "gap")
 
 
 def framework_versions() -> dict[str, str]:
     """Versions of the libraries that made an artefact (recorded in its card)."""
-    from . import __version__
-
     versions = {"repblend_hf": __version__, "python": platform.python_version()}
     for name in ("torch", "transformers", "datasets", "huggingface_hub"):
         try:
@@ -94,7 +92,7 @@ def _check_results(results: list[dict[str, Any]] | dict[str, Any]) -> list[dict[
         if missing:
             raise ValueError(f"results[{i}] lacks {missing}; pass records in the results.json schema: "
                              "{'method', 'pairs', 'test': {metric: {'mean', 'std'}}} with metrics "
-                             f"{list(METRIC_NAMES)} (what examples/evaluate.py writes)")
+                             f"{list(METRIC_NAMES)} (what repblend-evaluate writes)")
     return list(results)
 
 

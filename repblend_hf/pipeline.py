@@ -1,7 +1,7 @@
 """The shared front of every script: dataset → frozen encoders → cached features, and result tables.
 
-DESIGN.md, "Data flow": ``examples/distill.py``, ``examples/evaluate.py`` and the benchmarks all start
-by loading an image-text dataset, building the frozen encoders and encoding every split once
+DESIGN.md, "Data flow": ``repblend-distill``, ``repblend-evaluate`` (:mod:`repblend_hf.commands`) and the
+benchmarks all start by loading an image-text dataset, building the frozen encoders and encoding every split once
 (cached by ``datasets``); :func:`prepare_features` is that step, :class:`DataArguments` its
 command-line arguments (parsed with ``HfArgumentParser``). The baselines' evaluation protocols and
 the ``results.json`` schema live here too, so every script reports the same way.
@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import last_complete_checkpoint
 from .coresets import select_coreset
+from .data import load_image_text_dataset
 from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, load_image_encoder, load_text_encoder
 from .evaluation import (
     FINETUNE_ENCODER,
@@ -32,6 +34,7 @@ from .evaluation import (
     train_heads,
 )
 from .features import FeatureSplit, encode_dataset
+from .modeling import RetrievalHeads
 
 __all__ = ["DataArguments", "Prepared", "configure_cpu_threads", "prepare_features", "evaluate_baseline",
            "BASELINE_PROTOCOLS", "results_record", "write_results", "format_table", "parse_with_config",
@@ -98,8 +101,6 @@ def prepare_features(args: DataArguments, with_captions: bool = False,
     ``validate(dataset)`` (e.g. :func:`repblend_hf.checks.check_distill_data`) runs on the loaded ``DatasetDict``
     before anything is encoded.
     """
-    from .data import load_image_text_dataset
-
     configure_cpu_threads(args.cpu_threads)
     extra = json.loads(args.dataset_kwargs) if args.dataset_kwargs else {}
     if not isinstance(extra, dict):
@@ -155,8 +156,6 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
     of ``num_pairs`` pairs (random coreset, seed ``seed``) as the undistilled reference.
     """
     from safetensors.torch import load_file, save_file
-
-    from .modeling import RetrievalHeads
 
     train = features["train"]
     protocol = BASELINE_PROTOCOLS["full"]
@@ -313,29 +312,3 @@ def parse_with_config(parser, argv: list[str] | None = None, default_config: str
             elif value is not None:
                 from_file += [f"--{key}", str(value)]
     return parser.parse_args_into_dataclasses(from_file + rest)
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was written completely and is intact, or None.
-
-    Trainer writes a checkpoint's files one after another and ``trainer_state.json`` last, so a run
-    killed while saving leaves a ``checkpoint-N`` without it (or with a truncated one);
-    ``transformers.trainer_utils.get_last_checkpoint`` would pick that one, this skips it. A checkpoint
-    whose files are truncated or damaged (:func:`repblend_hf.checks.checkpoint_problem`) is skipped too,
-    with a warning naming the file, so ``--resume_from_checkpoint latest`` falls back to the previous one.
-    """
-    import re
-
-    from .checks import checkpoint_problem
-
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
-                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
-    for _, path in steps:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path)
-        logger.warning("skipping checkpoint %s: %s", path, problem)
-    return None

@@ -22,6 +22,7 @@ from torch import nn
 
 from .configuration import RepBlendConfig
 from .data.images import to_rgb
+from .hub import GRID_IMAGE, SyntheticSetCardData, check_distilled_set_config, commit_files, render_synthetic_set_card
 from .similarity import SoftSimilarity, build_similarity
 
 __all__ = ["SyntheticSet"]
@@ -74,8 +75,8 @@ class SyntheticSet(nn.Module):
         self.text_embeddings = nn.Parameter(text_embeddings.detach().clone().float())
         self.similarity: SoftSimilarity = build_similarity(config.similarity, n, rank=config.sim_rank,
                                                            alpha=config.sim_alpha)
-        self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.lr_img)))
-        self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.lr_txt)))
+        self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.inner_lr_img)))
+        self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.inner_lr_txt)))
 
     @staticmethod
     def image_parameter_name(config: RepBlendConfig) -> str:
@@ -112,8 +113,8 @@ class SyntheticSet(nn.Module):
     def sync_config(self) -> RepBlendConfig:
         """Write the current learned learning rates into ``config`` and return it."""
         lrs = {k: v.detach() for k, v in self.inner_lrs().items()}
-        self.config.lr_img = float(lrs["image"])
-        self.config.lr_txt = float(lrs["text"])
+        self.config.inner_lr_img = float(lrs["image"])
+        self.config.inner_lr_txt = float(lrs["text"])
         return self.config
 
     def check_finite(self, action: str = "use") -> None:
@@ -174,7 +175,8 @@ class SyntheticSet(nn.Module):
                         feats = feats[int(torch.randint(len(feats), (1,), generator=g))]
                     pixels.append(feats.float())
                 else:
-                    transform = image_encoder.train_transform if init_transform == "train" else image_encoder.eval_transform
+                    transform = (image_encoder.train_transform if init_transform == "train"
+                                 else image_encoder.eval_transform)
                     pixels.append(transform(to_rgb(images[i])))
                 lo, hi = int(caption_offsets[i]), int(caption_offsets[i + 1])
                 texts.append(caption_features[lo + int(torch.randint(hi - lo, (1,), generator=g))])
@@ -245,7 +247,8 @@ class SyntheticSet(nn.Module):
         if len(dataset) != config.num_pairs:
             raise ValueError(f"dataset has {len(dataset)} rows but config.num_pairs is {config.num_pairs}")
         table = dataset.with_format("numpy")
-        synthetic = cls(config, torch.from_numpy(np.asarray(table[cls.image_parameter_name(config)], dtype=np.float32)),
+        images = np.asarray(table[cls.image_parameter_name(config)], dtype=np.float32)
+        synthetic = cls(config, torch.from_numpy(images),
                         torch.from_numpy(np.asarray(table["text_embedding"], dtype=np.float32)))
         factor_columns = sorted(c for c in dataset.column_names if c.startswith("similarity_"))
         expected = sorted(f"similarity_{name}" for name, _ in synthetic.similarity.named_parameters())
@@ -303,8 +306,6 @@ class SyntheticSet(nn.Module):
         """
         import tempfile
 
-        from .hub import GRID_IMAGE, SyntheticSetCardData, commit_files, render_synthetic_set_card
-
         if grid_image is not None and (not Path(grid_image).is_file() or Path(grid_image).suffix.lower() != ".png"):
             raise ValueError(f"grid_image must be an existing .png file, got {str(grid_image)!r}")
         card = SyntheticSetCardData(repo_id, self.sync_config().to_dict(), results=results,
@@ -329,8 +330,6 @@ class SyntheticSet(nn.Module):
         dataset repo (``revision``: a branch or a revision id), then :meth:`from_pretrained`.
         """
         from huggingface_hub import snapshot_download
-
-        from .hub import check_distilled_set_config
 
         local = snapshot_download(repo_id, repo_type="dataset", revision=revision, token=token,
                                   allow_patterns=["config.json", "data/*.parquet"])

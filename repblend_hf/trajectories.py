@@ -27,16 +27,15 @@ Loading is lazy: :meth:`ExpertTrajectories.load` reads only the JSON and the saf
 :meth:`ExpertTrajectories.sample_segment` then reads just the two sampled rows of each branch with
 ``safe_open(...).get_slice``. An expert of the embedded default is ~70 MB and of the paper's
 settings up to ~1.6 GB, and there are 8-20 of them, so nothing loads whole experts into RAM unless
-asked (:meth:`ExpertTrajectories.expert_snapshots`).
+asked (:meth:`ExpertTrajectories.expert_snapshots`). The file plumbing (names, metadata, atomic writes) is
+:mod:`repblend_hf._trajectory_files`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,8 +43,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from ._trajectory_files import (
+    _EXPERT_FILE,
+    TRAJECTORIES_FORMAT_VERSION,
+    TRAJECTORIES_METADATA_NAME,
+    _normalise_metadata,
+    _open_expert,
+    _prepare_directory,
+    _write_expert_file,
+    expert_filename,
+)
+from .hub import TrajectoriesCardData, commit_files, render_trajectories_card
 
 __all__ = [
     "TRAJECTORIES_FORMAT_VERSION",
@@ -58,116 +67,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Version of the on-disk layout; bump it when the layout changes incompatibly.
-TRAJECTORIES_FORMAT_VERSION = 1
-#: Name of the metadata file inside a trajectories directory.
-TRAJECTORIES_METADATA_NAME = "trajectories.json"
-
-_EXPERT_FILE = re.compile(r"^expert_(\d+)\.safetensors$")
 # Metadata keys quoted in compatibility errors, when present.
 _PROVENANCE_KEYS = ("image_encoder", "text_encoder", "image_dim", "text_dim", "embed_dim", "dataset")
-# Metadata keys that may differ when a run is resumed (e.g. to add experts).
-_RESUMABLE_KEYS = ("num_experts",)
-
-
-def expert_filename(expert_index: int) -> str:
-    """File name of one expert's snapshots inside a trajectories directory (``expert_007.safetensors``)."""
-    return f"expert_{expert_index:03d}.safetensors"
-
-
-def _normalise_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the required keys and return a JSON round-tripped copy with ``format_version`` set."""
-    try:
-        meta = json.loads(json.dumps(dict(metadata)))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"trajectory metadata must be JSON-serialisable (str, numbers, lists, dicts): {err}") from err
-    version = meta.get("format_version", TRAJECTORIES_FORMAT_VERSION)
-    if not isinstance(version, int) or version > TRAJECTORIES_FORMAT_VERSION:
-        raise ValueError(f"trajectories have format_version {version!r} but this repblend_hf reads up to "
-                         f"{TRAJECTORIES_FORMAT_VERSION}; upgrade repblend_hf")
-    meta["format_version"] = TRAJECTORIES_FORMAT_VERSION
-    sizes = meta.get("branch_sizes")
-    if (not isinstance(sizes, dict) or not sizes
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values())):
-        raise ValueError("trajectory metadata needs 'branch_sizes', a non-empty dict {branch: number of parameters} "
-                         f"with positive ints, e.g. {{'image': 657920, 'text': 459264}}; got {sizes!r}")
-    epochs = meta.get("num_epochs")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"trajectory metadata needs 'num_epochs', the number of training epochs T >= 1 "
-                         f"(T + 1 snapshots per expert); got {epochs!r}")
-    return meta
-
-
-@contextlib.contextmanager
-def _open_expert(path: Path):
-    """``safe_open`` that names the file when it is truncated or damaged (safetensors' own error does not)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"expert file {path} is unreadable ({type(err).__name__}: {err}); it is truncated or "
-                         "damaged. Delete it and run again: train_experts retrains the missing expert and keeps the "
-                         "others") from err
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_expert_file(
-    directory: Path, expert_index: int, snapshots: dict[str, torch.Tensor], num_epochs: int
-) -> Path:
-    """Write one complete expert atomically: temporary file in ``directory``, fsync, ``os.replace``."""
-    path = directory / expert_filename(expert_index)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        header = {"format_version": str(TRAJECTORIES_FORMAT_VERSION), "expert_index": str(expert_index),
-                  "num_epochs": str(num_epochs)}
-        save_file({b: t.contiguous() for b, t in snapshots.items()}, tmp, metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _prepare_directory(directory: Path, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Create ``directory`` and write its metadata, refusing to mix with trajectories of other settings."""
-    directory.mkdir(parents=True, exist_ok=True)
-    meta_path = directory / TRAJECTORIES_METADATA_NAME
-    if meta_path.exists():
-        existing = _normalise_metadata(json.loads(meta_path.read_text()))
-        keys = (set(existing) | set(metadata)) - set(_RESUMABLE_KEYS)
-        differing = sorted(k for k in keys if existing.get(k) != metadata.get(k))
-        if differing:
-            changes = "; ".join(f"{k}: {_short(existing.get(k))} there, {_short(metadata.get(k))} now" for k in differing)
-            why = ""
-            if "epoch_definition" in differing and existing.get("epoch_definition") is None:
-                why = (" These experts were trained with the old epoch definition (one pass over the images, one "
-                       "random caption each; repblend_hf < 0.2): an expert epoch is now one pass over the (image, "
-                       "caption) pairs, as in the authors' code, so their segments would be ~5x too short.")
-            raise ValueError(f"{directory} already holds expert trajectories made with other settings ({changes}).{why} "
-                             "Delete that directory (or pass another --trajectory_dir / --output_dir) to train new "
-                             "experts, or run with the settings that made them to reuse them")
-    _atomic_write_bytes(meta_path, (json.dumps(metadata, indent=2, sort_keys=False) + "\n").encode())
-    return metadata
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,8 +224,9 @@ class ExpertTrajectories:
                              f"max_start_epoch - 1 + expert_epochs <= {self.num_epochs}, "
                              "or train experts for more epochs")
         if not self._experts:
-            raise ValueError("these trajectories hold no expert; train experts first (examples/train_experts.py) "
-                             "or point to a directory with completed expert_*.safetensors files")
+            raise ValueError("these trajectories hold no expert; train experts first (repblend-distill trains them, "
+                             "or repblend_hf.trainers.train_experts) or point to a directory with completed "
+                             "expert_*.safetensors files")
         indices = self.expert_indices
         expert_index = indices[int(torch.randint(len(indices), (1,), generator=generator).item())]
         start = int(torch.randint(max_start_epoch, (1,), generator=generator).item())
@@ -387,8 +289,8 @@ class ExpertTrajectories:
         meta_path = directory / TRAJECTORIES_METADATA_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: {directory} is not an expert trajectories directory; "
-                                    "train experts first (examples/train_experts.py) or pass the directory they "
-                                    "were saved to")
+                                    "train experts first (repblend-distill trains them, or "
+                                    "repblend_hf.trainers.train_experts) or pass the directory they were saved to")
         trajectories = cls(json.loads(meta_path.read_text()))
         expected = {b: [trajectories.num_epochs + 1, n] for b, n in trajectories.branch_sizes.items()}
         for index in cls.completed_experts(directory):
@@ -430,8 +332,6 @@ class ExpertTrajectories:
         Returns the commit URL (``.oid`` is the new revision); a failed push leaves the repo at its
         previous revision and raises ``RuntimeError`` saying so.
         """
-        from .hub import TrajectoriesCardData, commit_files, render_trajectories_card
-
         if not self._experts:
             raise ValueError("these trajectories hold no expert; add experts (add_expert / TrajectoryWriter) first")
         card = TrajectoriesCardData(repo_id, self.metadata, self.expert_indices, dict(card_data or {}))

@@ -62,6 +62,53 @@ def test_repblend_config_defaults_and_version_stamp(tmp_path):
     assert RepBlendConfig.from_pretrained(tmp_path).repblend_version == "0.0.1"
 
 
+def test_config_json_of_an_earlier_version_with_lr_img_lr_txt_loads(tmp_path):
+    """The learned inner lrs were saved as ``lr_img`` / ``lr_txt`` (the outer lrs' names in the arguments)."""
+    saved = RepBlendConfig(num_pairs=6, sim_rank=2).to_dict()
+    del saved["inner_lr_img"], saved["inner_lr_txt"]
+    saved.update(lr_img=0.37, lr_txt=0.012)
+    for name in ("method", "blend_beta", "distill_loss", "meta_gradient", "branch_normalization", "syn_steps",
+                 "expert_epochs", "max_start_epoch", "iterations"):
+        saved.pop(name, None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = RepBlendConfig.from_pretrained(tmp_path)
+    assert (config.inner_lr_img, config.inner_lr_txt) == (0.37, 0.012)
+    assert (config.lr_img, config.lr_txt) == (0.37, 0.012)  # the old names still read
+    assert config.blend_beta is None and config.iterations is None  # nothing recorded how it was made
+    config.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (again["inner_lr_img"], again["inner_lr_txt"]) == (0.37, 0.012) and "lr_img" not in again
+
+
+@pytest.mark.parametrize("method, explicit", [("repblend", {}), ("repblend", {"blend_beta": 0.0}),
+                                              ("lors", {}), ("mtt_vl", {})])
+def test_config_records_how_the_set_was_made(tmp_path, method, explicit):
+    args = DistillationArguments(output_dir=str(tmp_path), method=method, report_to="none", use_cpu=True,
+                                 syn_steps=5, **explicit)
+    config = RepBlendConfig(method=method).record_distillation(args, iterations=7)
+    for name in ("method", "blend_beta", "distill_loss", "meta_gradient", "branch_normalization", "syn_steps",
+                 "expert_epochs", "max_start_epoch"):
+        assert getattr(config, name) == getattr(args, name), name
+    assert config.iterations == 7 and config.syn_steps == 5
+    assert config.blend_beta == (explicit.get("blend_beta", 1.0) if method == "repblend" else 0.0)
+    config.save_pretrained(tmp_path / "set")
+    saved = json.loads((tmp_path / "set" / "config.json").read_text())
+    assert (saved["method"], saved["blend_beta"], saved["iterations"]) == (method, config.blend_beta, 7)
+
+
+@pytest.mark.parametrize("name", ["./missing_dir", "outputs/run/synthetic_set"])
+def test_config_from_pretrained_of_a_missing_folder_is_an_os_error_as_before(tmp_path, monkeypatch, name):
+    """A path that is no folder and no repo id never reaches the dataset-repo lookup (nor the network)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="Repo id must"):
+        RepBlendConfig.from_pretrained(name)
+
+
+def test_config_from_pretrained_rejects_an_unknown_repo_type(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("repo_type must be None, 'model' or 'dataset', got 'space'")):
+        RepBlendConfig.from_pretrained(tmp_path, repo_type="space")
+
+
 def test_repblend_config_from_dict_and_auto_for_model():
     config = AutoConfig.for_model("repblend", num_pairs=9, sim_rank=3)
     assert isinstance(config, RepBlendConfig) and config.num_pairs == 9
@@ -102,8 +149,11 @@ REPBLEND_CONFIG_INVALID = [
     (dict(num_pairs=5, sim_rank=6), "sim_rank must be in 1..num_pairs (5) for a low-rank similarity, got 6"),
     (dict(num_pairs=5), "sim_rank must be in 1..num_pairs (5) for a low-rank similarity, got 10"),  # default rank
     (dict(sim_alpha=0.0), "sim_alpha must be > 0, got 0.0"),
-    (dict(lr_img=0.0), "lr_img and lr_txt (learned inner learning rates) must be > 0, got 0.0, 0.1"),
-    (dict(lr_txt=-1.0), "lr_img and lr_txt (learned inner learning rates) must be > 0, got 0.1, -1.0"),
+    (dict(inner_lr_img=0.0), "inner_lr_img and inner_lr_txt (the learned inner learning rates η) must be > 0, got "
+                             "0.0, 0.1"),
+    (dict(lr_txt=-1.0), "inner_lr_img and inner_lr_txt (the learned inner learning rates η) must be > 0, got 0.1, "
+                        "-1.0"),  # the earlier name is an alias
+    (dict(blend_beta=-1.0), "blend_beta must be >= 0, got -1.0"),
     (dict(matching="both"), "matching must be 'symmetric' or 'asymmetric', got 'both'"),
     (dict(asymmetric_image_head=True), "asymmetric_image_head=True describes an asymmetric student; set "
                                        "matching='asymmetric' or drop it"),

@@ -16,7 +16,9 @@ from repblend_hf.data import FASHION_SCENES, HUB_LAYOUTS, load_image_text_datase
 from repblend_hf.data import fashion_scenes as fs
 
 HAS_FASHION_MNIST = all(
-    os.path.isfile(path) for part in ("train", "t10k") for path in fs._idx_paths(fs.DEFAULT_FASHION_MNIST_DIR, part)
+    os.path.isfile(path)
+    for part in ("train", "t10k")
+    for path in fs.source._idx_paths(fs.DEFAULT_FASHION_MNIST_DIR, part)
 )
 needs_fashion_mnist = pytest.mark.skipif(
     not HAS_FASHION_MNIST,
@@ -77,7 +79,7 @@ def test_caption_templates_are_many_and_distinct():
     used = set()
     for i in range(300):
         rng = np.random.default_rng([1, i])
-        scene = fs._sample_scene(rng, by_category)
+        scene = fs.scenes._sample_scene(rng, by_category)
         described = fs.describe_scene(scene, rng)
         assert len(described) == 5 and len({c for _, c in described}) == 5
         assert described[0][0] in full  # the first caption mentions every object
@@ -137,6 +139,15 @@ def test_fashion_scenes_second_load_is_a_cache_hit(tiny):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert out.stdout.strip().splitlines()[-1] == tiny["train"].cache_files[0]["filename"]
     assert "Generating" not in out.stderr
+
+
+def test_fashion_scenes_cache_key_survives_the_subpackage_split():
+    """``datasets`` hashes the generator by reference (module and name): it stays where it was before
+    ``fashion_scenes.py`` became a subpackage, so builds made before the split remain cache hits."""
+    from datasets.utils._dill import dumps
+
+    assert fs._generate_scenes.__module__ == "repblend_hf.data.fashion_scenes"
+    assert b"repblend_hf.data.fashion_scenes\x8c\x10_generate_scenes" in dumps(fs._generate_scenes)
 
 
 def test_fashion_scenes_without_fashion_mnist(tmp_path):

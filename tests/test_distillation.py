@@ -125,8 +125,9 @@ def test_inner_dropout_masks_are_reused_when_tesla_recomputes():
     results = {}
     for mode in ("tesla", "unrolled"):
         heads, start, target, sim, plan, u, v, lrs, wrt = _setup(syn_steps=1)
-        results[mode] = matching_gradients(heads, u, v, lambda pos: sim(plan.touched[pos]), plan, start, target, lrs,
-                                           wrt, temperature=0.07, meta_gradient=mode, inner_dropout=0.5)
+        targets = lambda pos, sim=sim, plan=plan: sim(plan.touched[pos])  # noqa: E731
+        results[mode] = matching_gradients(heads, u, v, targets, plan, start, target, lrs, wrt, temperature=0.07,
+                                           meta_gradient=mode, inner_dropout=0.5)
     for a, b in zip(results["tesla"][1], results["unrolled"][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     plain = _run("tesla", 1)

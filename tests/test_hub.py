@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -112,7 +111,22 @@ out["from_hub_revision_exact"] = same(original, state(pinned))
 config = RepBlendConfig.from_hub("repblend-tester/tiny-set", token=token)
 out["config"] = {"model_type": config.model_type, "lr_img": config.lr_img, "lr_txt": config.lr_txt,
                  "num_pairs": config.num_pairs}
-out["synced_lrs"] = [synthetic.config.lr_img, synthetic.config.lr_txt]
+out["synced_lrs"] = [synthetic.config.inner_lr_img, synthetic.config.inner_lr_txt]
+# from_pretrained on the dataset repo of the push: no model repo of that id, so it looks in the dataset repo.
+for repo_type in (None, "dataset"):
+    pretrained = RepBlendConfig.from_pretrained("repblend-tester/tiny-set", token=token, repo_type=repo_type)
+    out[f"from_pretrained_{repo_type}"] = {k: v for k, v in pretrained.to_dict().items() if k != "_name_or_path"}
+out["from_hub_config"] = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+try:
+    RepBlendConfig.from_pretrained("repblend-tester/tiny-set", token=token, repo_type="model")
+    out["from_pretrained_model"] = "no error"
+except OSError as err:
+    out["from_pretrained_model"] = type(err).__name__
+try:
+    RepBlendConfig.from_pretrained("repblend-tester/no-such-set", token=token)
+    out["from_pretrained_missing"] = "no error"
+except OSError as err:
+    out["from_pretrained_missing"] = str(err)
 
 # The other routes, through the real client: whoami, paths-info, commit history, refs, ranged reads.
 from huggingface_hub import HfApi, HfFileSystem
@@ -219,6 +233,18 @@ def test_pushed_set_reads_back_with_load_dataset_and_from_hub(session):
 
 
 @pytest.mark.hub
+def test_config_from_pretrained_finds_the_dataset_repo_of_a_push(session):
+    out, _, _ = session
+    assert out["from_pretrained_None"] == out["from_pretrained_dataset"] == out["from_hub_config"]
+    assert out["from_pretrained_None"]["num_pairs"] == 6
+    assert [out["from_pretrained_None"][k] for k in ("inner_lr_img", "inner_lr_txt")] == out["synced_lrs"]
+    assert out["from_pretrained_model"].endswith("Error")  # repo_type="model" never looks in the dataset repo
+    assert out["from_pretrained_missing"].startswith(
+        "repblend-tester/no-such-set is not a local folder, and neither a model repo nor a dataset repo of that id "
+        "holds a config.json")
+
+
+@pytest.mark.hub
 def test_push_is_one_commit_with_rows_config_card_and_grid(session):
     out, server, _ = session
     history = server.history("repblend-tester/tiny-set")
@@ -228,7 +254,7 @@ def test_push_is_one_commit_with_rows_config_card_and_grid(session):
     assert set(files) == {".gitattributes", "README.md", "config.json", PARQUET, "images/synthetic_grid.png"}
     assert hashlib.sha256(files["images/synthetic_grid.png"]).hexdigest() == out["grid_sha256"]
     config = json.loads(files["config.json"])
-    assert config["model_type"] == "repblend" and [config["lr_img"], config["lr_txt"]] == out["synced_lrs"]
+    assert config["model_type"] == "repblend" and [config["inner_lr_img"], config["inner_lr_txt"]] == out["synced_lrs"]
 
 
 @pytest.mark.hub
@@ -348,6 +374,7 @@ def test_synthetic_set_card_has_every_section():
     assert positions == sorted(positions)
     assert "| `similarity_left` | float32 [2] |" in text and "| `nearest_caption` | string |" in text
     assert 'load_dataset("someone/set", split="train")' in text and 'RepBlendConfig.from_hub("someone/set")' in text
+    assert "repblend-evaluate --method distilled --distilled_set someone/set" in text  # the installed command
     assert "| **repblend (this set)** | 6 |" + " 20.0 ± 1.2 |" * 7 in text  # Python's round-half-even
     assert "| herding | 6 |" + " 5.0 ± 0.0 |" * 7 in text
     assert "| repblend | 6 | 0.500 ± 0.125 | 0.500 ± 0.125 | 0.500 ± 0.125 |" in text
@@ -384,6 +411,29 @@ def test_card_without_results_or_grid_leaves_those_sections_out():
     assert "## Configuration" in text and "## Citation" in text
 
 
+def test_card_says_how_a_no_blend_or_lors_set_was_made(tmp_path):
+    from repblend_hf import RepBlendConfig
+    from repblend_hf.hub import render_synthetic_set_card
+    from repblend_hf.training_args import DistillationArguments
+
+    text = str(render_synthetic_set_card(_card_data()))
+    assert "| representation blending |" not in text and "| outer iterations |" not in text  # nothing recorded
+    for method, explicit, says in (
+            ("repblend", {"blend_beta": 0.0}, ["| method | `repblend` |", "| representation blending | none (β = 0) |",
+                                               "| matching | symmetric (both projection heads) |"]),
+            ("repblend", {}, ["| representation blending | λ ~ Beta(β, β), β = 1.0 |"]),
+            ("lors", {}, ["| method | `lors` |", "| representation blending | none (β = 0) |",
+                          "| matching | asymmetric (the image encoder and the text head) |",
+                          "| inner loss, meta-gradient | wbce, tesla |"])):
+        args = DistillationArguments(output_dir=str(tmp_path), method=method, report_to="none", **explicit)
+        config = RepBlendConfig(method=method, matching=args.matching, image_dim=16, embed_dim=16, num_pairs=6,
+                                sim_rank=2).record_distillation(args, iterations=300)
+        text = str(render_synthetic_set_card(_card_data(config=config.to_dict())))
+        for line in says + ["| outer iterations | 300 |",
+                            "| expert segments | 8 inner steps against 1 expert epoch(s), start epoch < 2 |"]:
+            assert line in text, line
+
+
 def test_card_says_what_an_asymmetric_set_was_distilled_for():
     from repblend_hf import RepBlendConfig
     from repblend_hf.hub import render_synthetic_set_card
@@ -417,7 +467,8 @@ def test_trajectories_card():
 
 
 def test_card_templates_ship_in_the_wheel(tmp_path):
-    """setup.cfg's package_data puts hub_cards/*.md in the wheel (built from a copy, not the shared checkout)."""
+    """setup.cfg's package_data puts hub_cards/*.md and configs/*.yaml in the wheel, and its entry_points the
+    console scripts (built from a copy, not the shared checkout)."""
     pytest.importorskip("pip")
     source = tmp_path / "src"
     source.mkdir()
@@ -428,15 +479,22 @@ def test_card_templates_ship_in_the_wheel(tmp_path):
                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("repblend_hf-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
     assert {"repblend_hf/hub_cards/synthetic_set.md", "repblend_hf/hub_cards/trajectories.md"} <= names
+    # The commands and the embedded default's config ship too, with their console scripts.
+    assert {"repblend_hf/commands/distill.py", "repblend_hf/commands/evaluate.py",
+            "repblend_hf/configs/fashion_scenes_99.yaml"} <= names
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = {line.split("=")[0].strip(): line.split("=")[1].strip()
+               for line in archive.read(entry_points).decode().splitlines() if "=" in line}
+    assert scripts == {"repblend-distill": "repblend_hf.commands.distill:cli",
+                       "repblend-evaluate": "repblend_hf.commands.evaluate:cli"}
 
 
 def test_evaluate_script_reads_a_folder_or_a_hub_repo_id(monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_example", REPO_ROOT / "examples" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "evaluate_example", module)  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
+    import repblend_hf.commands.evaluate as module
+
     calls = []
 
     class Loaded(Exception):

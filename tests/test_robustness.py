@@ -5,6 +5,7 @@ pipeline is broken, 3 caches, 4 lost work, 5 validation before the long work, 6 
 Tiny random models throughout (tests/conftest.py); nothing here launches a script except the one slow case.
 """
 
+import importlib
 import io
 import json
 import os
@@ -28,12 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _example(name):
-    """Import examples/<name>.py as a module (the scripts are not part of the package)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """The command behind examples/<name>.py: the module ``repblend_hf.commands.<name>``."""
+    return importlib.import_module(f"repblend_hf.commands.{name}")
 
 
 def _data_args(karpathy_dir, text_dir, **kw):
@@ -124,7 +121,7 @@ def test_tiny_text_encoder_separates_captions(tiny_text_encoder_dir):
 
 
 def test_a_broken_pipeline_scores_below_a_healthy_one(prepared, experts_dir, tmp_path):
-    """Real pairs, saved and evaluated by examples/evaluate.py, beat the same set with its pairs shuffled or its
+    """Real pairs, saved and evaluated by repblend-evaluate, beat the same set with its pairs shuffled or its
     images replaced by noise, and chance; a NaN set is refused. Before issue #12 all of these printed one number."""
     evaluate = _example("evaluate")
     seeds = [0, 1]
@@ -228,7 +225,7 @@ def test_a_non_finite_set_is_never_saved_pushed_or_evaluated(prepared, tmp_path)
 
 
 def test_evaluate_script_refuses_a_non_finite_set_before_encoding(prepared, tmp_path, monkeypatch):
-    """examples/evaluate.py loads the set before the dataset is encoded: a NaN set stops there, no result."""
+    """repblend-evaluate loads the set before the dataset is encoded: a NaN set stops there, no result."""
     evaluate = _example("evaluate")
     folder = tmp_path / "set"
     _real_set(prepared).save_pretrained(folder)

@@ -1,5 +1,7 @@
-"""The example scripts end to end on tiny inputs, under ``accelerate launch`` like a user runs them."""
+"""The commands end to end on tiny inputs: the example scripts under ``accelerate launch`` like a user runs them,
+and the console scripts that ``setup.cfg`` declares."""
 
+import configparser
 import json
 import os
 import signal
@@ -72,8 +74,8 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
     expert_mtime = (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns
     args[args.index("--max_steps") + 1] = "6"
     repo = f"{TEST_USER}/tiny-distilled"
-    again = _launch("distill.py", [*args, "--resume_from_checkpoint", "latest", "--push_to_hub", "--hub_model_id",
-                                   repo], tmp_path, env_extra=hub.env)
+    again = _launch("distill.py", [*args, "--resume_from_checkpoint", "latest", "--hub_dataset_id", repo], tmp_path,
+                    env_extra=hub.env)
     assert "resuming from" in again.stderr and "checkpoint-4" in again.stderr
     assert (out / "checkpoint-6").exists()
     assert (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns == expert_mtime
@@ -187,13 +189,9 @@ def test_distill_run_check_names_the_embed_dim_of_the_asymmetric_student(tmp_pat
     from transformers import HfArgumentParser
 
     from repblend_hf.checks import check_distill_run
+    from repblend_hf.commands.distill import SetArguments
     from repblend_hf.pipeline import DataArguments, parse_with_config
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        from distill import SetArguments
-    finally:
-        sys.path.pop(0)
     parser = HfArgumentParser((DataArguments, SetArguments, __import__("repblend_hf").DistillationArguments))
     argv = ["--config", "none", "--image_encoder", "test_efficientnet", "--output_dir", str(tmp_path / "out"),
             "--expert_train_epochs", "2", "--method", "lors", "--embed_dim", "8"]
@@ -223,13 +221,9 @@ def test_evaluate_script_writes_the_results_schema(tiny_karpathy_dir, tiny_text_
 def test_every_shipped_config_parses(config, tmp_path):
     from transformers import HfArgumentParser
 
+    from repblend_hf.commands.distill import SetArguments
     from repblend_hf.pipeline import DataArguments, parse_with_config
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        from distill import SetArguments
-    finally:
-        sys.path.pop(0)
     parser = HfArgumentParser((DataArguments, SetArguments, __import__("repblend_hf").DistillationArguments))
     data_args, set_args, args = parse_with_config(parser, ["--config", str(config), "--output_dir", str(tmp_path)])
     assert args.method == "repblend" and args.matching == "symmetric" and args.blend_beta == 1.0
@@ -238,3 +232,65 @@ def test_every_shipped_config_parses(config, tmp_path):
         assert args.branch_normalization == "joint"
     if config.stem == "fashion_scenes_99":
         assert data_args.dataset == "fashion-scenes" and set_args.num_pairs == 99
+
+
+def _console_scripts() -> dict[str, str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+
+
+def test_console_scripts_are_the_commands_and_run_from_any_directory(tmp_path):
+    """What ``pip install`` turns into ``repblend-distill`` / ``repblend-evaluate``, run as its wrapper runs it
+    (``sys.exit(cli())``), from a directory without the repository: ``--help`` lists the arguments, exit 0."""
+    scripts = _console_scripts()
+    assert scripts == {"repblend-distill": "repblend_hf.commands.distill:cli",
+                       "repblend-evaluate": "repblend_hf.commands.evaluate:cli"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        wrapper = f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; sys.exit({function}())"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run([sys.executable, "-c", wrapper, "--help"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"usage: {name}" in result.stdout and "--output_dir" in result.stdout
+        assert ("--hub_dataset_id" in result.stdout) == (name == "repblend-distill")
+
+
+def test_the_default_config_ships_in_the_package_and_the_example_reads_the_same_file():
+    from repblend_hf.commands.distill import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.is_file() and ROOT / "repblend_hf" in DEFAULT_CONFIG.parents
+    assert (ROOT / "examples" / "configs" / "fashion_scenes_99.yaml").resolve() == DEFAULT_CONFIG
+
+
+def test_cli_returns_none_so_the_console_script_exits_0(monkeypatch):
+    """A console script runs ``sys.exit(cli())``: a dict (what ``main`` returns) would exit with status 1."""
+    import repblend_hf.commands.distill as distill
+    import repblend_hf.commands.evaluate as evaluate
+
+    seen = []
+    monkeypatch.setattr(sys, "argv", ["repblend-x", "--max_steps", "3"])
+    for module in (distill, evaluate):
+        monkeypatch.setattr(module, "main", lambda argv: seen.append(argv) or {"records": []})
+        assert module.cli() is None
+    assert seen == [["--max_steps", "3"]] * 2
+
+
+def test_hub_dataset_id_names_the_dataset_repo_and_the_old_spelling_still_works(tmp_path):
+    from repblend_hf import DistillationArguments
+    from repblend_hf.commands.distill import SetArguments, hub_dataset_repo
+
+    def resolve(set_kw, **kw):
+        args = DistillationArguments(output_dir=str(tmp_path / "my-run"), report_to="none", **kw)
+        return hub_dataset_repo(SetArguments(**set_kw), args), args.push_to_hub
+
+    assert resolve({}) == (None, False)
+    assert resolve({"hub_dataset_id": "me/set"}) == ("me/set", False)
+    with pytest.warns(FutureWarning, match=r"deprecated .* use --hub_dataset_id me/old"):
+        assert resolve({}, push_to_hub=True, hub_model_id="me/old") == ("me/old", False)  # Trainer's push: off
+    with pytest.warns(FutureWarning, match="use --hub_dataset_id my-run"):
+        assert resolve({}, push_to_hub=True) == ("my-run", False)  # the output folder's name, as before
+    with pytest.warns(FutureWarning):
+        assert resolve({"hub_dataset_id": "me/new"}, push_to_hub=True, hub_model_id="me/old") == ("me/new", False)

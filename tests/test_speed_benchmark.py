@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +128,38 @@ def test_speed_benchmark_profile_splits_the_iteration_into_phases(tiny_text_enco
     assert top == sorted(top, key=lambda o: o["self_s_per_iter"], reverse=True)
     report = (tmp_path / "results" / "speed_tiny.md").read_text()
     assert "## Profile (torch.profiler" in report and "### (a) RepBlend, fp32, 32 px, N=6" in report
+
+
+@pytest.mark.parametrize("variant", ["floor", "repblend", "repblend_per_step", "lors"])
+def test_the_benchmark_times_the_trainers_own_iteration(tiny_text_encoder_dir, tmp_path, variant):
+    """speed.py has no copy of the iteration: its timed function, on the trainer's inputs, gives the trainer's
+    gradients exactly (the same library function; only the Trainer shell is left out)."""
+    from repblend_hf.distillation import encoder_pass_for, student_heads
+    from repblend_hf.encoders import load_image_encoder
+    from repblend_hf.trainers import DistillationTrainer
+    from repblend_hf.trajectories import ExpertTrajectories
+
+    speed = _speed_module()
+    spec = {"variant": variant, "num_pairs": 6, "image_size": 32, "dtype": "fp32", "device": "cpu",
+            "image_encoder": "test_efficientnet", "pretrained": False, "text_dim": 16, "embed_dim": 8, "syn_steps": 2,
+            "mini_batch_size": 4, "sim_rank": 2, "encoder_chunk_size": 4, "warmup": 0, "timed": 1, "seed": 3}
+    encoder = load_image_encoder("test_efficientnet", image_size=32, pretrained=False)
+    trajectories = ExpertTrajectories.load(speed.write_random_trajectories(
+        tmp_path / "trajectories", encoder, 16, 8, num_epochs=2, asymmetric=variant == "lors"))
+    args = speed._distillation_args(spec, str(tmp_path / "run"))
+
+    trainer_set = speed._synthetic_set(spec, encoder.feature_dim, args.similarity)
+    trainer = DistillationTrainer(trainer_set, args, trajectories, encoder)
+    trainer.create_optimizer()
+    trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])}).backward()
+
+    timed_set = speed._synthetic_set(spec, encoder.feature_dim, args.similarity)
+    result, seconds, encoder_seconds = speed.timed_iteration(
+        timed_set, student_heads(timed_set.config), trajectories, encoder_pass_for(encoder, timed_set.config, args),
+        args, step=0)
+    assert seconds >= encoder_seconds >= 0
+    names = {id(p): n for n, p in timed_set.named_parameters()}
+    grads = {names[id(p)]: g for p, g in result.gradients}
+    for name, p in trainer_set.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    assert grads["text_embeddings"].abs().sum() > 0

@@ -96,6 +96,11 @@ def test_distillation_changes_the_set_and_logs(encoder, experts, real, tmp_path)
     # One encoder forward and one backward per distinct touched image per iteration (+ N for the evaluation).
     touched = sum(h["touched_images"] for h in logged)
     assert trainer.encoder_passes == {"forward": touched + N, "backward": touched}
+    # The set's config says how it was made (config.json and the card are written from it).
+    config = syn.config
+    assert (config.method, config.blend_beta, config.matching, config.distill_loss) == ("repblend", 1.0, "symmetric",
+                                                                                        "wbce")
+    assert (config.syn_steps, config.iterations) == (3, 4)
 
 
 def test_matching_loss_drops_on_a_fixed_segment(encoder, experts, tmp_path):
@@ -147,7 +152,7 @@ def test_pixel_gradient_equals_per_step_encoder(encoder, experts, tmp_path, meta
 
 
 def test_several_segments_share_one_encoder_pass_and_average(encoder, experts, tmp_path, monkeypatch):
-    import repblend_hf.trainers.distillation_trainer as module
+    import repblend_hf.distillation as module
 
     calls = []
 
@@ -392,6 +397,8 @@ def test_asymmetric_experts_and_lors_distillation_run(encoder, pixel_split, asym
                                   fresh)
     trainer.train()
     assert fresh.fast_model is None  # LoRS trains the encoder it unrolls: its BatchNorms are never folded
+    assert (syn.config.method, syn.config.blend_beta, syn.config.matching, syn.config.iterations) == (
+        "lors", 0.0, "asymmetric", 1)  # a LoRS set says what it is
     assert not torch.equal(before, syn.pixel_values)
     assert [h["nonfinite_skipped"] for h in trainer.state.log_history if "nonfinite_skipped" in h] == [0.0]
     # The unrolled encoder's passes are counted: 3 steps × 4 images per segment, run again when TESLA recomputes
@@ -405,7 +412,8 @@ def test_mtt_vl_inner_logit_scale_is_used_by_the_inner_loop_only(encoder, pixel_
     """MTT-VL's released inner loop multiplies the cosine by ln(1/0.07); its experts and evaluation use 1/0.07."""
     import math
 
-    import repblend_hf.trainers.distillation_trainer as module
+    import repblend_hf.distillation as module
+    import repblend_hf.trainers.distillation_trainer as trainer_module
     from repblend_hf.evaluation import train_heads
 
     seen = {"inner": [], "evaluation": []}
@@ -419,7 +427,7 @@ def test_mtt_vl_inner_logit_scale_is_used_by_the_inner_loop_only(encoder, pixel_
         return train_heads(*a, **kw)
 
     monkeypatch.setattr(module, "matching_gradients", inner)
-    monkeypatch.setattr(module, "train_heads", evaluation)
+    monkeypatch.setattr(trainer_module, "train_heads", evaluation)
     split, _ = pixel_split
     args = _args(tmp_path, method="mtt_vl", max_steps=1, max_start_epoch=1, eval_head_epochs=1, syn_steps=2,
                  mini_batch_size=3, segments_per_iteration=1)
@@ -567,3 +575,23 @@ def test_feature_range_projection_keeps_features_in_the_box(encoder, experts, tm
     assert (feats.abs() == 0.05).any()  # the box was active, so the projection did something
     with pytest.raises(ValueError, match="feature-space"):
         DistillationTrainer(_synthetic(encoder), _args(tmp_path), experts, encoder, feature_bounds=(low, high))
+
+
+def test_logged_metrics_are_averaged_over_the_processes(encoder, experts, tmp_path, monkeypatch):
+    """Under DDP the iteration metrics of every process are logged, not rank 0's alone (the mean of the processes)."""
+    trainer = DistillationTrainer(_synthetic(encoder), _args(tmp_path), experts, encoder)
+    trainer._metrics["matching_loss"] += [1.0, 3.0]
+    trainer._metrics["touched_images"] += [8.0]
+    assert trainer._averaged_metrics() == {"matching_loss": 2.0, "touched_images": 8.0}  # one process: as recorded
+    gathered = []
+
+    def gather(tensor):  # a second process that saw twice these values
+        gathered.append(tensor)
+        return torch.cat([tensor, 2 * tensor])
+
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(trainer.accelerator, "gather", gather)
+    trainer.log({"loss": 0.5})
+    logged = trainer.state.log_history[-1]
+    assert (logged["matching_loss"], logged["touched_images"]) == (3.0, 12.0) and len(gathered) == 1
+    assert not trainer._metrics

@@ -7,12 +7,14 @@ with Karpathy-style JSON, or any dataset ``datasets.load_dataset`` reads plus a 
 """
 
 from .fashion_scenes import FASHION_SCENES
-from .loading import HUB_LAYOUTS, KARPATHY_JSON_FILES, SPLITS, HubLayout, load_image_text_dataset
+from .loading import HUB_LAYOUTS, KARPATHY_JSON_FILES, HubLayout, load_image_text_dataset
+from .schema import SCHEMA_FEATURES, SPLITS
 
 __all__ = [
     "FASHION_SCENES",
     "HUB_LAYOUTS",
     "KARPATHY_JSON_FILES",
+    "SCHEMA_FEATURES",
     "SPLITS",
     "HubLayout",
     "load_image_text_dataset",

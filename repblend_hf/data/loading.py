@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 
 from .fashion_scenes import FASHION_SCENES, build_cached_split, load_fashion_scenes
 from .images import check_image_file
+from .schema import SCHEMA_COLUMNS, SCHEMA_FEATURES, SPLITS
 
 __all__ = [
     "FASHION_SCENES",
@@ -70,8 +71,6 @@ __all__ = [
     "load_image_text_dataset",
 ]
 
-SPLITS = ("train", "validation", "test")
-SCHEMA_COLUMNS = ("image", "captions", "image_id")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 # Part of the cache key of JSON-folder builds: bump when _generate_json_rows changes.
 _JSON_LOADER_VERSION = "karpathy-json-v2"
@@ -399,7 +398,7 @@ def _load_karpathy_json(
             "images_stamp": _images_stamp(path, root, order),
             "version": _JSON_LOADER_VERSION,
         }
-        out[split] = build_cached_split(_generate_json_rows, gen_kwargs, _SCHEMA_FEATURES, cache_dir, split)
+        out[split] = build_cached_split(_generate_json_rows, gen_kwargs, SCHEMA_FEATURES, cache_dir, split)
     return datasets.DatasetDict(out)
 
 
@@ -460,15 +459,6 @@ def _group_annotations(annotation_file: str) -> tuple[list[str], dict[str, dict]
             grouped[key] = {"image_id": str(image_id), "captions": []}
         grouped[key]["captions"].extend(captions)
     return order, grouped
-
-
-_SCHEMA_FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "captions": datasets.List(datasets.Value("string")),
-        "image_id": datasets.Value("string"),
-    }
-)
 
 
 def _generate_json_rows(

@@ -1,16 +1,12 @@
 """DistillationTrainer: RepBlend (and LoRS / MTT-VL) distillation as a ``transformers.Trainer``.
 
 METHOD.md, "Distillation loop". The model is the :class:`~repblend_hf.SyntheticSet`; one training
-step is one outer iteration. ``compute_loss`` samples an expert segment, runs the student's inner
-loop (:func:`~repblend_hf.distillation.matching_gradients`) and returns a scalar whose value is the
-matching loss and whose gradient is the meta-gradient, so the Trainer's own backward, optimiser
-step, logging, checkpointing and resume do the rest.
-
-DESIGN.md, "Where the speed comes from": for symmetric matching the frozen encoder runs once per
-iteration on the distinct synthetic images the iteration touches; the inner loop works on those
-features, the gradients of all inner steps are summed on the features, and one backward pass
-(optionally chunked) carries them to the pixels. This is exact because the encoder is frozen and in
-eval mode. The encoder stays outside the wrapped module, like timm's distillation teacher.
+step is one outer iteration. ``compute_loss`` calls :func:`~repblend_hf.distillation.outer_iteration`
+and returns a scalar whose value is the matching loss and whose gradient is the meta-gradient, so the
+Trainer's own backward, optimiser step, logging, checkpointing and resume do the rest. How the synthetic
+images pass through the frozen encoder (once, chunked, per inner step, BatchNorms folded) is the
+:class:`~repblend_hf.encoders.EncoderPass`; the encoder stays outside the wrapped module, like timm's
+distillation teacher. Non-finite values are kept out of the set by :class:`~.callbacks.NonFiniteGuard`.
 """
 
 from __future__ import annotations
@@ -24,11 +20,11 @@ from collections.abc import Sequence
 import torch
 from accelerate.utils import gather_object
 from torch import nn
-from torch.profiler import record_function
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
-from ..distillation import matching_gradients, plan_inner_loop
+from ..checks import checkpoint_problem, checkpoint_shapes, last_complete_checkpoint, state_shapes_mismatch
+from ..distillation import encoder_pass_for, inner_temperature, iteration_generator, outer_iteration, student_heads
 from ..evaluation import (
     PairSet,
     PixelPairSet,
@@ -38,20 +34,17 @@ from ..evaluation import (
     train_heads,
 )
 from ..features import FeatureSplit
-from ..modeling import RetrievalHeads, branch_sizes
+from ..modeling import branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
+from .callbacks import FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
 
 __all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
 logger = logging.getLogger(__name__)
 _GROUPS = ("images", "texts", "similarity", "lrs")  # the optimiser's parameter groups
 _ITERATION_LOSSES = ("matching_loss", "inner_loss_first", "inner_loss_last")  # not logged for skipped iterations
-
-
-class NonFiniteError(RuntimeError):
-    """Distillation kept producing non-finite values after the learning rates were lowered."""
 
 
 class _Iterations(Dataset):
@@ -65,30 +58,6 @@ class _Iterations(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, int]:
         return {"iteration": i}
-
-
-class _PerStepEncoder(nn.Module):
-    """The frozen encoder called inside each inner step (the authors' design), counting its passes.
-
-    It registers no parameters of its own, so the student's image branch stays the head alone.
-    """
-
-    def __init__(self, encoder: nn.Module, encode, passes: dict[str, int]):
-        super().__init__()
-        self.__dict__["encoder"] = encoder  # not a submodule: its frozen weights are not student parameters
-        self.__dict__["encode"] = encode
-        self.__dict__["passes"] = passes
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        rows = len(pixels)
-        self.passes["forward"] += rows
-        out = self.encode(pixels)
-        if out.requires_grad:
-            out.register_hook(lambda grad: self._count_backward(rows))
-        return out
-
-    def _count_backward(self, rows: int) -> None:
-        self.passes["backward"] += rows
 
 
 class SGDWithAdamGroups(torch.optim.Optimizer):
@@ -136,25 +105,6 @@ class SGDWithAdamGroups(torch.optim.Optimizer):
         return loss
 
 
-class FeatureRangeProjection(TrainerCallback):
-    """Keeps a feature-space set's image features inside a box ``[low, high]`` after every optimiser step.
-
-    A free feature-space set can use values no image produces (EfficientNet-Lite0's pooled ReLU6 features
-    are never negative; ``benchmarks/results/pixel_gap.md``). Projecting onto the per-dimension range of the
-    real training features after each SGD step gives a set the pixel path could at least approach.
-    """
-
-    def __init__(self, low: torch.Tensor, high: torch.Tensor):
-        self.low, self.high = low, high
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        synthetic = model.module if hasattr(model, "module") else model
-        with torch.no_grad():
-            features = synthetic.image_features
-            low, high = self.low.to(features.device), self.high.to(features.device)
-            features.copy_(torch.maximum(torch.minimum(features, high), low))
-
-
 class DistillationTrainer(Trainer):
     """Optimise a SyntheticSet so that heads trained on it follow the expert trajectories.
 
@@ -187,35 +137,36 @@ class DistillationTrainer(Trainer):
             if getattr(args, name) != getattr(config, name):
                 raise ValueError(f"args.{name}={getattr(args, name)!r} but the SyntheticSet was built with "
                                  f"config.{name}={getattr(config, name)!r}; build the config from the arguments")
+        config.record_distillation(args)  # the set's config.json and card say how it was made (method, β, ...)
         # The student: both heads (symmetric), or the image encoder and the text head (asymmetric, as released;
         # an image head only for the asymmetric_image_head ablation). Experts must have trained the same branches.
-        image_head = args.matching == "symmetric" or args.asymmetric_image_head
-        self.heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim, image_head=image_head)
+        self.heads = student_heads(config)
         trajectories.check_compatible(
-            branch_sizes(self.heads, image_encoder.model if args.matching == "asymmetric" else None))
+            branch_sizes(self.heads, image_encoder.model if config.matching == "asymmetric" else None))
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        # Images through the frozen encoder (forward) and images whose encoder output got a gradient (backward):
-        # counted where the symmetric path calls the encoder, and by a hook for the encoder that LoRS unrolls.
-        self.encoder_passes = {"forward": 0, "backward": 0}
-        self._nonfinite_streak = self._nonfinite_lowerings = 0  # consecutive skipped iterations, lr lowerings
+        self._bad_groups: set[str] = set()  # the optimiser groups whose gradient this iteration was not finite
         # Training steps and skipped ones since the last log, and since the trainer was built (for train_loss).
         self._loss_window, self._loss_total = [0, 0], [0, 0]
-        self._step_guarded = False  # set when create_optimizer installs the finiteness check after each step
         kwargs.setdefault("train_dataset", _Iterations(args.max_steps * args.per_device_train_batch_size))
         if validation is not None:
             # Trainer insists on an eval dataset for eval_strategy != "no"; evaluation reads `validation`.
             kwargs.setdefault("eval_dataset", _Iterations(1))
         super().__init__(model=model, args=args, **kwargs)
+        self.nonfinite_guard = NonFiniteGuard(self)
+        self.add_callback(self.nonfinite_guard)
+        self.add_callback(RecordIterations(config))
         if feature_bounds is not None:
             if config.synthetic_space != "features":
                 raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
             self.add_callback(FeatureRangeProjection(*feature_bounds))
-        if args.fold_batchnorm and args.matching == "symmetric" and hasattr(image_encoder, "fold_batchnorm_"):
-            folded = image_encoder.fold_batchnorm_()
-            logger.info("the synthetic-pixel passes use the encoder with %d BatchNorms folded into its convolutions",
-                        folded)
+        self.encoder_pass = encoder_pass_for(image_encoder, config, args)
         self.image_encoder.to(self.args.device)
         self.heads.to(self.args.device)
+
+    @property
+    def encoder_passes(self) -> dict[str, int]:
+        """Images through the frozen encoder (forward) and images whose encoder output got a gradient (backward)."""
+        return self.encoder_pass.passes
 
     # ----- optimiser --------------------------------------------------------------------------------------
 
@@ -235,7 +186,6 @@ class DistillationTrainer(Trainer):
                 self.optimizer = SGDWithAdamGroups(groups, lr=args.lr_img, momentum=args.syn_momentum)
             else:
                 self.optimizer = torch.optim.SGD(groups, lr=args.lr_img, momentum=args.syn_momentum)
-            self._guard_optimizer_step(self.optimizer)
         return self.optimizer
 
     @property
@@ -247,114 +197,25 @@ class DistillationTrainer(Trainer):
     @property
     def _inner_temperature(self) -> float:
         """The inner loop's temperature: 1 / ``inner_logit_scale`` when set (MTT-VL's ln(1/0.07)), else τ."""
-        scale = self.args.inner_logit_scale
-        return self._synthetic.config.temperature if scale is None else 1.0 / scale
-
-    def _generator(self) -> torch.Generator:
-        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1009 + self.args.process_index
-        return torch.Generator().manual_seed(seed)
-
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            return self.image_encoder(pixels).float()
+        return inner_temperature(self._synthetic.config, self.args)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One outer iteration (:func:`~repblend_hf.distillation.outer_iteration`): a scalar whose value is the
+        matching loss and whose gradient is the meta-gradient of every tensor of the set."""
         args = self.args
-        syn = self._synthetic
-        device = syn.images.device
-        g = self._generator()
-        segments, plans = [], []
-        for _ in range(args.segments_per_iteration):  # each segment with its own inner-loop plan
-            segments.append(self.trajectories.sample_segment(args.expert_epochs, args.max_start_epoch, g,
-                                                             device=device))
-            plans.append(plan_inner_loop(syn.num_pairs, args.syn_steps, args.mini_batch_size, args.blend_beta, g,
-                                         straddle=args.straddle_batches))
-        # The plans share one encoder pass over the union of the pairs they touch.
-        if len(plans) > 1:
-            union = torch.unique(torch.cat([p.touched for p in plans]))
-            plans = [p.within(union) for p in plans]
-        plans = [p.to(device) for p in plans]
-        touched = plans[0].touched
-
-        features_space = syn.config.synthetic_space == "features"
-        pixels = syn.images.detach()[touched]
-        symmetric = args.matching == "symmetric" and not args.encoder_per_step and not features_space
-        student_encoder = None
-        if args.matching == "asymmetric":
-            student_encoder = self.image_encoder.model
-        elif args.encoder_per_step and not features_space:
-            student_encoder = _PerStepEncoder(self.image_encoder, self._encode, self.encoder_passes)
-        if symmetric:
-            with record_function("repblend:encoder_forward"):
-                if args.encoder_chunk_size and args.encoder_recompute:
-                    with torch.no_grad():
-                        feats = torch.cat([self._encode(c) for c in pixels.split(args.encoder_chunk_size)])
-                    pixel_leaf = None
-                else:  # one graph over the touched images, built chunk by chunk when asked
-                    pixel_leaf = pixels.requires_grad_(True)
-                    chunks = pixel_leaf.split(args.encoder_chunk_size) if args.encoder_chunk_size else [pixel_leaf]
-                    feats = torch.cat([self._encode(c) for c in chunks])
-            self.encoder_passes["forward"] += len(touched)
-            image_inputs = feats.detach().requires_grad_(True)
-        else:
-            image_inputs = pixels.requires_grad_(True)
-        text_inputs = syn.text_embeddings.detach()[touched].requires_grad_(True)
-        lrs = syn.inner_lrs(args.lr_min, args.lr_max)
-        eta = {b: v.detach().requires_grad_(True) for b, v in lrs.items()}
-        sim_params = list(syn.similarity.parameters())
-        targets = (lambda pos: syn.similarity(touched[pos])) if args.distill_loss == "wbce" else None
-        wrt = [image_inputs, text_inputs, eta["image"], eta["text"], *sim_params]
-        # The matching losses of the segments are averaged: so are their gradients on the shared leaves.
-        loss, grads, stats = 0.0, [torch.zeros_like(t) for t in wrt], []
-        for segment, plan in zip(segments, plans):
-            with record_function("repblend:inner_loop"):  # the student's steps and the meta-gradient
-                counting = (self.image_encoder.model.register_forward_hook(self._count_unrolled_pass)
-                            if args.matching == "asymmetric" else None)
-                try:
-                    loss_s, grads_s, stats_s = matching_gradients(
-                        self.heads, image_inputs, text_inputs, targets, plan, segment.start_params,
-                        segment.target_params, eta, wrt, temperature=self._inner_temperature,
-                        distill_loss=args.distill_loss, meta_gradient=args.meta_gradient,
-                        branch_normalization=args.branch_normalization, image_encoder=student_encoder,
-                        inner_dropout=args.inner_dropout)
-                finally:
-                    if counting is not None:
-                        counting.remove()
-            loss = loss + loss_s / len(plans)
-            grads = [acc if g_ is None else acc + g_ / len(plans) for acc, g_ in zip(grads, grads_s)]
-            stats.append(stats_s)
-        g_inputs, g_text, g_eta_img, g_eta_txt, *g_sim = grads
-
-        # Feature gradients → pixels: one backward through the frozen encoder (chunked on request).
-        if symmetric:
-            with record_function("repblend:pixel_backward"):
-                g_touched = self._pixel_gradient(pixels, pixel_leaf, feats, g_inputs)
-        else:
-            g_touched = g_inputs
-        g_pixels = torch.zeros_like(syn.images).index_add_(0, touched, g_touched)
-        g_texts = torch.zeros_like(syn.text_embeddings).index_add_(0, touched, g_text)
-        g_log = torch.autograd.grad([lrs["image"], lrs["text"]], [syn.log_lr_img, syn.log_lr_txt],
-                                    [g_eta_img, g_eta_txt], allow_unused=True)
-        g_log = [torch.zeros_like(p) if gl is None else gl for p, gl in zip((syn.log_lr_img, syn.log_lr_txt), g_log)]
-        if args.lr_grad_clip:
-            g_log = [gl.clamp(-args.lr_grad_clip, args.lr_grad_clip) for gl in g_log]
-
-        pairs = list(zip([syn.images, syn.text_embeddings, syn.log_lr_img, syn.log_lr_txt, *sim_params],
-                         [g_pixels, g_texts, *g_log, *g_sim]))
-        group_of = {id(p): group for group, params in syn.parameter_groups().items() for p in params}
-        bad = {group_of[id(p)] for p, gr in pairs if not bool(torch.isfinite(gr).all())}
-        if not bool(torch.isfinite(loss)):
-            bad |= set(group_of.values())
-        finite = not bad
-        self._skip_step, self._bad_groups = not finite, bad
-        self._metrics["nonfinite_skipped"].append(float(not finite))
-        if not finite:
-            # Never let a non-finite value reach the synthetic set: zero surrogate now, and training_step
-            # drops the gradients so that SGD's momentum does not move the set either.
-            pairs = [(p, torch.zeros_like(p)) for p, _ in pairs]
-            loss = torch.zeros((), device=device)
-        self._log_iteration(loss, stats, lrs, plans, segments, len(touched))
-        return model(surrogate_grads=pairs, loss=loss)
+        generator = iteration_generator(args.seed, self.state.global_step, args.process_index)
+        result = outer_iteration(self._synthetic, self.heads, self.trajectories, self.encoder_pass, args, generator,
+                                 temperature=self._inner_temperature)
+        gradients, loss, self._bad_groups = result.gradients, result.loss, result.nonfinite_groups
+        self._metrics["nonfinite_skipped"].append(float(bool(self._bad_groups)))
+        if self._bad_groups:
+            # Never let a non-finite value reach the synthetic set: zero surrogate now, and training_step drops the
+            # gradients so that SGD's momentum does not move the set either.
+            gradients = [(p, torch.zeros_like(p)) for p, _ in gradients]
+            loss = torch.zeros((), device=loss.device)
+        for key, value in result.metrics(loss).items():
+            self._metrics[key].append(value)
+        return model(surrogate_grads=gradients, loss=loss)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; after a skipped (non-finite) iteration the gradients are set to None.
@@ -363,7 +224,7 @@ class DistillationTrainer(Trainer):
         ``loss`` and ``matching_loss`` (see :meth:`log`), so the curve never shows a perfect 0 exactly when
         things go wrong; ``nonfinite_skipped`` counts it.
         """
-        self._skip_step, self._bad_groups = False, set()
+        self._bad_groups = set()
         recorded = {k: len(self._metrics.get(k, ())) for k in _ITERATION_LOSSES}  # to drop this iteration's losses
         loss = super().training_step(model, inputs, num_items_in_batch)
         bad = torch.tensor([float(g in self._bad_groups) for g in _GROUPS], device=self.args.device)
@@ -376,10 +237,8 @@ class DistillationTrainer(Trainer):
         if skipped:
             self._forget_iteration_losses(recorded)
             self.optimizer.zero_grad(set_to_none=True)
-            self._on_nonfinite({g for g, b in zip(_GROUPS, bad.tolist()) if b})
+            self.nonfinite_guard.skipped({g for g, b in zip(_GROUPS, bad.tolist()) if b})
             return torch.zeros_like(loss)
-        if not self._step_guarded:  # else the step guard resets the streak once the update is known to be finite
-            self._nonfinite_streak = 0
         return loss
 
     def _forget_iteration_losses(self, recorded: dict[str, int]) -> None:
@@ -390,79 +249,6 @@ class DistillationTrainer(Trainer):
         for key, length in recorded.items():
             if key in m:
                 del m[key][length:]
-
-    def _guard_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Roll back an optimiser step that leaves NaN / inf in the set, as a bad gradient is: nothing is applied.
-
-        Finite gradients can still give a non-finite set (a huge lr, an overflow in the update); the loss and
-        gradient checks cannot see that, so the parameters are checked after every step. The parameters and the
-        optimiser state (momentum) of the step are restored and the iteration counts as a non-finite one
-        (:meth:`_on_nonfinite`: the offending groups' lrs are lowered after ``nonfinite_patience`` of them).
-        The replicas hold identical parameters, so every process takes the same decision.
-        """
-        saved: dict[torch.Tensor, tuple[torch.Tensor, dict]] = {}
-
-        def before(opt, args, kwargs):
-            saved.clear()
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
-                        saved[p] = (p.detach().clone(), state)
-
-        def after(opt, args, kwargs):
-            if not saved:  # a skipped iteration: no gradient, nothing stepped
-                return
-            if bool(torch.stack([torch.isfinite(p).all() for p in saved]).all()):
-                self._nonfinite_streak = 0
-                return
-            bad = {g["name"] for g in opt.param_groups for p in g["params"]
-                   if p in saved and not bool(torch.isfinite(p).all())}
-            with torch.no_grad():
-                for p, (value, state) in saved.items():
-                    p.copy_(value)
-                    if state:
-                        opt.state[p] = state
-                    else:
-                        opt.state.pop(p, None)
-            logger.warning("step %d: the update made %s non-finite; it was rolled back (nothing applied)",
-                           self.state.global_step + 1, sorted(bad))
-            if self._metrics.get("nonfinite_skipped"):
-                self._metrics["nonfinite_skipped"][-1] = 1.0
-            self._on_nonfinite(bad)
-
-        optimizer.register_step_pre_hook(before)
-        optimizer.register_step_post_hook(after)
-        self._step_guarded = True
-
-    def _on_nonfinite(self, groups: set[str]) -> None:
-        """Count consecutive skipped iterations; lower the offending lrs every ``nonfinite_patience``, then stop."""
-        args = self.args
-        self._nonfinite_streak += 1
-        if self._nonfinite_streak % args.nonfinite_patience:
-            return
-        if self._nonfinite_lowerings >= args.nonfinite_max_lowerings:
-            from ..pipeline import last_complete_checkpoint
-
-            lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-            raise NonFiniteError(
-                f"{self._nonfinite_streak} consecutive iterations (up to step {self.state.global_step + 1}) gave a "
-                f"non-finite matching loss, gradient or update in {sorted(groups)}, after lowering their learning "
-                f"rates {self._nonfinite_lowerings} times (now {lrs}). Nothing non-finite was applied; the last "
-                f"checkpoint is {last_complete_checkpoint(args.output_dir) or 'none (no checkpoint was saved yet)'}. "
-                "Check the expert trajectories for NaN/inf, then lower the learning rates of these groups (--lr_img, "
-                "--lr_txt, --lr_sim, --lr_lr) and run again with --resume_from_checkpoint latest: learning rates "
-                "changed on the command line replace the checkpoint's.")
-        self._nonfinite_lowerings += 1
-        scheduler = self.lr_scheduler
-        for i, group in enumerate(self.optimizer.param_groups):
-            if group["name"] in groups:
-                group["lr"] *= args.nonfinite_lr_factor
-                if hasattr(scheduler, "base_lrs"):  # the constant schedule would restore the old lr next step
-                    scheduler.base_lrs[i] *= args.nonfinite_lr_factor
-        logger.warning("%d consecutive non-finite iterations in %s: their learning rates are now x%g (%s)",
-                       self._nonfinite_streak, sorted(groups), args.nonfinite_lr_factor,
-                       {g["name"]: g["lr"] for g in self.optimizer.param_groups})
 
     # ----- checkpoints and resume --------------------------------------------------------------------------
 
@@ -480,9 +266,6 @@ class DistillationTrainer(Trainer):
         Without this a truncated ``model.safetensors`` gave a bare ``SafetensorError``, and a checkpoint of another
         similarity kind an unrelated ``AttributeError``; the newest intact checkpoint is offered instead.
         """
-        from ..checks import checkpoint_problem, checkpoint_shapes, state_shapes_mismatch
-        from ..pipeline import last_complete_checkpoint
-
         problem = checkpoint_problem(resume_from_checkpoint)
         if problem is not None:
             intact = last_complete_checkpoint(self.args.output_dir)
@@ -538,41 +321,8 @@ class DistillationTrainer(Trainer):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return gather_object([digest.hexdigest()])
 
-    def _count_unrolled_pass(self, module, inputs, output) -> None:
-        """Forward hook on the encoder that asymmetric matching unrolls, held while the inner loop runs."""
-        rows = len(output)
-        self.encoder_passes["forward"] += rows
-        if output.requires_grad:
-            output.register_hook(lambda grad: self.encoder_passes.__setitem__(
-                "backward", self.encoder_passes["backward"] + rows))
-
-    def _pixel_gradient(self, pixels, pixel_leaf, feats, g_feats) -> torch.Tensor:
-        """``(∂ features / ∂ pixels)ᵀ g_feats`` for the touched images: one backward through the encoder."""
-        self.encoder_passes["backward"] += len(pixels)
-        if pixel_leaf is not None:
-            return torch.autograd.grad(feats, pixel_leaf, g_feats)[0]
-        out = []
-        for chunk, g_chunk in zip(pixels.split(self.args.encoder_chunk_size),
-                                  g_feats.split(self.args.encoder_chunk_size)):
-            leaf = chunk.detach().requires_grad_(True)
-            self.encoder_passes["forward"] += len(chunk)
-            out.append(torch.autograd.grad(self._encode(leaf), leaf, g_chunk)[0])
-        return torch.cat(out)
-
-    def _log_iteration(self, loss, stats, lrs, plans, segments, touched: int) -> None:
-        m = self._metrics
-        m["matching_loss"].append(float(loss))
-        for key in ("inner_loss_first", "inner_loss_last"):
-            m[key].append(sum(s[key] for s in stats) / len(stats))
-        m["lr_img"].append(float(lrs["image"].detach()))
-        m["lr_txt"].append(float(lrs["text"].detach()))
-        blends = [b.lam for plan in plans for b in plan.blends]
-        m["blend_lambda"].append(sum(blends) / len(blends))
-        m["start_epoch"].append(sum(float(s.start_epoch) for s in segments) / len(segments))
-        m["touched_images"].append(float(touched))
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the iteration metrics averaged since the last log (TRL's ``_metrics`` pattern).
+        """Add the iteration metrics averaged since the last log and over the processes (TRL's ``_metrics`` pattern).
 
         Iterations skipped for a non-finite matching loss or gradient count in ``nonfinite_skipped`` only:
         ``loss`` and ``matching_loss`` average the other iterations, and are absent from the entry when every
@@ -588,9 +338,21 @@ class DistillationTrainer(Trainer):
                     del logs[key]
         if "loss" in logs or "learning_rate" in logs:  # a training log (also when its loss was left out)
             self._loss_window = [0, 0]
-            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            logs = {**logs, **self._averaged_metrics()}
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def _averaged_metrics(self) -> dict[str, float]:
+        """The iteration metrics since the last log, averaged over the iterations and then over the processes.
+
+        Every process records the same keys (each matches its own segments), so under DDP the logged values are
+        those of all processes, not rank 0's alone.
+        """
+        means = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        if self.args.world_size > 1 and means:
+            local = torch.tensor(list(means.values()), dtype=torch.float64, device=self.args.device)
+            means = dict(zip(means, self.accelerator.gather(local[None]).mean(0).tolist()))
+        return means
 
     # ----- evaluation -------------------------------------------------------------------------------------
 
@@ -601,8 +363,7 @@ class DistillationTrainer(Trainer):
         if syn.config.synthetic_space == "features":
             feats = syn.images.detach()
         else:
-            feats = torch.cat([self._encode(c) for c in syn.images.detach().split(256)])
-            self.encoder_passes["forward"] += syn.num_pairs
+            feats = torch.cat([self.encoder_pass.encode(c) for c in syn.images.detach().split(256)])
         lrs = syn.inner_lrs(self.args.lr_min, self.args.lr_max)
         similarity = syn.similarity().detach() if self.args.distill_loss == "wbce" else None
         return PairSet(feats.cpu(), syn.text_embeddings.detach().cpu(),

@@ -1,0 +1,142 @@
+"""Callbacks of the :class:`~repblend_hf.trainers.DistillationTrainer`: what happens around an optimiser step.
+
+:class:`NonFiniteGuard` keeps NaN / inf out of the synthetic set: it rolls back an update that made the set
+non-finite, counts consecutive skipped iterations, lowers the offending groups' learning rates and finally stops
+the run (:class:`NonFiniteError`). :class:`FeatureRangeProjection` keeps a feature-space set inside the range
+real features reach. :class:`RecordIterations` keeps the set's config counting the outer iterations done. They act
+on Trainer events (``on_pre_optimizer_step`` / ``on_optimizer_step`` / ``on_step_end``), the extension points the
+Trainer offers, rather than on the optimiser's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+
+from ..checks import last_complete_checkpoint
+
+__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "RecordIterations"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Distillation kept producing non-finite values after the learning rates were lowered."""
+
+
+def _synthetic(model):
+    return model.module if hasattr(model, "module") else model
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Nothing non-finite reaches the set: skipped iterations are counted, lrs lowered, and the run stopped.
+
+    The trainer skips an iteration whose matching loss or gradient is not finite (its gradients are dropped) and
+    reports it with :meth:`skipped`. Finite gradients can still give a non-finite set (a huge lr, an overflow in
+    the update), which the loss and gradient checks cannot see: so the parameters are checked after every
+    optimiser step, and a step that left NaN / inf is rolled back, parameters and optimiser state (momentum)
+    alike, and counts as a skipped iteration. After ``nonfinite_patience`` consecutive skipped iterations the
+    offending groups' lrs are multiplied by ``nonfinite_lr_factor``; when that has been done
+    ``nonfinite_max_lowerings`` times and the iterations still fail, :class:`NonFiniteError` stops the run. The
+    replicas of a data-parallel run hold identical parameters, so every process takes the same decision.
+    It acts on ``trainer``'s optimiser and schedule (as SetFit's card callback holds its trainer); a rolled-back
+    step marks its iteration in the trainer's ``nonfinite_skipped`` metric.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.streak = self.lowerings = 0  # consecutive skipped iterations, lr lowerings so far
+        self._saved: dict[torch.Tensor, tuple[torch.Tensor, dict]] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        optimizer = self.trainer.optimizer
+        self._saved.clear()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+                    self._saved[p] = (p.detach().clone(), saved)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        optimizer, saved = self.trainer.optimizer, self._saved
+        if not saved:  # a skipped iteration: no gradient, nothing stepped
+            return
+        if bool(torch.stack([torch.isfinite(p).all() for p in saved]).all()):
+            self.streak = 0
+            return
+        bad = {g["name"] for g in optimizer.param_groups for p in g["params"]
+               if p in saved and not bool(torch.isfinite(p).all())}
+        with torch.no_grad():
+            for p, (value, opt_state) in saved.items():
+                p.copy_(value)
+                if opt_state:
+                    optimizer.state[p] = opt_state
+                else:
+                    optimizer.state.pop(p, None)
+        logger.warning("step %d: the update made %s non-finite; it was rolled back (nothing applied)",
+                       state.global_step + 1, sorted(bad))
+        metrics = self.trainer._metrics
+        if metrics.get("nonfinite_skipped"):
+            metrics["nonfinite_skipped"][-1] = 1.0
+        self.skipped(bad)
+
+    def skipped(self, groups: set[str]) -> None:
+        """Count a skipped iteration; lower the offending lrs every ``nonfinite_patience`` of them, then stop."""
+        args, state = self.trainer.args, self.trainer.state
+        optimizer, lr_scheduler = self.trainer.optimizer, self.trainer.lr_scheduler
+        self.streak += 1
+        if self.streak % args.nonfinite_patience:
+            return
+        if self.lowerings >= args.nonfinite_max_lowerings:
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            raise NonFiniteError(
+                f"{self.streak} consecutive iterations (up to step {state.global_step + 1}) gave a "
+                f"non-finite matching loss, gradient or update in {sorted(groups)}, after lowering their learning "
+                f"rates {self.lowerings} times (now {lrs}). Nothing non-finite was applied; the last "
+                f"checkpoint is {last_complete_checkpoint(args.output_dir) or 'none (no checkpoint was saved yet)'}. "
+                "Check the expert trajectories for NaN/inf, then lower the learning rates of these groups (--lr_img, "
+                "--lr_txt, --lr_sim, --lr_lr) and run again with --resume_from_checkpoint latest: learning rates "
+                "changed on the command line replace the checkpoint's.")
+        self.lowerings += 1
+        for i, group in enumerate(optimizer.param_groups):
+            if group["name"] in groups:
+                group["lr"] *= args.nonfinite_lr_factor
+                if hasattr(lr_scheduler, "base_lrs"):  # the constant schedule would restore the old lr next step
+                    lr_scheduler.base_lrs[i] *= args.nonfinite_lr_factor
+        logger.warning("%d consecutive non-finite iterations in %s: their learning rates are now x%g (%s)",
+                       self.streak, sorted(groups), args.nonfinite_lr_factor,
+                       {g["name"]: g["lr"] for g in optimizer.param_groups})
+
+
+class FeatureRangeProjection(TrainerCallback):
+    """Keeps a feature-space set's image features inside a box ``[low, high]`` after every optimiser step.
+
+    A free feature-space set can use values no image produces (EfficientNet-Lite0's pooled ReLU6 features
+    are never negative; ``benchmarks/results/pixel_gap.md``). Projecting onto the per-dimension range of the
+    real training features after each SGD step gives a set the pixel path could at least approach.
+    """
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
+        self.low, self.high = low, high
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            features = _synthetic(model).image_features
+            low, high = self.low.to(features.device), self.high.to(features.device)
+            features.copy_(torch.maximum(torch.minimum(features, high), low))
+
+
+class RecordIterations(TrainerCallback):
+    """Writes the outer iterations done into the set's config (``iterations``) after every step.
+
+    So the ``config.json`` saved or pushed at the end of a run, or of one stopped early, says how long the set was
+    distilled (the rest of how it was made is recorded by :meth:`RepBlendConfig.record_distillation`).
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.config.iterations = state.global_step
