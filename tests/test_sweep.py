@@ -1,4 +1,4 @@
-"""benchmarks/sweep.py: the grid it runs and the over-seeds table it reports."""
+"""benchmarks/sweep.py and runs_table.py: the grid a sweep runs and the tables over seeds they report."""
 
 import importlib.util
 import statistics
@@ -38,3 +38,25 @@ def test_seed_table_averages_each_setting_over_its_seeds_and_ranks_by_validation
 def test_seed_table_dashes_a_metric_no_seed_reported():
     lines = sweep.seed_table(["blend_beta", "seed"], [_row("0", "0", 30.0, 29.0)])
     assert lines[-1].split(" | ")[7] == "–"
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+RT_SPEC = importlib.util.spec_from_file_location("runs_table", BENCHMARKS / "runs_table.py")
+runs_table = importlib.util.module_from_spec(RT_SPEC)
+RT_SPEC.loader.exec_module(runs_table)
+
+
+def test_runs_table_averages_the_runs_means_metric_by_metric(tmp_path):
+    import json
+
+    dirs = []
+    for i, r_mean in enumerate((20.0, 24.0)):
+        run = tmp_path / f"seed{i}"
+        run.mkdir()
+        metrics = {m: {"mean": float(i), "std": 9.0} for m in runs_table.METRICS}
+        metrics["r_mean"] = {"mean": r_mean, "std": 9.0}
+        (run / "results.json").write_text(json.dumps({"test": metrics, "validation": metrics, "seeds": 3}))
+        dirs.append(run)
+    row = runs_table.group_row(dirs)
+    assert row["r_mean"] == (22.0, 2.0)  # the std is over the runs' means, not the evaluation seeds' std
+    assert row["IR@1"] == (0.5, 0.5)
