@@ -407,7 +407,8 @@ class EncoderPass:
             self.mode = "features"
         else:
             self.mode = "per_step" if per_step else "once"
-        if fold_batchnorm and matching == "symmetric" and hasattr(encoder, "fold_batchnorm_"):
+        # A feature-space set never goes through the encoder: nothing to fold (and no log line saying otherwise).
+        if fold_batchnorm and self.mode in ("once", "per_step") and hasattr(encoder, "fold_batchnorm_"):
             folded = encoder.fold_batchnorm_()
             logger.info("the synthetic-pixel passes use the encoder with %d BatchNorms folded into its convolutions",
                         folded)
