@@ -147,6 +147,11 @@ class SyntheticSetCardData:
                                                                      ", random real subset" if r["method"] == "random"
                                                                      else ""), "diag": r["set_diagnostics"]}
                     for r in rows if all(k in (r.get("set_diagnostics") or {}) for k in DIAGNOSTIC_NAMES)]
+        if not any(r["method"] == "random" for r in rows if r.get("set_diagnostics")):
+            # No random-coreset row: the reference subset recorded with the set itself stands in for it.
+            set_rows += [{"label": f"random real subset ({r['pairs']} pairs)", "diag": r["real_subset_diagnostics"]}
+                         for r in rows if r["this"] and all(k in (r.get("real_subset_diagnostics") or {})
+                                                            for k in DIAGNOSTIC_NAMES)]
         return {"repo_id": self.repo_id, "config": self.config, "results": rows, "metrics": list(METRIC_NAMES),
                 "diagnostic_rows": [r for r in rows if r["has_diagnostics"]], "set_diagnostic_rows": set_rows,
                 "grid_image": self.grid_image,

@@ -391,6 +391,22 @@ def test_synthetic_set_card_has_every_section():
         assert f"\n- {name}: " in text
 
 
+def test_set_collapse_table_reads_the_set_against_its_recorded_real_subset_without_a_random_baseline():
+    from repblend_hf.hub import render_synthetic_set_card
+
+    data = _card_data()
+    data.results = [{**data.results[0], "real_subset_diagnostics": {"sim_image": 0.125, "sim_text": 0.0625,
+                                                                     "gap": 0.25}}]
+    on_set = str(render_synthetic_set_card(data)).split("### Modality collapse on the set itself")[1].split("##")[0]
+    assert "| repblend (6 pairs), this set | 0.250 | 0.125 | 0.750 |" in on_set
+    assert "| random real subset (6 pairs) | 0.125 | 0.062 | 0.250 |" in on_set
+    # With a random-coreset row present, that row is the comparison and the recorded subset is not repeated.
+    data.results = _card_data().results
+    data.results[0]["real_subset_diagnostics"] = {"sim_image": 0.125, "sim_text": 0.0625, "gap": 0.25}
+    on_set = str(render_synthetic_set_card(data)).split("### Modality collapse on the set itself")[1].split("##")[0]
+    assert on_set.count("random real subset") == 1
+
+
 def test_feature_space_card_says_which_encoder_its_features_belong_to():
     from repblend_hf import RepBlendConfig
     from repblend_hf.hub import render_synthetic_set_card

@@ -224,6 +224,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
                             temperature=config.temperature)
     records = [results_record(result, dataset=data_args.dataset, method=args.method, pairs=config.num_pairs)]
     records[0]["set_diagnostics"] = trainer.reference(pairs)  # modality collapse on the pairs themselves
+    # ... and the random real subset of the same size it is read against (also when no random baseline runs)
+    records[0]["real_subset_diagnostics"] = trainer.reference.real_subset
     records[0]["settings"]["synthetic_space"] = config.synthetic_space
     if config.synthetic_space == "features":
         records[0]["settings"]["feature_range"] = set_args.feature_range
