@@ -140,7 +140,7 @@ def seed_table(keys: list[str], rows: list[dict]) -> list[str]:
                ("test", "test_r_mean", ".1f"), ("η_img", "eta_img", ".3f"), ("set Sim_img", "set_sim_image", ".3f"),
                ("set Sim_txt", "set_sim_text", ".3f"), ("set Gap", "set_gap", ".3f")]
     lines = ["Over distillation seeds (mean ± std; population std, the seeds run are listed):", "",
-             "| " + " | ".join(others) + " | seeds | " + " | ".join(m for m, _, _ in metrics) + " |",
+             "| " + " | ".join([*others, "seeds", *(m for m, _, _ in metrics)]) + " |",
              "|" + "---|" * (len(others) + 1 + len(metrics))]
     ranked = sorted(groups.items(), key=lambda g: -statistics.fmean(r["best_validation_r_mean"] for r in g[1]))
     for setting, group in ranked:
@@ -150,7 +150,7 @@ def seed_table(keys: list[str], rows: list[dict]) -> list[str]:
             cells.append("–" if not values else
                          f"{statistics.fmean(values):{fmt}} ± {statistics.pstdev(values):{fmt}}")
         seeds = ",".join(sorted(str(r["seed"]) for r in group))
-        lines.append("| " + " | ".join(map(str, setting)) + f" | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([*map(str, setting), seeds, *cells]) + " |")
     return lines
 
 

@@ -60,3 +60,9 @@ def test_runs_table_averages_the_runs_means_metric_by_metric(tmp_path):
     row = runs_table.group_row(dirs)
     assert row["r_mean"] == (22.0, 2.0)  # the std is over the runs' means, not the evaluation seeds' std
     assert row["IR@1"] == (0.5, 0.5)
+
+
+def test_seed_table_of_a_seed_only_grid_has_as_many_cells_as_columns():
+    lines = sweep.seed_table(["seed"], [_row("0", "0", 30.0, 29.0), _row("0", "1", 32.0, 31.0)])
+    header, rule, row = lines[2:5]
+    assert header.startswith("| seeds |") and header.count("|") == rule.count("|") == row.count("|")
