@@ -422,9 +422,9 @@ def test_mtt_vl_inner_logit_scale_is_used_by_the_inner_loop_only(encoder, pixel_
         seen["inner"].append(kw["temperature"])
         return matching_gradients(*a, **kw)
 
-    def evaluation(*a, **kw):
-        seen["evaluation"].append(kw["temperature"])
-        return train_heads(*a, **kw)
+    def evaluation(pairs, protocol, **kw):
+        seen["evaluation"].append(protocol.temperature)
+        return train_heads(pairs, protocol, **kw)
 
     monkeypatch.setattr(module, "matching_gradients", inner)
     monkeypatch.setattr(trainer_module, "train_heads", evaluation)

@@ -34,7 +34,7 @@ from transformers import HfArgumentParser
 
 from ..checks import check_distill_data, check_distill_run
 from ..configuration import RepBlendConfig
-from ..evaluation import evaluate_pairs
+from ..evaluation import EvaluationProtocol, evaluate_pairs
 from ..pipeline import (
     DataArguments,
     evaluate_baseline,
@@ -220,8 +220,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     # Final evaluation on the test split, beside the baselines.
     seeds = list(range(set_args.eval_seeds))
     pairs = trainer.synthetic_pairs()
-    result = evaluate_pairs(pairs, validation, test, seeds=seeds, embed_dim=config.embed_dim, loss=args.distill_loss,
-                            temperature=config.temperature)
+    protocol = EvaluationProtocol(loss=args.distill_loss, temperature=config.temperature)
+    result = evaluate_pairs(pairs, validation, test, protocol, seeds=seeds, embed_dim=config.embed_dim)
     records = [results_record(result, dataset=data_args.dataset, method=args.method, pairs=config.num_pairs)]
     records[0]["set_diagnostics"] = trainer.reference(pairs)  # modality collapse on the pairs themselves
     # ... and the random real subset of the same size it is read against (also when no random baseline runs)

@@ -26,6 +26,7 @@ from transformers import Trainer
 from ..checks import checkpoint_problem, checkpoint_shapes, last_complete_checkpoint, state_shapes_mismatch
 from ..distillation import encoder_pass_for, inner_temperature, iteration_generator, outer_iteration, student_heads
 from ..evaluation import (
+    EvaluationProtocol,
     PairSet,
     PixelPairSet,
     ReferenceDiagnostics,
@@ -394,11 +395,12 @@ class DistillationTrainer(Trainer):
             return {}
         start = time.time()
         pairs = self.synthetic_pairs()
+        protocol = EvaluationProtocol(loss=self.args.distill_loss, epochs=self.args.eval_head_epochs,
+                                      temperature=self._synthetic.config.temperature)
         rows = []
         for seed in range(self.args.num_eval_seeds):
-            trained = train_heads(pairs, embed_dim=self._synthetic.config.embed_dim, loss=self.args.distill_loss,
-                                  epochs=self.args.eval_head_epochs, validation=self.validation,
-                                  temperature=self._synthetic.config.temperature, seed=seed)
+            trained = train_heads(pairs, protocol, embed_dim=self._synthetic.config.embed_dim,
+                                  validation=self.validation, seed=seed)
             best = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
             val_diagnostics = modality_diagnostics(*embed_split(trained.heads, self.validation))
             rows.append({**best["validation"], **{f"val_{k}": v for k, v in val_diagnostics.items()}})
