@@ -39,7 +39,7 @@ from ..modeling import branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
-from .callbacks import FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
+from .callbacks import CardCallback, FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
 
 __all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
@@ -156,6 +156,7 @@ class DistillationTrainer(Trainer):
         self.nonfinite_guard = NonFiniteGuard(self)
         self.add_callback(self.nonfinite_guard)
         self.add_callback(RecordIterations(config))
+        self.add_callback(CardCallback(model.training_record))
         if feature_bounds is not None:
             if config.synthetic_space != "features":
                 raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
