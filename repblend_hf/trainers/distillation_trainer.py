@@ -134,6 +134,8 @@ class DistillationTrainer(Trainer):
         self.validation = validation
         self.reference = reference
         config = model.config
+        # The config is what the set is and the trainer reads it alone; the arguments carry these three only as the
+        # flags (and method presets) the config is built from, so a set built from other ones is refused here.
         for name in ("similarity", "matching", "asymmetric_image_head"):
             if getattr(args, name) != getattr(config, name):
                 raise ValueError(f"args.{name}={getattr(args, name)!r} but the SyntheticSet was built with "
