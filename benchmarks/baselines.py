@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import command, markdown_table, seconds_since, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 TIMING_CHILD = r"""
@@ -74,27 +75,23 @@ def main() -> None:
             t0 = time.time()
             result = evaluate_baseline(method, prepared.features, pairs, embed_dim=args.embed_dim, seeds=seeds)
             records.append({**results_record(result, dataset=args.dataset, method=method, pairs=pairs),
-                            "seconds": round(time.time() - t0, 1)})
+                            "seconds": seconds_since(t0)})
             print(method, pairs, records[-1]["test"]["r_mean"], flush=True)
     if not args.skip_full:
         t0 = time.time()
         full = evaluate_baseline("full", prepared.features, 0, embed_dim=args.embed_dim, seeds=seeds)
         n_train = prepared.features["train"].num_images
         records.append({**results_record(full, dataset=args.dataset, method="full", pairs=n_train),
-                        "seconds": round(time.time() - t0, 1)})
+                        "seconds": seconds_since(t0)})
         print("full", records[-1]["test"]["r_mean"], flush=True)
 
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"timing": timing, "results": records}, indent=2) + "\n")
+    write_json(args.output, {"timing": timing, "results": records})
     lines = [f"# Baselines on {args.dataset} (test split, validation-selected epoch, {args.seeds} seeds)", "",
-             f"Command: `.venv/bin/python {shlex.join(['benchmarks/baselines.py', *sys.argv[1:]])}`", "",
-             format_table(records), ""]
+             f"Command: `{command('baselines.py')}`", "", format_table(records), ""]
     if timing:
-        lines += ["| run | build (s) | encode (s) | total (s) |", "|---|---|---|---|"]
-        lines += [f"| {t['run']} | {t['build_s']} | {t['encode_s']} | {t['total_s']} |" for t in timing]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines += markdown_table(["run", "build (s)", "encode (s)", "total (s)"],
+                                [(t["run"], t["build_s"], t["encode_s"], t["total_s"]) for t in timing])
+    write_markdown(args.output, lines)
 
 
 if __name__ == "__main__":

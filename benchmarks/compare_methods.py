@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
+from _common import command, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -177,13 +176,11 @@ def main() -> None:
 
     table = {name: summarize(r) for name, r in rows.items()}
     on_test = {name: summarize(r) for name, r in selected_on_test.items()}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "passthrough": passthrough, "test": table,
-                                                    "test_selected_on_test": on_test, "per_seed": rows,
-                                                    "protocol": protocol, "timings": timings}, indent=2) + "\n")
+    write_json(args.output, {"seeds": seeds, "passthrough": passthrough, "test": table,
+                             "test_selected_on_test": on_test, "per_seed": rows, "protocol": protocol,
+                             "timings": timings})
     lines = [f"# fashion-scenes, 99 pairs: test retrieval, validation-selected epoch, seeds {seeds}", "",
-             f"Command: `.venv/bin/python benchmarks/compare_methods.py {shlex.join(sys.argv[1:])}`", "",
+             f"Command: `{command('compare_methods.py')}`", "",
              "| method | protocol | " + " | ".join(METRICS) + " | r_mean (test-selected) | s / iteration |",
              "|---|---|" + "---|" * (len(METRICS) + 2)]
     for name, summary in table.items():
@@ -193,8 +190,7 @@ def main() -> None:
         lines.append(table_row(name, protocol.get(name, "infonce"), cells, on_test[name]["r_mean"]["mean"],
                                per_iteration))
     lines += ["", PROTOCOL_NOTE]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.output, lines)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ An epoch is one pass over the (image, caption) pairs (``EPOCH_DEFINITION``). Wri
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+from _common import markdown_table, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,8 +78,7 @@ def main() -> None:
               "validation_r_mean": {str(e): v for e, v in ladder.items()},
               "summary": {str(e): r for e, r in rows.items()}}
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     lines = ["# Expert ladder: validation r_mean of each expert snapshot\n",
              f"`.venv/bin/python {record['command']}`\n",
              f"{len(trajectories)} symmetric experts (heads of dim {args.embed_dim} on cached features, InfoNCE, SGD "
@@ -86,9 +86,10 @@ def main() -> None:
              f"over the {train.num_captions:,} (image, caption) pairs ({steps_per_epoch} steps). Heads at each "
              "snapshot scored on the validation split (1,000 images, 5,000 captions). A segment "
              "`[start, start + expert_epochs]` ends at the target epoch: its row is the most the segment can teach.\n",
-             "| epoch | mean | std | min | max |", "|---|---|---|---|---|"]
-    lines += [f"| {e} | {r['mean']:.1f} | {r['std']:.1f} | {r['min']:.1f} | {r['max']:.1f} |" for e, r in rows.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+             *markdown_table(["epoch", "mean", "std", "min", "max"],
+                             [(e, f"{r['mean']:.1f}", f"{r['std']:.1f}", f"{r['min']:.1f}", f"{r['max']:.1f}")
+                              for e, r in rows.items()])]
+    write_markdown(out, lines, echo=False)
 
     from matplotlib.figure import Figure
 

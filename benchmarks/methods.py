@@ -16,13 +16,11 @@ Writes ``benchmarks/results/methods.{json,md}`` and ``methods_r_mean_vs_pairs.pn
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+from _common import command, write_json, write_markdown  # noqa: E402
 from compare_methods import (  # noqa: E402
     METRICS,
     PROTOCOL_NOTE,
@@ -117,17 +115,14 @@ def main() -> None:
     table = {p: {m: summarize(rows) for m, rows in by_method.items()} for p, by_method in per_seed.items()}
     table_on_test = {p: {m: summarize(rows) for m, rows in by_method.items()} for p, by_method in on_test.items()}
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({
-        "seeds": seeds, "pairs": sizes, "passthrough": passthrough, "test": table,
-        "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
-        "protocol": protocol},
-        indent=2) + "\n")
+    write_json(out, {"seeds": seeds, "pairs": sizes, "passthrough": passthrough, "test": table,
+                     "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
+                     "protocol": protocol})
     steps = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_steps"), None)
     plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png",
          "fashion-scenes" + (f", {steps} distillation iterations per method" if steps else ""))
     lines = [f"# fashion-scenes: test retrieval (validation-selected epoch), mean ± std over seeds {seeds}", "",
-             f"Command: `.venv/bin/python benchmarks/methods.py {shlex.join(sys.argv[1:])}`", ""]
+             f"Command: `{command('methods.py')}`", ""]
     for pairs in sizes:
         lines += [f"## {pairs} pairs", "", "| method | protocol | " + " | ".join(METRICS) +
                   " | r_mean (test-selected) | s / iteration |", "|---|---|" + "---|" * (len(METRICS) + 2)]
@@ -140,8 +135,7 @@ def main() -> None:
                                    selected_on_test, per_iteration))
         lines.append("")
     lines += ["Full data is listed under the first size. " + PROTOCOL_NOTE]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out, lines)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ Writes ``benchmarks/results/pixel_gap.{json,md}`` (or ``--output``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
+
+from _common import markdown_table, seconds_since, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,10 +105,8 @@ def main() -> None:
 
     record = {"feature_set": args.feature_set, "steps": args.steps, "lr": args.lr, "seed": args.seed,
               "fraction_outside_real_range": float(outside), "inversion_trace": trace,
-              "inversion_seconds": round(time.time() - started, 1), "rows": rows}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+              "inversion_seconds": seconds_since(started), "rows": rows}
+    write_json(args.output, record)
     lines = ["# Can pixels hold a feature-space set?\n",
              f"`.venv/bin/python benchmarks/pixel_gap.py --feature_set {args.feature_set} --steps {args.steps} "
              f"--lr {args.lr} --seed {args.seed} --output {args.output}`\n",
@@ -115,13 +114,10 @@ def main() -> None:
              f"and η with these image features. {100 * float(outside):.1f} % of the feature set's entries lie outside "
              "the range real training images reach in their dimension. Inversion: relative squared error trace "
              + ", ".join(f"{s}: {v}" for s, v in trace) + f" ({record['inversion_seconds']} s).\n",
-             "| image features | validation r_mean | relative squared error to f* | cosine to f* |",
-             "|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['validation_r_mean']:.1f} ± {r['std']:.1f} | {r['relative_sq_error']:.3f} "
-                     f"| {r['cosine']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             *markdown_table(["image features", "validation r_mean", "relative squared error to f*", "cosine to f*"],
+                             [(name, f"{r['validation_r_mean']:.1f} ± {r['std']:.1f}", f"{r['relative_sq_error']:.3f}",
+                               f"{r['cosine']:.3f}") for name, r in rows.items()])]
+    write_markdown(args.output, lines)
 
 
 if __name__ == "__main__":

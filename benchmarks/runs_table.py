@@ -17,6 +17,8 @@ import json
 import statistics
 from pathlib import Path
 
+from _common import write_json, write_markdown
+
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 
 
@@ -53,10 +55,9 @@ def main() -> None:
     if args.output:
         command = "benchmarks/runs_table.py " + " ".join(f'--group "{g}"' for g in args.group)
         command += f" --full {args.full}" if args.full else ""
-        Path(args.output).with_suffix(".md").write_text(
-            f"# Test retrieval of finished runs (mean ± std over runs)\n\n`.venv/bin/python {command} --output "
-            f"{args.output}`\n\n{text}")
-        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_markdown(args.output, ["# Test retrieval of finished runs (mean ± std over runs)", "",
+                                     f"`.venv/bin/python {command} --output {args.output}`", "", *lines], echo=False)
+        write_json(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
+
+from _common import command, mean_std, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,12 +43,6 @@ def within_budget(curves: dict[int, dict]) -> tuple[float, dict[int, float]]:
     budget = min(c["points"][-1]["seconds"] for c in curves.values())
     return budget, {k: max(p["validation_r_mean"] for p in c["points"] if p["seconds"] <= budget + 1e-9)
                     for k, c in curves.items()}
-
-
-def mean_std(values: list[float], digits: int = 1) -> str:
-    import statistics
-
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
 def main() -> None:
@@ -83,9 +77,7 @@ def main() -> None:
     budgets = {seed: within_budget(curves) for seed, curves in runs.items()}
 
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "passthrough": passthrough,
-                                                    "runs": runs, "budgets": budgets}, indent=2) + "\n")
+    write_json(out, {"args": vars(args), "passthrough": passthrough, "runs": runs, "budgets": budgets})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +98,7 @@ def main() -> None:
     fig.savefig(out.with_suffix(".png"), dpi=120)
     plt.close(fig)
 
-    lines = [f"Command: `.venv/bin/python benchmarks/segments.py {shlex.join(sys.argv[1:])}`", "",
+    lines = [f"Command: `{command('segments.py')}`", "",
              f"Mean ± std over distillation seeds {seeds}.", "",
              "| segments / iteration | s / iteration | best validation r_mean within the seed's equal-time budget | "
              f"validation r_mean at {args.max_steps} it | test r_mean at {args.max_steps} it |",
@@ -125,8 +117,7 @@ def main() -> None:
         cells = [f"{runs[seed][k]['seconds_per_iteration']:.2f}, {budgets[seed][1][k]:.1f}, "
                  f"{runs[seed][k]['final_test_r_mean']:.1f}" for k in segments]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(out, lines)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import write_json, write_markdown
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -103,9 +105,7 @@ def main() -> None:
 def write(args, passthrough: list[str], keys: list[str], rows: list[dict], planned: int) -> None:
     ok = sorted([r for r in rows if "failed" not in r], key=lambda r: -r["best_validation_r_mean"])
     out = HERE / "results" / args.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"grids": args.grid, "passthrough": passthrough, "rows": rows},
-                                                   indent=2) + "\n")
+    write_json(out, {"grids": args.grid, "passthrough": passthrough, "rows": rows})
     command = shlex.join(["benchmarks/sweep.py", "--name", args.name, *sum((["--grid", g] for g in args.grid), []),
                           "--", *passthrough])
     lines = [f"# Sweep `{args.name}`\n", f"`.venv/bin/python {command}`\n",
@@ -127,7 +127,7 @@ def write(args, passthrough: list[str], keys: list[str], rows: list[dict], plann
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")
     if "seed" in keys:
         lines += ["", *seed_table(keys, ok)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_markdown(out, lines, echo=False)
 
 
 def seed_table(keys: list[str], rows: list[dict]) -> list[str]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
-import sys
 from pathlib import Path
+
+from _common import command, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,17 +52,13 @@ def main() -> None:
                      "test_r_mean": record["test"]["r_mean"]["mean"]})
         print(rows[-1], flush=True)
     rows.sort(key=lambda r: -r["validation_r_mean"])
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"grids": grids, "passthrough": passthrough, "rows": rows},
-                                                   indent=2) + "\n")
-    lines = [f"Command: `.venv/bin/python benchmarks/sweep_lrs.py {shlex.join(sys.argv[1:])}`", "",
+    write_json(args.output, {"grids": grids, "passthrough": passthrough, "rows": rows})
+    lines = [f"Command: `{command('sweep_lrs.py')}`", "",
              "| " + " | ".join(keys) + " | validation r_mean | test r_mean |", "|" + "---|" * (len(keys) + 2)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys)
                      + f" | {r['validation_r_mean']:.1f} | {r['test_r_mean']:.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.output, lines)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from .configuration import RepBlendConfig
 from .coresets import CoresetSelection, select_coreset
 from .data import load_image_text_dataset
 from .encoders import FrozenImageEncoder, FrozenTextEncoder, load_image_encoder, load_text_encoder
-from .evaluation import PairSet, evaluate_pairs, train_heads
+from .evaluation import EvaluationProtocol, PairSet, evaluate_pairs, train_heads
 from .features import FeatureSplit, encode_dataset
 from .losses import info_nce, trajectory_matching_loss, weighted_bce
 from .metrics import modality_diagnostics, retrieval_metrics
@@ -36,6 +36,7 @@ __all__ = [
     "modality_diagnostics",
     "train_heads",
     "evaluate_pairs",
+    "EvaluationProtocol",
     "PairSet",
     "select_coreset",
     "CoresetSelection",

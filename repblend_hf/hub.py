@@ -33,6 +33,7 @@ __all__ = [
     "SYNTHETIC_SET_TAGS",
     "TRAJECTORIES_TAGS",
     "SyntheticSetCardData",
+    "TrainingRecord",
     "TrajectoriesCardData",
     "render_synthetic_set_card",
     "render_trajectories_card",
@@ -97,6 +98,33 @@ def _check_results(results: list[dict[str, Any]] | dict[str, Any]) -> list[dict[
 
 
 @dataclass
+class TrainingRecord:
+    """How a set was trained, for its card: the run's hyperparameters and its validation curve.
+
+    Filled during training by the trainer's :class:`~repblend_hf.trainers.callbacks.CardCallback` (as SetFit's
+    ``ModelCardCallback`` fills its model card data) and kept on the :class:`~repblend_hf.SyntheticSet` as
+    ``training_record``; :meth:`SyntheticSet.push_to_hub` puts it in the card. ``hyperparameters`` maps a
+    ``DistillationArguments`` name to its value; ``curve`` has one ``{"step", metric: value, ...}`` row per
+    evaluation (the validation metrics the trainer logs, without the ``eval_`` prefix).
+    """
+
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    #: The columns of :attr:`curve`: the step and the validation retrieval metrics the trainer logs.
+    CURVE_METRICS = ("r_mean", *(m for m in METRIC_NAMES if m != "r_mean"))
+
+    def add_evaluation(self, step: int, metrics: dict[str, float], prefix: str = "eval_") -> None:
+        """Add (or, for a step already in the curve, replace) the row of an evaluation at ``step``."""
+        row = {"step": int(step), **{m: float(metrics[prefix + m]) for m in self.CURVE_METRICS
+                                     if prefix + m in metrics}}
+        if len(row) == 1:  # not a retrieval evaluation (e.g. no validation split): nothing to draw
+            return
+        self.curve = [r for r in self.curve if r["step"] != row["step"]] + [row]
+        self.curve.sort(key=lambda r: r["step"])
+
+
+@dataclass
 class SyntheticSetCardData:
     """What the card of a distilled set says; :func:`render_synthetic_set_card` renders it.
 
@@ -107,6 +135,7 @@ class SyntheticSetCardData:
     shown as a table beside the baselines; ``grid_image`` is the path in the repo of a picture of the
     synthetic images; ``metadata`` is extra YAML metadata for the card header (``license``,
     ``pretty_name``, more ``tags``, ...), which wins over the defaults except that tags add up.
+    ``training`` is the run's :class:`TrainingRecord` (hyperparameters and validation curve), when known.
     """
 
     repo_id: str
@@ -116,6 +145,7 @@ class SyntheticSetCardData:
     has_nearest_captions: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=framework_versions)
+    training: TrainingRecord = field(default_factory=TrainingRecord)
 
     def __post_init__(self):
         if self.results is not None:
@@ -155,7 +185,10 @@ class SyntheticSetCardData:
         return {"repo_id": self.repo_id, "config": self.config, "results": rows, "metrics": list(METRIC_NAMES),
                 "diagnostic_rows": [r for r in rows if r["has_diagnostics"]], "set_diagnostic_rows": set_rows,
                 "grid_image": self.grid_image,
-                "has_nearest_captions": self.has_nearest_captions, "versions": self.versions}
+                "has_nearest_captions": self.has_nearest_captions, "versions": self.versions,
+                "hyperparameters": self.training.hyperparameters, "curve": self.training.curve,
+                "curve_metrics": [m for m in TrainingRecord.CURVE_METRICS
+                                  if any(m in row for row in self.training.curve)]}
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .evaluation import (
     FINETUNE_ENCODER,
     FROZEN_ENCODER,
     METRIC_NAMES,
+    EvaluationProtocol,
     EvaluationResult,
     ImageSplit,
     PairSet,
@@ -119,7 +120,8 @@ def prepare_features(args: DataArguments, with_captions: bool = False,
 
 # How each baseline is trained (METHOD.md: "Report each baseline under the protocol where it is
 # strongest, and say which"). Coresets: InfoNCE, lr 0.1, the evaluation protocol's 100 epochs. Full data:
-# the same loss and lr, 30 epochs (each epoch is 10,000+ pairs, not 100).
+# the same loss and lr, 30 epochs (each epoch is 10,000+ pairs, not 100). Each is a change of the
+# default EvaluationProtocol (its field names).
 BASELINE_PROTOCOLS: dict[str, dict[str, Any]] = {
     "coreset": {"loss": "infonce", "lr": 0.1, "epochs": 100},
     "full": {"loss": "infonce", "lr": 0.1, "epochs": 30},
@@ -129,17 +131,17 @@ BASELINE_PROTOCOLS: dict[str, dict[str, Any]] = {
 def evaluate_baseline(method: str, features: dict[str, FeatureSplit], num_pairs: int, *, embed_dim: int,
                       seeds: list[int], temperature: float = 0.07, **overrides) -> EvaluationResult:
     """Evaluate a coreset (``random``, ``herding``, ``kcenter``; seed s selects with seed s) or ``full`` data."""
+    kind = "full" if method == "full" else "coreset"
+    protocol = EvaluationProtocol(temperature=temperature, **{**BASELINE_PROTOCOLS[kind], **overrides})
     if method == "full":
-        protocol = {**BASELINE_PROTOCOLS["full"], **overrides}
-        return evaluate_pairs(features["train"], features["validation"], features["test"], seeds=seeds,
-                              embed_dim=embed_dim, temperature=temperature, **protocol)
-    protocol = {**BASELINE_PROTOCOLS["coreset"], **overrides}
+        return evaluate_pairs(features["train"], features["validation"], features["test"], protocol, seeds=seeds,
+                              embed_dim=embed_dim)
     per_seed = []
     for seed in seeds:
         selection = select_coreset(method, features["train"], num_pairs, seed=seed)
         pairs = PairSet(*selection.pairs(features["train"]))
-        per_seed.append(evaluate_pairs(pairs, features["validation"], features["test"], seeds=[seed],
-                                       embed_dim=embed_dim, temperature=temperature, **protocol))
+        per_seed.append(evaluate_pairs(pairs, features["validation"], features["test"], protocol, seeds=[seed],
+                                       embed_dim=embed_dim))
     merged = EvaluationResult([s for r in per_seed for s in r.seeds], {**per_seed[0].settings, "seeds": seeds,
                                                                       "coreset": method})
     return merged
@@ -174,8 +176,8 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
         else:
             logger.info("reference heads in %s were made with other features or settings; training them again", path)
     if heads is None:
-        heads = train_heads(train, embed_dim=embed_dim, loss=protocol["loss"], lr=protocol["lr"],
-                            epochs=protocol["epochs"], eval_epochs=(), temperature=temperature, seed=seed).heads
+        heads = train_heads(train, EvaluationProtocol(temperature=temperature, eval_epochs=(), **protocol),
+                            embed_dim=embed_dim, seed=seed).heads
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(path), metadata=meta)
@@ -202,9 +204,10 @@ def evaluate_finetuned_set(pairs: PixelPairSet, prepared: Prepared, config, *, s
     """
     splits = image_splits(prepared)
     embed_dim = config.embed_dim if config.asymmetric_image_head else None
-    return evaluate_finetuned(pairs, prepared.image_encoder, splits["validation"], splits["test"], seeds=seeds,
-                              embed_dim=embed_dim, image_head=config.asymmetric_image_head, loss=loss,
-                              temperature=config.temperature, device=device, **overrides)
+    protocol = EvaluationProtocol(loss=loss, temperature=config.temperature, **overrides)
+    return evaluate_finetuned(pairs, prepared.image_encoder, splits["validation"], splits["test"], protocol,
+                              seeds=seeds, embed_dim=embed_dim, image_head=config.asymmetric_image_head,
+                              device=device)
 
 
 # What a results record's settings say about the run (not the protocol): an own-protocol record copies them.

@@ -22,7 +22,14 @@ from torch import nn
 
 from .configuration import RepBlendConfig
 from .data.images import to_rgb
-from .hub import GRID_IMAGE, SyntheticSetCardData, check_distilled_set_config, commit_files, render_synthetic_set_card
+from .hub import (
+    GRID_IMAGE,
+    SyntheticSetCardData,
+    TrainingRecord,
+    check_distilled_set_config,
+    commit_files,
+    render_synthetic_set_card,
+)
 from .similarity import SoftSimilarity, build_similarity
 
 __all__ = ["SyntheticSet"]
@@ -77,6 +84,8 @@ class SyntheticSet(nn.Module):
                                                            alpha=config.sim_alpha)
         self.log_lr_img = nn.Parameter(torch.tensor(math.log(config.inner_lr_img)))
         self.log_lr_txt = nn.Parameter(torch.tensor(math.log(config.inner_lr_txt)))
+        # How the set was trained (hyperparameters, validation curve): the trainer's CardCallback fills it.
+        self.training_record = TrainingRecord()
 
     @staticmethod
     def image_parameter_name(config: RepBlendConfig) -> str:
@@ -286,6 +295,14 @@ class SyntheticSet(nn.Module):
 
     # ----- Hub ------------------------------------------------------------------------------------------------
 
+    def card_data(self, repo_id: str, *, results: list[dict] | dict | None = None, grid_image: str | None = None,
+                  has_nearest_captions: bool = False, metadata: dict | None = None) -> SyntheticSetCardData:
+        """What this set's card says (:class:`~repblend_hf.hub.SyntheticSetCardData`): its config, the ``results``,
+        and the ``training_record`` a trainer filled (hyperparameters, validation curve); see :meth:`push_to_hub`."""
+        return SyntheticSetCardData(repo_id, self.sync_config().to_dict(), results=results, grid_image=grid_image,
+                                    has_nearest_captions=has_nearest_captions, metadata=dict(metadata or {}),
+                                    training=self.training_record)
+
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
                     commit_message: str = "Upload distilled set with repblend_hf", card_data: dict | None = None,
                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
@@ -298,8 +315,9 @@ class SyntheticSet(nn.Module):
         writes (``mean`` / ``std`` / ``nearest_captions`` as there); the README comes from
         ``hub_cards/synthetic_set.md`` with ``results`` (one ``results.json`` record or a list of
         them: the table beside the baselines, and modality diagnostics when present), ``grid_image``
-        (a PNG of the synthetic images, uploaded as ``images/synthetic_grid.png``) and ``card_data``
-        (extra YAML metadata such as ``license`` or ``pretty_name``; tags add to the defaults).
+        (a PNG of the synthetic images, uploaded as ``images/synthetic_grid.png``), ``card_data``
+        (extra YAML metadata such as ``license`` or ``pretty_name``; tags add to the defaults) and the
+        ``training_record`` a trainer filled (the run's hyperparameters and validation curve).
         Creates the repo if needed (``private`` applies then).
         Returns the commit URL (a ``huggingface_hub.CommitInfo``; ``.oid`` is the new revision). A
         failed push leaves the repo at its previous revision and raises ``RuntimeError`` saying so.
@@ -308,9 +326,8 @@ class SyntheticSet(nn.Module):
 
         if grid_image is not None and (not Path(grid_image).is_file() or Path(grid_image).suffix.lower() != ".png"):
             raise ValueError(f"grid_image must be an existing .png file, got {str(grid_image)!r}")
-        card = SyntheticSetCardData(repo_id, self.sync_config().to_dict(), results=results,
-                                    grid_image=GRID_IMAGE if grid_image is not None else None,
-                                    has_nearest_captions=nearest_captions is not None, metadata=dict(card_data or {}))
+        card = self.card_data(repo_id, results=results, grid_image=GRID_IMAGE if grid_image is not None else None,
+                              has_nearest_captions=nearest_captions is not None, metadata=card_data)
         readme = str(render_synthetic_set_card(card)).encode()
         with tempfile.TemporaryDirectory(prefix="repblend-push-") as staging:
             self.save_pretrained(staging, mean, std, nearest_captions, previews)

@@ -1,5 +1,6 @@
 """The evaluation protocol: retrieval metrics, modality diagnostics, training fresh heads."""
 
+import dataclasses
 import inspect
 import math
 
@@ -9,6 +10,7 @@ import torch
 
 from repblend_hf.evaluation import (
     METRIC_NAMES,
+    EvaluationProtocol,
     PairSet,
     evaluate_pairs,
     modality_diagnostics,
@@ -277,6 +279,33 @@ def test_evaluate_pairs_and_train_heads_share_defaults():
     for name, param in inspect.signature(evaluate_pairs).parameters.items():
         if name in train_params and name not in ("train", "validation"):
             assert param.default == train_params[name].default, name
+    # The recipe is written once, in EvaluationProtocol: no function repeats its settings as keywords.
+    fields = {f.name for f in dataclasses.fields(EvaluationProtocol)}
+    for function in (train_heads, evaluate_pairs):
+        assert not fields & set(inspect.signature(function).parameters), function.__name__
+
+
+def test_evaluation_protocol_is_the_keywords_and_records_the_same_settings():
+    pairs, validation, test = make_problem()
+    protocol = EvaluationProtocol(loss="infonce", lr=0.1, epochs=4, eval_epochs=[4, 0], batch_size=16)
+    by_value = evaluate_pairs(pairs, validation, test, protocol, seeds=(0,), embed_dim=EMBED)
+    by_keywords = evaluate_pairs(pairs, validation, test, seeds=(0,), embed_dim=EMBED, loss="infonce", lr=0.1,
+                                 epochs=4, eval_epochs=[4, 0], batch_size=16)
+    assert by_value.to_dict() == by_keywords.to_dict()
+    # results.json's settings: the keys (in this order) and values they had before the protocol was one value
+    assert list(by_value.settings) == [
+        "embed_dim", "loss", "lr", "lr_img", "lr_txt", "epochs", "decay_epoch", "momentum", "weight_decay",
+        "batch_size", "temperature", "dropout", "eval_epochs", "use_augmented_views", "seeds", "num_train_pairs",
+        "train_kind", "protocol"]
+    assert by_value.settings["eval_epochs"] == [4, 0] and by_value.settings["decay_epoch"] is None
+    assert [h["epoch"] for h in by_value.seeds[0].history] == [0, 4]
+    # keywords change the value they are given with
+    changed = train_heads(pairs, protocol, embed_dim=EMBED, lr=0.2, eval_epochs=())
+    assert changed.history == [] and len(changed.train_loss) == 4
+    with pytest.raises(TypeError, match=r"\['epoch'\] are not settings of the evaluation protocol"):
+        train_heads(pairs, protocol, embed_dim=EMBED, epoch=3)
+    with pytest.raises(TypeError, match="protocol must be an EvaluationProtocol, got dict"):
+        evaluate_pairs(pairs, validation, test, {"lr": 0.1}, embed_dim=EMBED)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,6 +464,8 @@ def test_evaluate_finetuned_and_finetune_share_defaults():
     for name, param in inspect.signature(evaluate_finetuned).parameters.items():
         if name in params and name not in ("train", "validation", "image_encoder"):
             assert param.default == params[name].default, name
+    assert "protocol" in params and not {f.name for f in dataclasses.fields(EvaluationProtocol)} & set(params)
     # The released protocol's optimiser: momentum 0.9, weight decay 5e-4, decay at half, batch 128, 100 epochs.
-    assert (params["momentum"].default, params["weight_decay"].default, params["batch_size"].default,
-            params["epochs"].default) == (0.9, 5e-4, 128, 100)
+    default = EvaluationProtocol()
+    assert (default.momentum, default.weight_decay, default.batch_size, default.epochs, default.decay_epoch,
+            default.temperature, default.dropout) == (0.9, 5e-4, 128, 100, None, 0.07, 0.1)

@@ -1,12 +1,29 @@
 """benchmarks/sweep.py and runs_table.py: the grid a sweep runs and the tables over seeds they report."""
 
 import importlib.util
+import json
 import statistics
+import sys
 from pathlib import Path
 
-SPEC = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "benchmarks" / "sweep.py")
-sweep = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(sweep)
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load_script(name: str):
+    """A benchmark script loaded as Python runs it: with its folder on sys.path, where its ``_common`` lives."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+sweep = _load_script("sweep")
+runs_table = _load_script("runs_table")
+common = _load_script("_common")
 
 
 def test_grid_points_is_the_union_of_grids_in_order_without_repeats():
@@ -40,15 +57,24 @@ def test_seed_table_dashes_a_metric_no_seed_reported():
     assert lines[-1].split(" | ")[7] == "–"
 
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-RT_SPEC = importlib.util.spec_from_file_location("runs_table", BENCHMARKS / "runs_table.py")
-runs_table = importlib.util.module_from_spec(RT_SPEC)
-RT_SPEC.loader.exec_module(runs_table)
+def test_the_shared_harness_writes_reports_as_the_scripts_did(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results" / "methods_99"  # the folder is created
+    path = common.write_json(out, {"rows": [1, 2], "name": "η"})
+    assert path == tmp_path / "results" / "methods_99.json"
+    assert path.read_text() == json.dumps({"rows": [1, 2], "name": "η"}, indent=2) + "\n"
+    lines = ["# Title", "", *common.markdown_table(["a", "b"], [(1, 2.5), ("x", None)])]
+    assert lines[2:] == ["| a | b |", "|---|---|", "| 1 | 2.5 |", "| x | None |"]
+    md = common.write_markdown(out, lines)
+    assert md.read_text() == "\n".join(lines) + "\n" and capsys.readouterr().out == "\n".join(lines) + "\n"
+    common.write_markdown(out, lines, echo=False)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(sys, "argv", ["benchmarks/x.py", "--grid", "a=1 b=2"])
+    assert common.command("x.py") == ".venv/bin/python benchmarks/x.py --grid 'a=1 b=2'"
+    assert common.command("x.py", []) == ".venv/bin/python benchmarks/x.py"
+    assert common.mean_std([1.0, 2.0, 4.0]) == "2.3 ± 1.2" and common.mean_std([1.0, 3.0], 2) == "2.00 ± 1.00"
 
 
 def test_runs_table_averages_the_runs_means_metric_by_metric(tmp_path):
-    import json
-
     dirs = []
     for i, r_mean in enumerate((20.0, 24.0)):
         run = tmp_path / f"seed{i}"

@@ -103,6 +103,34 @@ def test_distillation_changes_the_set_and_logs(encoder, experts, real, tmp_path)
     assert (config.syn_steps, config.iterations) == (3, 4)
 
 
+def test_a_trainer_run_fills_the_card_with_its_hyperparameters_and_curve(encoder, experts, real, tmp_path):
+    from repblend_hf.hub import render_synthetic_set_card
+
+    syn = _synthetic(encoder)
+    assert "## Training" not in str(render_synthetic_set_card(syn.card_data("user/set")))  # nothing trained yet
+    trainer = DistillationTrainer(syn, _args(tmp_path, eval_strategy="steps", eval_steps=2, eval_head_epochs=2,
+                                             blend_beta=0.5), experts, encoder, validation=real)
+    trainer.train()
+    trainer.evaluate()  # after training, at the last step again: its row is replaced, not repeated
+    record = syn.training_record
+    logged = [h for h in trainer.state.log_history if "eval_r_mean" in h]
+    assert [r["step"] for r in record.curve] == [2, 4]
+    assert [r["r_mean"] for r in record.curve] == [logged[0]["eval_r_mean"], logged[-1]["eval_r_mean"]]
+    assert record.hyperparameters["blend_beta"] == 0.5 and record.hyperparameters["syn_steps"] == 3
+    assert (record.hyperparameters["max_steps"], record.hyperparameters["seed"]) == (4, 3)
+    assert "output_dir" not in record.hyperparameters  # TrainingArguments' own plumbing stays out
+    text = str(render_synthetic_set_card(syn.card_data("user/set")))
+    sections = ["## Configuration", "## Training hyperparameters", "## Training curve", "## License"]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions)
+    assert "| `blend_beta` | 0.5 |" in text and "| `syn_steps` | 3 |" in text and "| `max_steps` | 4 |" in text
+    curve = text.split("## Training curve")[1].split("##")[0]
+    assert "| step | r_mean | IR@1 |" in curve
+    for row in record.curve:
+        assert f"| {row['step']} | {row['r_mean']:.2f} | {row['IR@1']:.2f} |" in curve
+    assert "| representation blending | λ ~ Beta(β, β), β = 0.5 |" in text  # the config, as before
+
+
 def test_matching_loss_drops_on_a_fixed_segment(encoder, experts, tmp_path):
     syn = _synthetic(encoder, similarity="none")
     args = _args(tmp_path, max_steps=15, max_start_epoch=1, lr_img=0.3, lr_txt=3.0, blend_beta=0.0,
@@ -422,9 +450,9 @@ def test_mtt_vl_inner_logit_scale_is_used_by_the_inner_loop_only(encoder, pixel_
         seen["inner"].append(kw["temperature"])
         return matching_gradients(*a, **kw)
 
-    def evaluation(*a, **kw):
-        seen["evaluation"].append(kw["temperature"])
-        return train_heads(*a, **kw)
+    def evaluation(pairs, protocol, **kw):
+        seen["evaluation"].append(protocol.temperature)
+        return train_heads(pairs, protocol, **kw)
 
     monkeypatch.setattr(module, "matching_gradients", inner)
     monkeypatch.setattr(trainer_module, "train_heads", evaluation)

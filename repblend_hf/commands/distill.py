@@ -34,7 +34,7 @@ from transformers import HfArgumentParser
 
 from ..checks import check_distill_data, check_distill_run
 from ..configuration import RepBlendConfig
-from ..evaluation import evaluate_pairs
+from ..evaluation import EvaluationProtocol, evaluate_pairs
 from ..pipeline import (
     DataArguments,
     evaluate_baseline,
@@ -145,23 +145,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     logger.info("features ready in %.1fs: %d train images, %d captions", time.time() - started, train.num_images,
                 train.num_captions)
 
-    # Expert trajectories, reused from disk when already complete.
-    t0 = time.time()
-    expert_args = ExpertTrainingArguments(
-        output_dir=str(out / "expert_runs"), num_experts=set_args.num_experts,
-        num_train_epochs=set_args.expert_train_epochs, learning_rate=set_args.expert_learning_rate,
-        per_device_train_batch_size=set_args.expert_batch_size, embed_dim=set_args.embed_dim,
-        temperature=set_args.temperature, matching=args.matching, seed=set_args.expert_seed,
-        asymmetric_image_head=args.asymmetric_image_head, disable_tqdm=args.disable_tqdm,
-        use_cpu=args.use_cpu, bf16=args.bf16, fp16=args.fp16, report_to="none")  # one mixed precision per process
-    trajectories = train_experts(
-        train, expert_args, set_args.trajectory_dir or str(out / "experts"),
-        image_encoder=prepared.image_encoder, images=prepared.dataset["train"]["image"]
-        if args.matching == "asymmetric" else None,
-        metadata={"dataset": data_args.dataset, "image_encoder": data_args.image_encoder,
-                  "text_encoder": data_args.text_encoder, "image_size": data_args.image_size})
-    experts_seconds = time.time() - t0
-
+    # What the set is: the one place the flags become its config (the experts, the trainer, the evaluation and
+    # the card read it from here on).
     config = RepBlendConfig(
         image_encoder=data_args.image_encoder, text_encoder=data_args.text_encoder,
         text_pooling=prepared.text_encoder.pooling, image_size=data_args.image_size,
@@ -171,6 +156,24 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         inner_lr_img=args.lr_init, inner_lr_txt=args.lr_init, source_dataset=data_args.dataset,
         synthetic_space=set_args.synthetic_space, matching=args.matching,
         asymmetric_image_head=args.asymmetric_image_head)
+
+    # Expert trajectories for the student the set is distilled for, reused from disk when already complete.
+    t0 = time.time()
+    expert_args = ExpertTrainingArguments(
+        output_dir=str(out / "expert_runs"), num_experts=set_args.num_experts,
+        num_train_epochs=set_args.expert_train_epochs, learning_rate=set_args.expert_learning_rate,
+        per_device_train_batch_size=set_args.expert_batch_size, embed_dim=config.embed_dim,
+        temperature=config.temperature, matching=config.matching, seed=set_args.expert_seed,
+        asymmetric_image_head=config.asymmetric_image_head, disable_tqdm=args.disable_tqdm,
+        use_cpu=args.use_cpu, bf16=args.bf16, fp16=args.fp16, report_to="none")  # one mixed precision per process
+    trajectories = train_experts(
+        train, expert_args, set_args.trajectory_dir or str(out / "experts"),
+        image_encoder=prepared.image_encoder, images=prepared.dataset["train"]["image"]
+        if config.matching == "asymmetric" else None,
+        metadata={"dataset": data_args.dataset, "image_encoder": data_args.image_encoder,
+                  "text_encoder": data_args.text_encoder, "image_size": data_args.image_size})
+    experts_seconds = time.time() - t0
+
     init_features = None
     if set_args.synthetic_space == "features":
         views = train.augmented_image_features
@@ -220,8 +223,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     # Final evaluation on the test split, beside the baselines.
     seeds = list(range(set_args.eval_seeds))
     pairs = trainer.synthetic_pairs()
-    result = evaluate_pairs(pairs, validation, test, seeds=seeds, embed_dim=config.embed_dim, loss=args.distill_loss,
-                            temperature=config.temperature)
+    protocol = EvaluationProtocol(loss=args.distill_loss, temperature=config.temperature)
+    result = evaluate_pairs(pairs, validation, test, protocol, seeds=seeds, embed_dim=config.embed_dim)
     records = [results_record(result, dataset=data_args.dataset, method=args.method, pairs=config.num_pairs)]
     records[0]["set_diagnostics"] = trainer.reference(pairs)  # modality collapse on the pairs themselves
     # ... and the random real subset of the same size it is read against (also when no random baseline runs)
@@ -229,9 +232,9 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     records[0]["settings"]["synthetic_space"] = config.synthetic_space
     if config.synthetic_space == "features":
         records[0]["settings"]["feature_range"] = set_args.feature_range
-    records[0]["settings"].update(matching=args.matching, asymmetric_image_head=args.asymmetric_image_head,
+    records[0]["settings"].update(matching=config.matching, asymmetric_image_head=config.asymmetric_image_head,
                                   inner_logit_scale=args.inner_logit_scale)
-    if args.matching == "asymmetric" and config.synthetic_space == "pixels":
+    if config.matching == "asymmetric" and config.synthetic_space == "pixels":
         # LoRS / MTT-VL under their own protocol (the image encoder fine-tuned on the pixels at the learned η), with
         # the shared frozen-encoder record kept inside it so that every method stays comparable (issue #11).
         own = evaluate_finetuned_set(trainer.synthetic_pixel_pairs(), prepared, config, seeds=seeds,

@@ -26,7 +26,7 @@ import torch
 from transformers import HfArgumentParser
 
 from ..checks import check_evaluate_data, check_evaluate_run
-from ..evaluation import PairSet, PixelPairSet, evaluate_pairs
+from ..evaluation import EvaluationProtocol, PairSet, PixelPairSet, evaluate_pairs
 from ..pipeline import (
     DataArguments,
     evaluate_baseline,
@@ -106,9 +106,10 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, p
     has_s = synthetic.config.similarity != "none" and overrides.get("loss") != "infonce"
     pairs = PairSet(feats, synthetic.text_embeddings.detach(), synthetic.similarity().detach() if has_s else None,
                     lr_img=synthetic.config.inner_lr_img, lr_txt=synthetic.config.inner_lr_txt)
-    protocol = {"loss": "wbce" if has_s else "infonce", **overrides}
-    result = evaluate_pairs(pairs, prepared.features["validation"], prepared.features["test"], seeds=seeds,
-                            embed_dim=synthetic.config.embed_dim, temperature=synthetic.config.temperature, **protocol)
+    protocol = EvaluationProtocol(**{"loss": "wbce" if has_s else "infonce", **overrides},
+                                  temperature=synthetic.config.temperature)
+    result = evaluate_pairs(pairs, prepared.features["validation"], prepared.features["test"], protocol, seeds=seeds,
+                            embed_dim=synthetic.config.embed_dim)
     return result, synthetic.num_pairs
 
 

@@ -8,7 +8,8 @@ evaluations; here the epoch is selected on the validation split and the test-sel
 only for comparison (:meth:`EvaluationResult.summary`).
 
 The pieces compose: :func:`retrieval_metrics` and :func:`modality_diagnostics` are pure functions of
-scores / embeddings; :func:`train_heads` trains one seed; :func:`evaluate_pairs` runs the protocol
+scores / embeddings; :class:`EvaluationProtocol` is the training recipe every function below takes;
+:func:`train_heads` trains one seed; :func:`evaluate_pairs` runs the protocol
 over seeds and aggregates (``settings["protocol"] = "frozen_encoder"``, the protocol shared by every set).
 
 The asymmetric methods (LoRS, MTT-VL) are evaluated by their authors another way: the image encoder is
@@ -17,9 +18,9 @@ fine-tuned with a fresh text head on the set's *pixels* (their ``epoch.py``).
 inputs are the set as a :class:`PixelPairSet` and the real splits as :class:`ImageSplit` (images plus the
 encoder's eval transform, and the cached caption features).
 
-Modules: :mod:`.pairs` (the inputs), :mod:`.heads` (training fresh heads, scoring a split), :mod:`.protocol`
-(over seeds, results, diagnostics on a set itself) and :mod:`.finetune` (the asymmetric methods' protocol); the
-metrics themselves are :mod:`repblend_hf.metrics`.
+Modules: :mod:`.pairs` (the inputs), :mod:`.recipe` (the protocol's settings), :mod:`.heads` (training fresh
+heads, scoring a split), :mod:`.protocol` (over seeds, results, diagnostics on a set itself) and :mod:`.finetune`
+(the asymmetric methods' protocol); the metrics themselves are :mod:`repblend_hf.metrics`.
 """
 
 from ..metrics import METRIC_NAMES, RECALL_KS, modality_diagnostics, retrieval_metrics
@@ -34,6 +35,7 @@ from .protocol import (
     SeedResult,
     evaluate_pairs,
 )
+from .recipe import EvaluationProtocol
 
 __all__ = [
     "RECALL_KS",
@@ -41,6 +43,7 @@ __all__ = [
     "retrieval_metrics",
     "modality_diagnostics",
     "PairSet",
+    "EvaluationProtocol",
     "TrainedHeads",
     "train_heads",
     "embed_split",

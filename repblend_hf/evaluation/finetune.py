@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from ..metrics import METRIC_NAMES, modality_diagnostics, retrieval_metrics
 from ..modeling import RetrievalHeads, similarity_logits
-from .heads import _LOSSES, _batch_loss, _default_eval_epochs, _resolve_lrs
+from .heads import _LOSSES, _batch_loss, _resolve_lrs, _resolve_schedule
 from .pairs import ImageSplit, PixelPairSet
 from .protocol import FINETUNE_ENCODER, EvaluationResult, _seed_result
+from .recipe import EvaluationProtocol, resolve_protocol
 
 
 @dataclass
@@ -83,27 +84,17 @@ def _image_split_metrics(image_encoder, heads, split: ImageSplit, temperature: f
 def finetune_image_encoder(
     train: PixelPairSet,
     image_encoder: torch.nn.Module,
+    protocol: EvaluationProtocol | None = None,
     *,
     embed_dim: int | None = None,
     image_head: bool = False,
-    loss: str = "wbce",
-    lr: float | None = None,
-    lr_img: float | None = None,
-    lr_txt: float | None = None,
-    epochs: int = 100,
-    decay_epoch: int | None = None,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 128,
-    temperature: float = 0.07,
-    dropout: float = 0.1,
-    eval_epochs: Sequence[int] | None = None,
     validation: ImageSplit | None = None,
     callback: Callable[[int, torch.nn.Module, RetrievalHeads], dict[str, Any] | None] | None = None,
     encode_batch_size: int = 256,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    **overrides: Any,
 ) -> FinetunedModel:
     """Fine-tune a copy of the image encoder and a fresh text head on a set of pixel pairs (LoRS / MTT-VL).
 
@@ -111,7 +102,8 @@ def finetune_image_encoder(
     (``evaluate_synset_with_similarity``, LoRS Algorithm 2): a *trainable copy* of ``image_encoder`` (a
     FrozenImageEncoder, whose unfolded ``model`` is copied, or any module mapping pixels to features; the
     original is not changed) and a fresh text head (and a fresh image head only with ``image_head=True``, the
-    ablation's layout) are trained on ``train``'s pixels and text embeddings with SGD, momentum 0.9, weight
+    ablation's layout) are trained on ``train``'s pixels and text embeddings with ``protocol`` (default
+    :class:`EvaluationProtocol`, changed by ``overrides`` given as its field names): SGD, momentum 0.9, weight
     decay 5e-4, the encoder (and image head) at ``lr_img`` and the text head at ``lr_txt`` (default: the set's
     learned η; ``lr`` sets both), ×0.1 from ``decay_epoch`` (default ``epochs // 2 + 1``), batch 128, wBCE
     against ``S[I][:, I]`` (identity when S is None) or InfoNCE, logits = cosine / ``temperature``. Without an
@@ -130,6 +122,8 @@ def finetune_image_encoder(
     being trained (``encode_batch_size`` at a time, without gradients). Randomness comes from ``seed`` only; the
     global RNG state is restored afterwards.
     """
+    protocol = resolve_protocol(protocol, overrides)
+    loss, epochs, batch_size, temperature = protocol.loss, protocol.epochs, protocol.batch_size, protocol.temperature
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {list(_LOSSES)}, got {loss!r}")
     if not isinstance(train, PixelPairSet):
@@ -139,11 +133,7 @@ def finetune_image_encoder(
                          "or drop the similarity")
     if epochs < 0 or batch_size < 1 or encode_batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch sizes >= 1, got {epochs}, {batch_size}, {encode_batch_size}")
-    lr_img, lr_txt = _resolve_lrs(train, lr, lr_img, lr_txt)
-    decay_epoch = epochs // 2 + 1 if decay_epoch is None else decay_epoch
-    eval_epochs = _default_eval_epochs(epochs) if eval_epochs is None else tuple(sorted(set(eval_epochs)))
-    if any(e < 0 or e > epochs for e in eval_epochs):
-        raise ValueError(f"eval_epochs must lie in 0..{epochs}, got {list(eval_epochs)}")
+    lr_img, lr_txt, decay_epoch, eval_epochs = _resolve_schedule(train, protocol)
     device = torch.device(train.pixel_values.device if device is None else device)
     pixels, texts = train.pixel_values.to(device), train.text_features.to(device)
     similarity = None if train.similarity is None else train.similarity.to(device)
@@ -157,12 +147,12 @@ def finetune_image_encoder(
         with torch.no_grad():
             feature_dim = encoder(pixels[:1]).shape[-1]
         embed_dim = feature_dim if embed_dim is None else embed_dim
-        heads = RetrievalHeads(feature_dim, texts.shape[-1], embed_dim, dropout=dropout,
+        heads = RetrievalHeads(feature_dim, texts.shape[-1], embed_dim, dropout=protocol.dropout,
                                image_head=image_head).to(device)
         optimizer = torch.optim.SGD(
             [{"params": [*encoder.parameters(), *heads.image_head.parameters()], "lr": lr_img},
              {"params": heads.text_head.parameters(), "lr": lr_txt}],
-            lr=lr_img, momentum=momentum, weight_decay=weight_decay,
+            lr=lr_img, momentum=protocol.momentum, weight_decay=protocol.weight_decay,
         )
         base_lrs = [lr_img, lr_txt]
 
@@ -230,25 +220,15 @@ def evaluate_finetuned(
     image_encoder: torch.nn.Module,
     validation: ImageSplit,
     test: ImageSplit,
+    protocol: EvaluationProtocol | None = None,
     *,
     seeds: Sequence[int] = (0, 1, 2),
     embed_dim: int | None = None,
     image_head: bool = False,
-    loss: str = "wbce",
-    lr: float | None = None,
-    lr_img: float | None = None,
-    lr_txt: float | None = None,
-    epochs: int = 100,
-    decay_epoch: int | None = None,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 128,
-    temperature: float = 0.07,
-    dropout: float = 0.1,
-    eval_epochs: Sequence[int] | None = None,
     encode_batch_size: int = 256,
     device: str | torch.device | None = None,
     progress: bool = False,
+    **overrides: Any,
 ) -> EvaluationResult:
     """The asymmetric methods' own protocol over seeds: fine-tune encoder + text head, select on validation.
 
@@ -262,30 +242,26 @@ def evaluate_finetuned(
     """
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    protocol = resolve_protocol(protocol, overrides)
     settings = {
         "protocol": FINETUNE_ENCODER, "image_head": image_head, "encoder_batchnorm": "eval (pretrained statistics)",
-        "embed_dim": embed_dim, "loss": loss, "lr": lr, "lr_img": lr_img, "lr_txt": lr_txt, "epochs": epochs,
-        "decay_epoch": decay_epoch, "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
-        "temperature": temperature, "dropout": dropout,
-        "eval_epochs": None if eval_epochs is None else list(eval_epochs), "seeds": list(seeds),
+        "embed_dim": embed_dim, **protocol.settings(), "seeds": list(seeds),
         "num_train_pairs": len(train), "train_kind": "pixels",
     }
     # The learning rates actually used (the set's learned η unless lr / lr_img / lr_txt were given).
-    settings["encoder_lr"], settings["text_head_lr"] = _resolve_lrs(train, lr, lr_img, lr_txt)
+    settings["encoder_lr"], settings["text_head_lr"] = _resolve_lrs(train, protocol.lr, protocol.lr_img,
+                                                                    protocol.lr_txt)
 
     def test_callback(epoch: int, encoder: torch.nn.Module, heads: RetrievalHeads) -> dict[str, Any]:
-        metrics, image_embeds, text_embeds = _image_split_metrics(encoder, heads, test, temperature,
+        metrics, image_embeds, text_embeds = _image_split_metrics(encoder, heads, test, protocol.temperature,
                                                                   encode_batch_size)
         return {"test": metrics, "diagnostics": modality_diagnostics(image_embeds, text_embeds)}
 
     results = []
     for seed in tqdm(seeds, desc="seeds", leave=False, disable=not progress):
         trained = finetune_image_encoder(
-            train, image_encoder, embed_dim=embed_dim, image_head=image_head, loss=loss, lr=lr, lr_img=lr_img,
-            lr_txt=lr_txt, epochs=epochs, decay_epoch=decay_epoch, momentum=momentum, weight_decay=weight_decay,
-            batch_size=batch_size, temperature=temperature, dropout=dropout, eval_epochs=eval_epochs,
-            validation=validation, callback=test_callback, encode_batch_size=encode_batch_size, seed=seed,
-            device=device, progress=progress,
+            train, image_encoder, protocol, embed_dim=embed_dim, image_head=image_head, validation=validation,
+            callback=test_callback, encode_batch_size=encode_batch_size, seed=seed, device=device, progress=progress,
         )
         settings["embed_dim"] = trained.heads.text_head.fc.out_features  # resolved (the encoder's width by default)
         results.append(_seed_result(seed, trained))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..losses import info_nce, weighted_bce
 from ..metrics import METRIC_NAMES, retrieval_metrics
 from ..modeling import RetrievalHeads, similarity_logits
 from .pairs import PairSet, PixelPairSet
+from .recipe import EvaluationProtocol, resolve_protocol
 
 
 @dataclass
@@ -45,6 +46,17 @@ class TrainedHeads:
 def _default_eval_epochs(epochs: int) -> tuple[int, ...]:
     # Six evenly spaced evaluations, as the released LoRS/RepBlend evaluation (every epochs // 5).
     return tuple(sorted({round(i * epochs / 5) for i in range(6)}))
+
+
+def _resolve_schedule(train, protocol: EvaluationProtocol) -> tuple[float, float, int, tuple[int, ...]]:
+    """``(lr_img, lr_txt, decay_epoch, eval_epochs)`` of ``protocol`` for ``train``, the defaults filled in."""
+    lr_img, lr_txt = _resolve_lrs(train, protocol.lr, protocol.lr_img, protocol.lr_txt)
+    epochs, eval_epochs = protocol.epochs, protocol.eval_epochs
+    decay_epoch = epochs // 2 + 1 if protocol.decay_epoch is None else protocol.decay_epoch
+    eval_epochs = _default_eval_epochs(epochs) if eval_epochs is None else tuple(sorted(set(eval_epochs)))
+    if any(e < 0 or e > epochs for e in eval_epochs):
+        raise ValueError(f"eval_epochs must lie in 0..{epochs}, got {list(eval_epochs)}")
+    return lr_img, lr_txt, decay_epoch, eval_epochs
 
 
 def _resolve_lrs(train, lr, lr_img, lr_txt) -> tuple[float, float]:
@@ -124,32 +136,22 @@ _LOSSES = ("wbce", "infonce")
 
 def train_heads(
     train: PairSet | FeatureSplit,
+    protocol: EvaluationProtocol | None = None,
     *,
     embed_dim: int,
-    loss: str = "wbce",
-    lr: float | None = None,
-    lr_img: float | None = None,
-    lr_txt: float | None = None,
-    epochs: int = 100,
-    decay_epoch: int | None = None,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 128,
-    temperature: float = 0.07,
-    dropout: float = 0.1,
-    eval_epochs: Sequence[int] | None = None,
     validation: FeatureSplit | None = None,
     callback: Callable[[int, RetrievalHeads], dict[str, Any] | None] | None = None,
-    use_augmented_views: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    **overrides: Any,
 ) -> TrainedHeads:
     """Train fresh retrieval heads on frozen-encoder features and keep the best-by-validation state.
 
     METHOD.md, "Evaluation protocol" (LoRS Algorithm 2, ``evaluate_synset_with_similarity`` in the
-    released code): SGD with momentum 0.9 and weight decay 5e-4, a separate lr per head, batch 128,
-    τ = 0.07, the heads' dropout active while training.
+    released code): the recipe is ``protocol`` (default :class:`EvaluationProtocol`: SGD with momentum 0.9
+    and weight decay 5e-4, a separate lr per head, batch 128, τ = 0.07, the heads' dropout active while
+    training), changed by any ``overrides`` given as its field names (``loss="infonce", lr=0.1``).
 
     ``train`` is either
 
@@ -177,6 +179,8 @@ def train_heads(
     Randomness (init, dropout, batches, captions, views) comes from ``seed`` only; the global RNG
     state is restored afterwards.
     """
+    protocol = resolve_protocol(protocol, overrides)
+    loss, epochs, batch_size, temperature = protocol.loss, protocol.epochs, protocol.batch_size, protocol.temperature
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {list(_LOSSES)}, got {loss!r}")
     if isinstance(train, PairSet) and train.similarity is not None and loss == "infonce":
@@ -186,25 +190,21 @@ def train_heads(
         raise TypeError(f"train must be a PairSet or a FeatureSplit, got {type(train).__name__}")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    lr_img, lr_txt = _resolve_lrs(train, lr, lr_img, lr_txt)
-    decay_epoch = epochs // 2 + 1 if decay_epoch is None else decay_epoch
-    eval_epochs = _default_eval_epochs(epochs) if eval_epochs is None else tuple(sorted(set(eval_epochs)))
-    if any(e < 0 or e > epochs for e in eval_epochs):
-        raise ValueError(f"eval_epochs must lie in 0..{epochs}, got {list(eval_epochs)}")
+    lr_img, lr_txt, decay_epoch, eval_epochs = _resolve_schedule(train, protocol)
     device = torch.device(train.image_features.device if device is None else device)
 
-    sampler = _PairSampler(train, device, use_augmented_views)
+    sampler = _PairSampler(train, device, protocol.use_augmented_views)
     image_dim = sampler.images.shape[-1]
     text_dim = sampler.texts.shape[-1]
     generator = torch.Generator().manual_seed(seed)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        heads = RetrievalHeads(image_dim, text_dim, embed_dim, dropout=dropout).to(device)
+        heads = RetrievalHeads(image_dim, text_dim, embed_dim, dropout=protocol.dropout).to(device)
         optimizer = torch.optim.SGD(
             [{"params": heads.image_head.parameters(), "lr": lr_img},
              {"params": heads.text_head.parameters(), "lr": lr_txt}],
-            lr=lr_img, momentum=momentum, weight_decay=weight_decay,
+            lr=lr_img, momentum=protocol.momentum, weight_decay=protocol.weight_decay,
         )
         base_lrs = [lr_img, lr_txt]
 

@@ -15,6 +15,7 @@ from ..metrics import modality_diagnostics
 from ..modeling import RetrievalHeads
 from .heads import TrainedHeads, _split_metrics, train_heads
 from .pairs import PairSet
+from .recipe import EvaluationProtocol, resolve_protocol
 
 if TYPE_CHECKING:
     from .finetune import FinetunedModel
@@ -82,24 +83,13 @@ def evaluate_pairs(
     train: PairSet | FeatureSplit,
     validation: FeatureSplit,
     test: FeatureSplit,
+    protocol: EvaluationProtocol | None = None,
     *,
     seeds: Sequence[int] = (0, 1, 2),
     embed_dim: int,
-    loss: str = "wbce",
-    lr: float | None = None,
-    lr_img: float | None = None,
-    lr_txt: float | None = None,
-    epochs: int = 100,
-    decay_epoch: int | None = None,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    batch_size: int = 128,
-    temperature: float = 0.07,
-    dropout: float = 0.1,
-    eval_epochs: Sequence[int] | None = None,
-    use_augmented_views: bool = True,
     device: str | torch.device | None = None,
     progress: bool = False,
+    **overrides: Any,
 ) -> EvaluationResult:
     """Run the evaluation protocol over seeds: train heads, select the epoch on validation, report test.
 
@@ -109,17 +99,16 @@ def evaluate_pairs(
     the epoch with the best validation r_mean. The test-selected numbers (best test r_mean, as the
     released code reports) are kept in ``test_selected_on_test`` for comparison only.
 
-    Common calls: a distilled set ``PairSet(feats, text, S, lr_img=η_img, lr_txt=η_txt)`` with
+    The recipe is ``protocol`` (default :class:`EvaluationProtocol`) changed by ``overrides`` given as its
+    field names. Common calls: a distilled set ``PairSet(feats, text, S, lr_img=η_img, lr_txt=η_txt)`` with
     ``loss="wbce"``; a coreset ``PairSet(*selection.pairs(split))`` with ``loss="infonce", lr=0.1``
     or ``loss="wbce"`` and a smaller lr; full data ``train=train_split, loss="infonce", lr=0.1`` and
     fewer ``epochs``.
     """
+    protocol = resolve_protocol(protocol, overrides)
     settings = {
-        "embed_dim": embed_dim, "loss": loss, "lr": lr, "lr_img": lr_img, "lr_txt": lr_txt, "epochs": epochs,
-        "decay_epoch": decay_epoch, "momentum": momentum, "weight_decay": weight_decay, "batch_size": batch_size,
-        "temperature": temperature, "dropout": dropout,
-        "eval_epochs": None if eval_epochs is None else list(eval_epochs),
-        "use_augmented_views": use_augmented_views, "seeds": list(seeds),
+        "embed_dim": embed_dim, **protocol.settings(),
+        "use_augmented_views": protocol.use_augmented_views, "seeds": list(seeds),
         "num_train_pairs": len(train) if isinstance(train, PairSet) else train.num_images,
         "train_kind": "pairs" if isinstance(train, PairSet) else "full_split",
         "protocol": FROZEN_ENCODER,
@@ -128,18 +117,13 @@ def evaluate_pairs(
         raise ValueError("seeds must name at least one seed")
 
     def test_callback(epoch: int, heads: RetrievalHeads) -> dict[str, Any]:
-        metrics, image_embeds, text_embeds = _split_metrics(heads, test, temperature)
+        metrics, image_embeds, text_embeds = _split_metrics(heads, test, protocol.temperature)
         return {"test": metrics, "diagnostics": modality_diagnostics(image_embeds, text_embeds)}
 
     results = []
     for seed in tqdm(seeds, desc="seeds", leave=False, disable=not progress):
-        trained = train_heads(
-            train, embed_dim=embed_dim, loss=loss, lr=lr, lr_img=lr_img, lr_txt=lr_txt, epochs=epochs,
-            decay_epoch=decay_epoch, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-            temperature=temperature, dropout=dropout, eval_epochs=eval_epochs, validation=validation,
-            callback=test_callback, use_augmented_views=use_augmented_views, seed=seed, device=device,
-            progress=progress,
-        )
+        trained = train_heads(train, protocol, embed_dim=embed_dim, validation=validation, callback=test_callback,
+                              seed=seed, device=device, progress=progress)
         results.append(_seed_result(seed, trained))
     return EvaluationResult(seeds=results, settings=settings)
 

@@ -3,21 +3,23 @@
 :class:`NonFiniteGuard` keeps NaN / inf out of the synthetic set: it rolls back an update that made the set
 non-finite, counts consecutive skipped iterations, lowers the offending groups' learning rates and finally stops
 the run (:class:`NonFiniteError`). :class:`FeatureRangeProjection` keeps a feature-space set inside the range
-real features reach. :class:`RecordIterations` keeps the set's config counting the outer iterations done. They act
+real features reach. :class:`RecordIterations` keeps the set's config counting the outer iterations done;
+:class:`CardCallback` collects the run's hyperparameters and validation curve for the set's card. They act
 on Trainer events (``on_pre_optimizer_step`` / ``on_optimizer_step`` / ``on_step_end``), the extension points the
 Trainer offers, rather than on the optimiser's internals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from ..checks import last_complete_checkpoint
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "RecordIterations"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "RecordIterations", "CardCallback"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +142,30 @@ class RecordIterations(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.config.iterations = state.global_step
+
+
+class CardCallback(TrainerCallback):
+    """Fills a set's :class:`~repblend_hf.hub.TrainingRecord` for its card, as SetFit's ``ModelCardCallback`` does.
+
+    At the start of training it records the run's hyperparameters (the arguments ``DistillationArguments`` adds to
+    ``TrainingArguments``, with ``max_steps`` and ``seed``) and the evaluations already in the log history (a resumed
+    run's); every evaluation then adds its validation metrics at its step, the training curve the card shows.
+    """
+
+    #: TrainingArguments fields that say how the run went besides the ones the subclass adds.
+    TRAINER_FIELDS = ("max_steps", "seed")
+
+    def __init__(self, record):
+        self.record = record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        own = [f.name for f in dataclasses.fields(args)
+               if f.name not in TrainingArguments.__dataclass_fields__ or f.name in self.TRAINER_FIELDS]
+        values = args.to_dict()
+        self.record.hyperparameters = {name: values[name] for name in own if name in values}
+        for entry in state.log_history:
+            if "step" in entry:
+                self.record.add_evaluation(entry["step"], entry)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.record.add_evaluation(state.global_step, metrics or {})

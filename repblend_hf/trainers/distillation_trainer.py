@@ -26,6 +26,7 @@ from transformers import Trainer
 from ..checks import checkpoint_problem, checkpoint_shapes, last_complete_checkpoint, state_shapes_mismatch
 from ..distillation import encoder_pass_for, inner_temperature, iteration_generator, outer_iteration, student_heads
 from ..evaluation import (
+    EvaluationProtocol,
     PairSet,
     PixelPairSet,
     ReferenceDiagnostics,
@@ -38,7 +39,7 @@ from ..modeling import branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
-from .callbacks import FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
+from .callbacks import CardCallback, FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
 
 __all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
@@ -133,6 +134,8 @@ class DistillationTrainer(Trainer):
         self.validation = validation
         self.reference = reference
         config = model.config
+        # The config is what the set is and the trainer reads it alone; the arguments carry these three only as the
+        # flags (and method presets) the config is built from, so a set built from other ones is refused here.
         for name in ("similarity", "matching", "asymmetric_image_head"):
             if getattr(args, name) != getattr(config, name):
                 raise ValueError(f"args.{name}={getattr(args, name)!r} but the SyntheticSet was built with "
@@ -155,6 +158,7 @@ class DistillationTrainer(Trainer):
         self.nonfinite_guard = NonFiniteGuard(self)
         self.add_callback(self.nonfinite_guard)
         self.add_callback(RecordIterations(config))
+        self.add_callback(CardCallback(model.training_record))
         if feature_bounds is not None:
             if config.synthetic_space != "features":
                 raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
@@ -394,11 +398,12 @@ class DistillationTrainer(Trainer):
             return {}
         start = time.time()
         pairs = self.synthetic_pairs()
+        protocol = EvaluationProtocol(loss=self.args.distill_loss, epochs=self.args.eval_head_epochs,
+                                      temperature=self._synthetic.config.temperature)
         rows = []
         for seed in range(self.args.num_eval_seeds):
-            trained = train_heads(pairs, embed_dim=self._synthetic.config.embed_dim, loss=self.args.distill_loss,
-                                  epochs=self.args.eval_head_epochs, validation=self.validation,
-                                  temperature=self._synthetic.config.temperature, seed=seed)
+            trained = train_heads(pairs, protocol, embed_dim=self._synthetic.config.embed_dim,
+                                  validation=self.validation, seed=seed)
             best = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
             val_diagnostics = modality_diagnostics(*embed_split(trained.heads, self.validation))
             rows.append({**best["validation"], **{f"val_{k}": v for k, v in val_diagnostics.items()}})

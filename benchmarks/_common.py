@@ -1,0 +1,59 @@
+"""The tail every benchmark shares: the JSON record, the Markdown report, its header and table lines, a timer.
+
+Each script in ``benchmarks/`` measures something different but ends the same way: make the results folder,
+write ``<output>.json`` (indented, newline-terminated), write ``<output>.md`` (a title, the command that made
+it, tables) and print the report. Those steps live here once, so that every report is written alike. Scripts
+run as ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``: ``from _common import ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["command", "markdown_table", "mean_std", "seconds_since", "write_json", "write_markdown"]
+
+
+def command(script: str, argv: Sequence[str] | None = None) -> str:
+    """``.venv/bin/python benchmarks/<script> <argv>`` (default: this process's arguments), shell-quoted."""
+    return f".venv/bin/python {shlex.join([f'benchmarks/{script}', *(sys.argv[1:] if argv is None else argv)])}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """The lines of a Markdown table: ``| a | b |``, ``|---|---|`` and one line per row (cells as ``str``)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    """``"mean ± std"`` with the population std (the spread of these runs, as the reports say)."""
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
+
+
+def seconds_since(start: float, digits: int = 1) -> float:
+    """Wall-clock seconds since ``start`` (a ``time.time()``), rounded as the reports print them."""
+    return round(time.time() - start, digits)
+
+
+def write_json(output: str | Path, record: Any) -> Path:
+    """Write ``record`` to ``<output>.json`` (indent 2, a final newline), creating the folder; returns the path."""
+    path = Path(output).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def write_markdown(output: str | Path, lines: Sequence[str], echo: bool = True) -> Path:
+    """Write ``lines`` to ``<output>.md`` (joined by newlines, a final newline); print them unless not ``echo``."""
+    path = Path(output).with_suffix(".md")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    if echo:
+        print("\n".join(lines))
+    return path
