@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _common import write_json, write_markdown
 
-METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+from repblend_hf.metrics import METRIC_NAMES as METRICS
 
 
 def group_row(run_dirs: list[Path], split: str = "test") -> dict[str, tuple[float, float]]:
