@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/methods.py --max_steps 50 --asymmetric_experts 4 --asymmetric_expert_epochs 2
     .venv/bin/python benchmarks/methods.py --pairs 199,499 --variants repblend --max_steps 400
+    .venv/bin/python benchmarks/methods.py --pairs 99 --max_time_minutes 20 --max_steps 100000   # equal time
 
 Every distilled method is ``examples/distill.py`` with the embedded default config, the variant's
-overrides (``compare_methods.VARIANTS``), ``--num_pairs P`` and the same iteration budget
-(``--max_steps``, printed with the table), with 3 distillation seeds; symmetric and asymmetric
+overrides (``compare_methods.VARIANTS``), ``--num_pairs P`` and the same budget: iterations (``--max_steps``)
+or minutes of distillation (``--max_time_minutes``, the faster method then runs more iterations; the table
+gives each method's iterations), with 3 distillation seeds; symmetric and asymmetric
 variants each share one set of experts across sizes and budgets. Coresets (random, herding,
 k-center) are selected and trained with the same seeds under their strongest protocol (InfoNCE, lr
 0.1), full data once per seed. Reported: validation-selected test metrics as mean ± std over seeds,
@@ -88,6 +90,7 @@ def main() -> None:
     per_seed: dict[str, dict[str, list[dict]]] = {}
     on_test: dict[str, dict[str, list[dict]]] = {}
     seconds: dict[str, dict[str, list[float]]] = {}
+    iterations: dict[str, dict[str, list[int]]] = {}
     protocol: dict[str, dict[str, str]] = {}
     for pairs in sizes:
         for name in filter(None, args.variants.split(",")):
@@ -99,6 +102,7 @@ def main() -> None:
             on_test.setdefault(str(pairs), {})[name] = [s["test_selected_on_test"] for s in scores]
             seconds.setdefault(str(pairs), {})[name] = [r["timings"]["distillation_s"] / r["timings"]["iterations"]
                                                        for r in runs if r["timings"]]
+            iterations.setdefault(str(pairs), {})[name] = [r["timings"]["iterations"] for r in runs if r["timings"]]
 
     prepared = prepare_features(DataArguments())
     train = prepared.features["train"]
@@ -117,22 +121,28 @@ def main() -> None:
     out = Path(args.output)
     write_json(out, {"seeds": seeds, "pairs": sizes, "passthrough": passthrough, "test": table,
                      "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
+                     "iterations": iterations,
                      "protocol": protocol})
     steps = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_steps"), None)
-    plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png",
-         "fashion-scenes" + (f", {steps} distillation iterations per method" if steps else ""))
+    minutes = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_time_minutes"), None)
+    budget = (f", {minutes} min of distillation per method (at most {steps} iterations)" if minutes
+              else f", {steps} distillation iterations per method" if steps else "")
+    plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png", "fashion-scenes" + budget)
     lines = [f"# fashion-scenes: test retrieval (validation-selected epoch), mean ± std over seeds {seeds}", "",
              f"Command: `{command('methods.py')}`", ""]
     for pairs in sizes:
         lines += [f"## {pairs} pairs", "", "| method | protocol | " + " | ".join(METRICS) +
-                  " | r_mean (test-selected) | s / iteration |", "|---|---|" + "---|" * (len(METRICS) + 2)]
+                  " | r_mean (test-selected) | s / iteration | iterations |",
+                  "|---|---|" + "---|" * (len(METRICS) + 3)]
         for method, summary in table[str(pairs)].items():
             cells = [f"{summary[k]['mean']:.1f} ± {summary[k]['std']:.1f}" for k in METRICS]
             times = seconds.get(str(pairs), {}).get(method)
             per_iteration = f"{sum(times) / len(times):.2f}" if times else "—"
             selected_on_test = table_on_test[str(pairs)][method]["r_mean"]["mean"]
-            lines.append(table_row(method, protocol.get(str(pairs), {}).get(method, "infonce"), cells,
-                                   selected_on_test, per_iteration))
+            done = iterations.get(str(pairs), {}).get(method)
+            row = table_row(method, protocol.get(str(pairs), {}).get(method, "infonce"), cells, selected_on_test,
+                            per_iteration)
+            lines.append(row + (f" {sum(done) / len(done):.0f} |" if done else " — |"))
         lines.append("")
     lines += ["Full data is listed under the first size. " + PROTOCOL_NOTE]
     write_markdown(out, lines)

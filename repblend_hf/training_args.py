@@ -227,6 +227,9 @@ class DistillationArguments(TrainingArguments):
     nonfinite_max_lowerings: int = field(default=3, metadata={
         "help": "When non-finite iterations continue after this many lowerings the run stops with an error; the "
                 "checkpoints on disk hold only finite values."})
+    max_time_minutes: float | None = field(default=None, metadata={
+        "help": "Stop after this many minutes of outer iterations (evaluations and checkpoints not counted; a resumed "
+                "run continues the budget), or at max_steps if that comes first. For comparisons at equal time."})
     num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
     eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
     overwrite_output_dir: bool = field(default=False, metadata={
@@ -288,6 +291,8 @@ class DistillationArguments(TrainingArguments):
                f"nonfinite_lr_factor must be in (0, 1), got {self.nonfinite_lr_factor}")
         _check(self.nonfinite_max_lowerings >= 0,
                f"nonfinite_max_lowerings must be >= 0, got {self.nonfinite_max_lowerings}")
+        _check(self.max_time_minutes is None or self.max_time_minutes > 0,
+               f"max_time_minutes must be > 0, got {self.max_time_minutes}; leave it unset for no time limit")
         _check(self.num_eval_seeds > 0, f"num_eval_seeds must be > 0, got {self.num_eval_seeds}")
         _check(self.eval_head_epochs > 0, f"eval_head_epochs must be > 0, got {self.eval_head_epochs}")
 

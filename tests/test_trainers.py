@@ -623,3 +623,27 @@ def test_logged_metrics_are_averaged_over_the_processes(encoder, experts, tmp_pa
     logged = trainer.state.log_history[-1]
     assert (logged["matching_loss"], logged["touched_images"]) == (3.0, 12.0) and len(gathered) == 1
     assert not trainer._metrics
+
+
+def test_time_budget_stops_the_run_and_a_resumed_run_continues_it(encoder, experts, tmp_path, monkeypatch):
+    """Each step takes 0.25 s on a fake clock; a 1.2 s budget ends the run after 5 of its 50 steps."""
+    from repblend_hf.trainers import callbacks
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(callbacks, "_clock", lambda: 0.25 * next(ticks))  # a step's begin and end: 0.25 s apart
+    out = tmp_path / "budget"
+
+    def run(resume=None):
+        args = _args(tmp_path, output_dir=str(out), max_steps=50, save_strategy="steps", save_steps=1,
+                     max_time_minutes=0.02)
+        trainer = DistillationTrainer(_synthetic(encoder), args, experts, encoder)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    # (the 0.25 s from one step's end to the next one's begin are not counted)
+    first = run()
+    assert first.state.global_step == 5 and (out / "checkpoint-5").is_dir()
+    resumed = run(resume=str(out / "checkpoint-5"))
+    assert resumed.state.global_step == 6  # 1.25 s were spent before: one more step, not another five
+    with pytest.raises(ValueError, match="max_time_minutes must be > 0"):
+        _args(tmp_path, max_time_minutes=0)

@@ -3,7 +3,8 @@
 :class:`NonFiniteGuard` keeps NaN / inf out of the synthetic set: it rolls back an update that made the set
 non-finite, counts consecutive skipped iterations, lowers the offending groups' learning rates and finally stops
 the run (:class:`NonFiniteError`). :class:`FeatureRangeProjection` keeps a feature-space set inside the range
-real features reach. :class:`RecordIterations` keeps the set's config counting the outer iterations done;
+real features reach. :class:`TimeBudget` stops a run after a given time of outer iterations (equal-time method
+comparisons). :class:`RecordIterations` keeps the set's config counting the outer iterations done;
 :class:`CardCallback` collects the run's hyperparameters and validation curve for the set's card. They act
 on Trainer events (``on_pre_optimizer_step`` / ``on_optimizer_step`` / ``on_step_end``), the extension points the
 Trainer offers, rather than on the optimiser's internals.
@@ -13,15 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..checks import last_complete_checkpoint
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "RecordIterations", "CardCallback"]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "TimeBudget", "RecordIterations",
+           "CardCallback"]
 
 logger = logging.getLogger(__name__)
+_clock = time.perf_counter  # TimeBudget's clock (a test replaces it)
 
 
 class NonFiniteError(RuntimeError):
@@ -128,6 +133,56 @@ class FeatureRangeProjection(TrainerCallback):
             features = _synthetic(model).image_features
             low, high = self.low.to(features.device), self.high.to(features.device)
             features.copy_(torch.maximum(torch.minimum(features, high), low))
+
+
+class TimeBudget(TrainerCallback, ExportableState):
+    """Stops training once the outer iterations have taken ``max_seconds`` of wall-clock time.
+
+    Only the steps count (``on_step_begin`` to ``on_step_end``): evaluations and checkpoints do not use up the
+    budget, so methods compared at equal time get equal distillation time whatever their evaluation costs. The
+    time spent is saved in every checkpoint (``trainer_state.json``) and read back on resume, so a resumed run
+    continues its budget instead of starting a new one. When the budget ends the run evaluates and saves (where
+    its strategies evaluate and save at all) and ends as a finished run does. In a multi-process run the main
+    process decides, so every process stops at the same step.
+    """
+
+    def __init__(self, max_seconds: float):
+        if max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+        self.max_seconds = float(max_seconds)
+        self.spent = 0.0
+        self._began: float | None = None
+
+    def state(self) -> dict:
+        return {"args": {"max_seconds": self.max_seconds}, "attributes": {"spent": self.spent}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        if isinstance(saved, dict):  # a resumed run: the time its earlier steps took still counts
+            self.spent = float(saved.get("attributes", {}).get("spent", 0.0))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._began = _clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._began is not None:
+            self.spent += _clock() - self._began
+            self._began = None
+        done = self.spent >= self.max_seconds
+        from accelerate import PartialState
+
+        if PartialState().num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            done = broadcast_object_list([done], from_process=0)[0]
+        if done and not control.should_training_stop:
+            logger.info("time budget of %.0fs used up after %d iterations: stopping", self.max_seconds,
+                        state.global_step)
+            control.should_training_stop = True
+            control.should_evaluate = args.eval_strategy != "no"
+            control.should_save = args.save_strategy != "no"
+        return control
 
 
 class RecordIterations(TrainerCallback):

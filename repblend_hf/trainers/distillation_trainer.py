@@ -39,7 +39,14 @@ from ..modeling import branch_sizes
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
-from .callbacks import CardCallback, FeatureRangeProjection, NonFiniteError, NonFiniteGuard, RecordIterations
+from .callbacks import (
+    CardCallback,
+    FeatureRangeProjection,
+    NonFiniteError,
+    NonFiniteGuard,
+    RecordIterations,
+    TimeBudget,
+)
 
 __all__ = ["DistillationTrainer", "FeatureRangeProjection", "NonFiniteError", "SGDWithAdamGroups"]
 
@@ -159,6 +166,8 @@ class DistillationTrainer(Trainer):
         self.add_callback(self.nonfinite_guard)
         self.add_callback(RecordIterations(config))
         self.add_callback(CardCallback(model.training_record))
+        if args.max_time_minutes is not None:
+            self.add_callback(TimeBudget(args.max_time_minutes * 60))
         if feature_bounds is not None:
             if config.synthetic_space != "features":
                 raise ValueError("feature_bounds project a feature-space set's features; this set is in pixels")
