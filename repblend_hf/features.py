@@ -100,8 +100,8 @@ def _seeded(seed: int):
 
 
 def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
-                   view_splits: tuple[str, ...] = ("train",), batch_size: int = 64, seed: int = 0,
-                   desc: str | None = None):
+                   view_splits: tuple[str, ...] = ("train",), batch_size: int = 64, map_batch_size: int = 512,
+                   seed: int = 0, desc: str | None = None):
     """Add cached encoder features to a ``Dataset`` or every split of a ``DatasetDict``.
 
     DESIGN.md, "Data flow": ``Dataset.map`` (batched) adds :data:`IMAGE_FEATURES` (eval transform) and
@@ -112,6 +112,9 @@ def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
     cache files, as every loader in :mod:`repblend_hf.data` returns). The encoders' fingerprints cover
     their weights, transforms (interpolation, normalisation, augmentation) and tokenizer; the local-folder
     loaders' fingerprints cover every image file's size and mtime.
+
+    ``map_batch_size`` rows go to the encoders at a time: their captions are sorted by token count across
+    the whole map batch (little padding), and both encoders run ``batch_size`` items per forward pass.
     """
     from datasets import DatasetDict, Features
     from datasets.fingerprint import Hasher
@@ -121,7 +124,8 @@ def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
     if isinstance(dataset, DatasetDict):
         return DatasetDict({
             split: encode_dataset(ds, image_encoder, text_encoder, num_views=num_views if split in view_splits else 0,
-                                  view_splits=view_splits, batch_size=batch_size, seed=seed, desc=f"Encoding {split}")
+                                  view_splits=view_splits, batch_size=batch_size, map_batch_size=map_batch_size,
+                                  seed=seed, desc=f"Encoding {split}")
             for split, ds in dataset.items()
         })
     missing = [c for c in ("image", "captions") if c not in dataset.column_names]
@@ -130,22 +134,24 @@ def encode_dataset(dataset, image_encoder, text_encoder, *, num_views: int = 0,
                          "load it with repblend_hf.load_image_text_dataset(..., column_mapping={...})")
 
     def encode(batch, indices):
-        out = {IMAGE_FEATURES: image_encoder.encode_images(batch["image"]).numpy()}
+        out = {IMAGE_FEATURES: image_encoder.encode_images(batch["image"], batch_size=batch_size).numpy()}
         flat = [c for caps in batch["captions"] for c in caps]
-        emb = text_encoder.encode_texts(flat).numpy()
+        emb = text_encoder.encode_texts(flat, batch_size=batch_size).numpy()
         bounds = np.cumsum([0] + [len(caps) for caps in batch["captions"]])
         out[TEXT_FEATURES] = [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         if num_views:
-            # Views are a function of (seed, first row of the batch): reproducible for a fixed batch_size.
+            # Views are a function of (seed, first row of the map batch): reproducible for a fixed map_batch_size.
             with _seeded(seed * 1_000_003 + indices[0]):
-                views = [image_encoder.encode_images(batch["image"], train=True).numpy() for _ in range(num_views)]
+                views = [image_encoder.encode_images(batch["image"], train=True, batch_size=batch_size).numpy()
+                         for _ in range(num_views)]
             out[AUGMENTED_FEATURES] = np.stack(views, axis=1)
         return out
 
     # v3: images go through data.images.to_rgb (16-bit images were clipped to white before).
-    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v3", dataset._fingerprint, image_encoder.fingerprint,
-                               text_encoder.fingerprint, num_views, seed, batch_size])
+    # v4: images through the BatchNorm-folded encoder, captions sorted across map batches of map_batch_size rows.
+    fingerprint = Hasher.hash(["repblend_hf.encode_dataset/v4", dataset._fingerprint, image_encoder.fingerprint,
+                               text_encoder.fingerprint, num_views, seed, batch_size, map_batch_size])
     features = Features({**dataset.features, **_encode_features(image_encoder.feature_dim, text_encoder.feature_dim,
                                                                 num_views)})
-    return dataset.map(encode, batched=True, batch_size=batch_size, with_indices=True, features=features,
+    return dataset.map(encode, batched=True, batch_size=map_batch_size, with_indices=True, features=features,
                        new_fingerprint=fingerprint, desc=desc or "Encoding")

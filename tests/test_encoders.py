@@ -198,3 +198,40 @@ def test_frozen_encoder_runs_folded_but_keeps_its_model_and_fingerprint():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.model.modules())
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), want, rtol=1e-4, atol=1e-5)
+
+
+def test_text_batches_and_bf16_give_the_same_embeddings(tiny_text_encoder_dir):
+    """Token-count sorting and the forward batch size do not change an embedding; bf16 stays close to it."""
+    texts = ["a red bag", "a blue shoe next to a very long green scarf on the left", "two items", "a hat", ""] * 3
+    fp32 = load_text_encoder(str(tiny_text_encoder_dir), pooling="mean", encode_dtype="float32")
+    want = torch.stack([fp32.encode_texts([t])[0] for t in texts])  # each caption alone: no padding at all
+    for batch_size in (1, 4, 64):
+        torch.testing.assert_close(fp32.encode_texts(texts, batch_size=batch_size), want, rtol=1e-4, atol=1e-5)
+    assert fp32.encode_texts([]).shape == (0, fp32.feature_dim)
+    bf16 = load_text_encoder(str(tiny_text_encoder_dir), pooling="mean", encode_dtype="bfloat16")
+    assert bf16.compute_dtype == torch.bfloat16 and bf16.fingerprint != fp32.fingerprint  # another cache key
+    low = bf16.encode_texts(texts)
+    assert low.dtype == torch.float32 and not torch.equal(low, want)
+    assert torch.nn.functional.cosine_similarity(low, want, dim=1).min() > 0.99
+
+
+def test_encode_dtype_names_its_choices(monkeypatch):
+    from repblend_hf import encoders
+
+    with pytest.raises(ValueError, match="encode_dtype must be one of"):
+        encoders.resolve_encode_dtype("float16")
+    assert encoders.resolve_encode_dtype("float32") == torch.float32
+    monkeypatch.setattr(encoders, "native_bf16", lambda device="cpu": True)
+    assert encoders.resolve_encode_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(encoders, "native_bf16", lambda device="cpu": False)
+    assert encoders.resolve_encode_dtype("auto") == torch.float32
+
+
+def test_encode_images_runs_folded_in_batches_without_folding_forward(disk_dataset):
+    encoder = load_image_encoder("test_efficientnet", pretrained=False, image_size=32)
+    images = disk_dataset["image"]
+    with torch.no_grad():
+        want = encoder(torch.stack([encoder.eval_transform(img.convert("RGB")) for img in images]))
+    for batch_size in (3, 64):
+        torch.testing.assert_close(encoder.encode_images(images, batch_size=batch_size), want, rtol=1e-4, atol=1e-5)
+    assert encoder.fast_model is None  # forward (what distillation differentiates) is still the unfolded model

@@ -202,7 +202,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     summary = {}
     if trainer.is_world_process_zero():
         summary = _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, {
-            "features_s": round(features_seconds, 1), "experts_s": round(experts_seconds, 1),
+            "features_s": round(features_seconds, 1), **prepared.seconds, "experts_s": round(experts_seconds, 1),
             "distillation_s": round(distill_seconds, 1), "processes": state.num_processes,
             "replica_checksums": checksums}, started)
     # A clean end for every process (without it about 1 multi-process launch in 10 aborts at exit).
@@ -221,6 +221,7 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
 
     # Final evaluation on the test split, beside the baselines.
+    stage = time.time()
     seeds = list(range(set_args.eval_seeds))
     pairs = trainer.synthetic_pairs()
     protocol = EvaluationProtocol(loss=args.distill_loss, temperature=config.temperature)
@@ -230,6 +231,7 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     # ... and the random real subset of the same size it is read against (also when no random baseline runs)
     records[0]["real_subset_diagnostics"] = trainer.reference.real_subset
     records[0]["settings"]["synthetic_space"] = config.synthetic_space
+    records[0]["settings"]["text_encode_dtype"] = str(prepared.text_encoder.compute_dtype).removeprefix("torch.")
     if config.synthetic_space == "features":
         records[0]["settings"]["feature_range"] = set_args.feature_range
     records[0]["settings"].update(matching=config.matching, asymmetric_image_head=config.asymmetric_image_head,
@@ -240,6 +242,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
         own = evaluate_finetuned_set(trainer.synthetic_pixel_pairs(), prepared, config, seeds=seeds,
                                      loss=args.distill_loss, device=args.device)
         records[0] = own_protocol_record(records[0], own)
+    timings["final_evaluation_s"] = round(time.time() - stage, 1)
+    stage = time.time()
     for name in filter(None, set_args.baselines.split(",")):
         n = train.num_images if name == "full" else config.num_pairs
         baseline = evaluate_baseline(name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds,
@@ -247,6 +251,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
         records.append(results_record(baseline, dataset=data_args.dataset, method=name, pairs=n))
         if name != "full":
             records[-1]["set_diagnostics"] = trainer.reference.real_subset if name == "random" else None
+    timings["baselines_s"] = round(time.time() - stage, 1)
+    stage = time.time()
     write_results(out / "results.json", records[0])
     write_results(out / "baselines.json", {"baselines": records[1:]})
     table = format_table(records)
@@ -274,6 +280,7 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     plot_similarity(synthetic.similarity().detach(), out / "similarity.png")
     plot_training_curves(trainer.state.log_history, out / "training_curves.png")
     trainer.state.save_to_json(str(out / "trainer_state.json"))  # the log history behind the curves
+    timings["set_and_pictures_s"] = round(time.time() - stage, 1)
     if push_repo is not None:
         commit = synthetic.push_to_hub(push_repo, token=args.hub_token, private=bool(args.hub_private_repo),
                                        mean=enc.mean, std=enc.std, nearest_captions=nearest, results=records,
