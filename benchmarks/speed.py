@@ -13,6 +13,8 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
   iteration on the distinct synthetic images the iteration touches, its pixel backward chunked by
   ``--encoder_chunk_size`` (memory flat in N, one more no-grad forward per image);
 - ``repblend_unchunked``: the same with ``encoder_chunk_size=0`` (one forward, one backward per image);
+- ``repblend_auto``: the library's default ``encoder_chunk_size=-1``: ``EncoderPass.plan`` picks one of the
+  three from the touched images, the device and the free memory;
 - ``repblend_chunks_kept``: (a) with ``encoder_recompute=False`` (chunked calls, every chunk's graph kept: one
   forward and one backward per image at the chunk's batch size);
 - ``repblend_unfolded``: (a) with ``fold_batchnorm=False`` (the encoder's BatchNorms run as such);
@@ -83,12 +85,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "floor": {"method": "repblend", "encoder_recompute": False},  # the chunk graphs kept: one forward per image
     "repblend": {"method": "repblend"},  # encoder_chunk_size comes from --encoder_chunk_size
     "repblend_unchunked": {"method": "repblend", "encoder_chunk_size": 0},
+    "repblend_auto": {"method": "repblend", "encoder_chunk_size": -1},  # the library default: EncoderPass.plan
     "repblend_chunks_kept": {"method": "repblend", "encoder_recompute": False},
     "repblend_unfolded": {"method": "repblend", "fold_batchnorm": False},
     "repblend_per_step": {"method": "repblend", "encoder_per_step": True, "fold_batchnorm": False},
     "lors": {"method": "lors"},
 }
 LABELS = {"floor": "floor", "repblend": "(a) RepBlend", "repblend_unchunked": "RepBlend, unchunked",
+          "repblend_auto": "RepBlend, auto (the default)",
           "repblend_unfolded": "RepBlend, BatchNorms not folded",
           "repblend_chunks_kept": "RepBlend, chunk graphs kept",
           "repblend_per_step": "(b) RepBlend, encoder per step", "lors": "(c) LoRS"}

@@ -419,6 +419,20 @@ class EncoderPassCounter:
         self.handle.remove()
 
 
+# The automatic encoder pass (EncoderPass.plan): one graph up to this many touched images on a CPU, else chunks.
+CPU_UNCHUNKED_MAX = 128
+AUTO_CHUNK = 20
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the machine's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 class _PerStepEncoder(nn.Module):
     """The frozen encoder called inside each inner step (the authors' design) as the student's image encoder.
 
@@ -451,6 +465,11 @@ class EncoderPass:
     - ``"unrolled"``: asymmetric matching (LoRS / MTT-VL): the student trains the encoder itself, so its
       ``model`` is the student's image encoder and the pixels are the leaf.
 
+    ``chunk_size=-1`` (the default of the scripts) chooses for every call from the number of touched images, the
+    device and the memory available (:meth:`plan`): one graph; on a CPU above :data:`CPU_UNCHUNKED_MAX` images,
+    chunks of :data:`AUTO_CHUNK` with their graphs kept (faster per image there); chunks recomputed when keeping
+    the graphs would take more than half of the memory available.
+
     With ``fold_batchnorm`` the symmetric modes run the encoder's eval-mode BatchNorms folded into its convolutions
     (:meth:`FrozenImageEncoder.fold_batchnorm_`); asymmetric matching trains the encoder and never folds. ``bf16``
     runs the frozen encoder under bf16 autocast (features come back as float32). :attr:`passes` counts the images
@@ -460,7 +479,12 @@ class EncoderPass:
     def __init__(self, encoder: FrozenImageEncoder, *, synthetic_space: str = "pixels", matching: str = "symmetric",
                  chunk_size: int = 0, recompute: bool = True, per_step: bool = False, fold_batchnorm: bool = True,
                  bf16: bool = False):
+        if chunk_size < -1:
+            raise ValueError(f"chunk_size must be -1 (auto), 0 (one graph) or > 0, got {chunk_size}")
         self.encoder, self.chunk_size, self.recompute, self.bf16 = encoder, chunk_size, recompute, bf16
+        self.auto = chunk_size == -1
+        self._bytes_per_image: int | None = None  # the graph one image keeps (auto mode, measured once)
+        self._logged_plan: tuple | None = None
         if matching == "asymmetric":
             self.mode = "unrolled"
         elif synthetic_space == "features":
@@ -487,32 +511,74 @@ class EncoderPass:
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.encoder(pixels).float()
 
+    def graph_bytes_per_image(self, image: torch.Tensor) -> int:
+        """Bytes of the tensors the encoder's autograd graph saves for one image (measured once, then cached)."""
+        if self._bytes_per_image is None:
+            saved = []
+
+            def pack(t):
+                saved.append(t.numel() * t.element_size())
+                return t
+
+            leaf = image[:1].detach().requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.encode(leaf)
+            self._bytes_per_image = int(sum(saved))
+        return self._bytes_per_image
+
+    def plan(self, images: torch.Tensor) -> tuple[int, bool]:
+        """``(chunk_size, recompute)`` for this call: the run's own settings, or the automatic choice.
+
+        The automatic choice follows ``benchmarks/results/speed_v2.md`` (64-px EfficientNet-Lite0, 2-core CPU): up to
+        99 touched images one graph is the fastest; at 160 chunks of 20 with graphs kept are 1.2–1.4x faster than
+        one graph; recomputing chunks holds memory at one chunk's graph for 1.25–1.8x the time, so it is chosen
+        only when the kept graphs would not fit in half of the memory available now.
+        """
+        if not self.auto:
+            return self.chunk_size, self.recompute
+        n = len(images)
+        kept = self.graph_bytes_per_image(images) * n
+        available = available_memory(images.device)
+        if kept > available / 2:
+            chunk, recompute = min(AUTO_CHUNK, n), True
+        elif images.device.type == "cpu" and n > CPU_UNCHUNKED_MAX:
+            chunk, recompute = AUTO_CHUNK, False
+        else:
+            chunk, recompute = 0, False
+        if self._logged_plan != (chunk, recompute):
+            self._logged_plan = (chunk, recompute)
+            logger.info("encoder pass (auto): %d touched images, graphs %.0f MB of %.0f MB available: %s", n,
+                        kept / 2**20, available / 2**20, "one graph" if not chunk else
+                        f"chunks of {chunk}, {'recomputed' if recompute else 'graphs kept'}")
+        return chunk, recompute
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """The inner loop's image leaf for the touched ``images`` (detached), and what :meth:`backward` needs."""
         if self.mode != "once":
             return images.requires_grad_(True), None
+        chunk_size, recompute = self.plan(images)
         with record_function("repblend:encoder_forward"):
-            if self.chunk_size and self.recompute:
+            if chunk_size and recompute:
                 with torch.no_grad():
-                    feats = torch.cat([self.encode(c) for c in images.split(self.chunk_size)])
+                    feats = torch.cat([self.encode(c) for c in images.split(chunk_size)])
                 pixel_leaf = None
             else:  # one graph over the touched images, built chunk by chunk when asked
                 pixel_leaf = images.requires_grad_(True)
-                chunks = pixel_leaf.split(self.chunk_size) if self.chunk_size else [pixel_leaf]
+                chunks = pixel_leaf.split(chunk_size) if chunk_size else [pixel_leaf]
                 feats = torch.cat([self.encode(c) for c in chunks])
-        return feats.detach().requires_grad_(True), (images, pixel_leaf, feats)
+        return feats.detach().requires_grad_(True), (images, pixel_leaf, feats, chunk_size)
 
     def backward(self, state: tuple | None, grad: torch.Tensor) -> torch.Tensor:
         """The images' gradient from the leaf's: ``(∂ features / ∂ pixels)ᵀ grad``, one backward through the encoder.
         """
         if state is None:
             return grad
-        images, pixel_leaf, feats = state
+        images, pixel_leaf, feats, chunk_size = state
         with record_function("repblend:pixel_backward"):
             if pixel_leaf is not None:
                 return torch.autograd.grad(feats, pixel_leaf, grad)[0]
             out = []
-            for chunk, g_chunk in zip(images.split(self.chunk_size), grad.split(self.chunk_size)):
+            for chunk, g_chunk in zip(images.split(chunk_size), grad.split(chunk_size)):
                 leaf = chunk.detach().requires_grad_(True)
                 out.append(torch.autograd.grad(self.encode(leaf), leaf, g_chunk)[0])
             return torch.cat(out)

@@ -200,8 +200,11 @@ class DistillationArguments(TrainingArguments):
         "help": "Factor of the cosine logits in the inner loop only (experts and evaluation keep 1/temperature). "
                 "None: 1/temperature (repblend, lors); preset for mtt_vl: ln(1/0.07) ≈ 2.66, what its released "
                 "inner loop uses."})
-    encoder_chunk_size: int = field(default=0, metadata={
-        "help": "Synthetic images per encoder call in the symmetric path (0: all touched images in one call). With "
+    encoder_chunk_size: int = field(default=-1, metadata={
+        "help": "Synthetic images per encoder call in the symmetric path. -1 (auto): chosen per iteration from the "
+                "touched images, the device and the memory available (one graph up to 128 images on a CPU, else "
+                "chunks of 20; recomputed when the graphs would not fit in half the free memory); encoder_recompute "
+                "is then ignored. 0: all touched images in one call. > 0: chunks of that size; with "
                 "encoder_recompute each chunk's forward graph is freed and recomputed in the pixel backward, so "
                 "memory stays at one chunk's graph (one more forward per image)."})
     encoder_recompute: bool = field(default=True, metadata={
@@ -283,7 +286,8 @@ class DistillationArguments(TrainingArguments):
                f"similarity must be 'lowrank', 'full' or 'none', got {self.similarity!r}")
         _check(self.distill_loss != "infonce" or self.similarity == "none",
                "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')")
-        _check(self.encoder_chunk_size >= 0, f"encoder_chunk_size must be >= 0, got {self.encoder_chunk_size}")
+        _check(self.encoder_chunk_size >= -1,
+               f"encoder_chunk_size must be -1 (auto), 0 (one call) or > 0, got {self.encoder_chunk_size}")
         _check(self.segments_per_iteration > 0,
                f"segments_per_iteration must be > 0, got {self.segments_per_iteration}")
         _check(self.nonfinite_patience > 0, f"nonfinite_patience must be > 0, got {self.nonfinite_patience}")

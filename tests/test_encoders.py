@@ -235,3 +235,33 @@ def test_encode_images_runs_folded_in_batches_without_folding_forward(disk_datas
     for batch_size in (3, 64):
         torch.testing.assert_close(encoder.encode_images(images, batch_size=batch_size), want, rtol=1e-4, atol=1e-5)
     assert encoder.fast_model is None  # forward (what distillation differentiates) is still the unfolded model
+
+
+def test_auto_encoder_pass_chooses_by_size_and_memory_with_the_same_gradient(monkeypatch, caplog):
+    from repblend_hf import encoders
+
+    encoder = load_image_encoder("test_efficientnet", pretrained=False, image_size=32)
+    auto = encoders.EncoderPass(encoder, chunk_size=-1)
+    few, many = torch.randn(6, 3, 32, 32), torch.randn(encoders.CPU_UNCHUNKED_MAX + 2, 3, 32, 32)
+    per_image = auto.graph_bytes_per_image(few)
+    assert per_image > 0
+    monkeypatch.setattr(encoders, "available_memory", lambda device: 10**12)
+    assert auto.plan(few) == (0, False)  # few images on a CPU: one graph
+    assert auto.plan(many) == (encoders.AUTO_CHUNK, False)  # many: chunks with their graphs kept
+    monkeypatch.setattr(encoders, "available_memory", lambda device: per_image * 4)  # graphs of 2 images fit
+    with caplog.at_level("INFO", logger="repblend_hf.encoders"):
+        assert auto.plan(few) == (6, True)  # the graphs would not fit: chunks recomputed
+    assert "recomputed" in caplog.text
+    # Every plan gives the one-graph gradient.
+    grad_out = torch.randn(len(few), encoder.feature_dim)
+    want = encoders.EncoderPass(encoder, chunk_size=0)
+    leaf, state = want.forward(few.clone())
+    expected = want.backward(state, grad_out)
+    for chunk in (0, 4):
+        monkeypatch.setattr(encoders, "CPU_UNCHUNKED_MAX", 100 if chunk == 0 else 2)
+        monkeypatch.setattr(encoders, "AUTO_CHUNK", 4)
+        monkeypatch.setattr(encoders, "available_memory", lambda device: 10**12)
+        leaf, state = auto.forward(few.clone())
+        torch.testing.assert_close(auto.backward(state, grad_out), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size must be -1"):
+        encoders.EncoderPass(encoder, chunk_size=-2)
