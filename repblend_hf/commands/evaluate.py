@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = evaluate_baseline(args.method, prepared.features, pairs, embed_dim=args.embed_dim, seeds=seeds,
                                    **overrides)
     record = results_record(result, dataset=data_args.dataset, method=args.method, pairs=pairs)
+    record["settings"]["text_encode_dtype"] = str(prepared.text_encoder.compute_dtype).removeprefix("torch.")
     path = write_results(f"{args.output_dir}/results.json", record)
     print(format_table([record]))
     print(f"wrote {path}")
