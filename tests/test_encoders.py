@@ -265,3 +265,15 @@ def test_auto_encoder_pass_chooses_by_size_and_memory_with_the_same_gradient(mon
         torch.testing.assert_close(auto.backward(state, grad_out), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="chunk_size must be -1"):
         encoders.EncoderPass(encoder, chunk_size=-2)
+
+
+def test_forward_batch_size_does_not_change_features_but_map_batches_key_the_cache(disk_dataset, image_encoder,
+                                                                                  text_encoder):
+    one = encode_dataset(disk_dataset, image_encoder, text_encoder, num_views=1, batch_size=3, map_batch_size=4)
+    other = encode_dataset(disk_dataset, image_encoder, text_encoder, num_views=1, batch_size=64, map_batch_size=4)
+    for column in (IMAGE_FEATURES, AUGMENTED_FEATURES):  # views are drawn per map batch: the same draws
+        np.testing.assert_allclose(np.asarray(one[column]), np.asarray(other[column]), rtol=1e-4, atol=1e-5)
+    a, b = (FeatureSplit.from_dataset(x).caption_features for x in (one, other))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    wider = encode_dataset(disk_dataset, image_encoder, text_encoder, num_views=1, batch_size=3, map_batch_size=8)
+    assert len({one._fingerprint, other._fingerprint, wider._fingerprint}) == 3  # every setting keys the cache
