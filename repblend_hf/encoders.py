@@ -511,19 +511,29 @@ class EncoderPass:
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.encoder(pixels).float()
 
-    def graph_bytes_per_image(self, image: torch.Tensor) -> int:
-        """Bytes of the tensors the encoder's autograd graph saves for one image (measured once, then cached)."""
+    def graph_bytes_per_image(self, images: torch.Tensor) -> int:
+        """Bytes the encoder's autograd graph saves per image (measured once with saved-tensor hooks, then cached).
+
+        The difference between the graphs of two images and of one: what the graph saves once whatever the batch
+        (the frozen weights a convolution keeps for the input gradient) cancels out.
+        """
         if self._bytes_per_image is None:
-            saved = []
 
-            def pack(t):
-                saved.append(t.numel() * t.element_size())
-                return t
+            def saved_bytes(batch: torch.Tensor) -> int:
+                saved = []
 
-            leaf = image[:1].detach().requires_grad_(True)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self.encode(leaf)
-            self._bytes_per_image = int(sum(saved))
+                def pack(t):
+                    saved.append(t.numel() * t.element_size())
+                    return t
+
+                leaf = batch.detach().requires_grad_(True)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    self.encode(leaf)
+                return sum(saved)
+
+            one = images[:1]
+            two = images[:2] if len(images) > 1 else torch.cat([one, one])
+            self._bytes_per_image = max(0, int(saved_bytes(two) - saved_bytes(one)))
         return self._bytes_per_image
 
     def plan(self, images: torch.Tensor) -> tuple[int, bool]:

@@ -141,13 +141,17 @@ BASELINE_PROTOCOLS: dict[str, dict[str, Any]] = {
 
 
 def evaluate_baseline(method: str, features: dict[str, FeatureSplit], num_pairs: int, *, embed_dim: int,
-                      seeds: list[int], temperature: float = 0.07, **overrides) -> EvaluationResult:
-    """Evaluate a coreset (``random``, ``herding``, ``kcenter``; seed s selects with seed s) or ``full`` data."""
+                      seeds: list[int], temperature: float = 0.07, on_trained=None, **overrides) -> EvaluationResult:
+    """Evaluate a coreset (``random``, ``herding``, ``kcenter``; seed s selects with seed s) or ``full`` data.
+
+    ``on_trained(seed, trained_heads)`` (full data only) sees each seed's heads: ``repblend-distill`` keeps seed 0's
+    final state as the reference model of :func:`reference_diagnostics` instead of training it a second time.
+    """
     kind = "full" if method == "full" else "coreset"
     protocol = EvaluationProtocol(temperature=temperature, **{**BASELINE_PROTOCOLS[kind], **overrides})
     if method == "full":
         return evaluate_pairs(features["train"], features["validation"], features["test"], protocol, seeds=seeds,
-                              embed_dim=embed_dim)
+                              embed_dim=embed_dim, on_trained=on_trained)
     per_seed = []
     for seed in seeds:
         selection = select_coreset(method, features["train"], num_pairs, seed=seed)
@@ -161,13 +165,15 @@ def evaluate_baseline(method: str, features: dict[str, FeatureSplit], num_pairs:
 
 def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, embed_dim: int,
                           temperature: float = 0.07, cache_dir: str | Path | None = None,
-                          seed: int = 0) -> ReferenceDiagnostics:
+                          seed: int = 0, trained_state: dict[str, Any] | None = None) -> ReferenceDiagnostics:
     """The fixed model under which modality collapse is measured on sets of pairs (RepBlend Figs. 1-2).
 
     Heads trained once on the full training split with the full-data protocol (:data:`BASELINE_PROTOCOLS`,
     seed ``seed``), kept in ``cache_dir/reference_heads.safetensors`` with the features' fingerprint (a
     cache made from other features or settings is retrained), and the diagnostics of a random real subset
-    of ``num_pairs`` pairs (random coreset, seed ``seed``) as the undistilled reference.
+    of ``num_pairs`` pairs (random coreset, seed ``seed``) as the undistilled reference. ``trained_state``: the
+    final state of heads already trained that way (the full-data baseline's seed ``seed``, whose training is the
+    same function of the same seed), used instead of training them again when the cache does not hold them.
     """
     from safetensors.torch import load_file, save_file
 
@@ -187,6 +193,9 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
             heads.load_state_dict(load_file(str(path)))
         else:
             logger.info("reference heads in %s were made with other features or settings; training them again", path)
+    if heads is None and trained_state is not None:
+        heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], embed_dim)
+        heads.load_state_dict(trained_state)
     if heads is None:
         heads = train_heads(train, EvaluationProtocol(temperature=temperature, eval_epochs=(), **protocol),
                             embed_dim=embed_dim, seed=seed).heads

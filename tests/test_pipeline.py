@@ -81,3 +81,34 @@ def test_an_asymmetric_set_is_recorded_under_both_protocols():
     assert table[2].startswith("| lors (own protocol: fine-tuned encoder) | 99 | 30.0 ± 0.0")
     assert table[3].startswith("| lors (shared protocol: frozen encoder) | 99 | 5.0 ± 0.0")
     assert table[4].startswith("| random | 99 | 4.0 ± 0.0")  # a symmetric / baseline row is unchanged
+
+
+def test_reference_heads_from_the_full_baseline_equal_their_own_training(tmp_path):
+    """repblend-distill takes the reference model from the full-data baseline's seed 0: the same heads."""
+    from repblend_hf.pipeline import evaluate_baseline, reference_diagnostics
+
+    import torch
+
+    from repblend_hf.features import FeatureSplit
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(images, views=0):
+        c2i = torch.arange(images).repeat_interleave(2)
+        augmented = torch.randn(images, views, 12, generator=g) if views else None
+        return FeatureSplit(torch.randn(images, 12, generator=g), torch.randn(2 * images, 8, generator=g), c2i,
+                            augmented)
+
+    features = {"train": split(60, views=2), "validation": split(10), "test": split(10)}
+    finals = {}
+    evaluate_baseline("full", features, features["train"].num_images, embed_dim=8, seeds=[0, 1],
+                      on_trained=lambda seed, trained: finals.setdefault(seed, trained.final_state))
+    assert set(finals) == {0, 1}
+    own = reference_diagnostics(features, 4, embed_dim=8)
+    reused = reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path, trained_state=finals[0])
+    for (name, a), (_, b) in zip(own.heads.state_dict().items(), reused.heads.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert reused.real_subset == own.real_subset
+    cached = reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path)  # the cache holds them now
+    torch.testing.assert_close(cached.heads.text_head.fc.weight, own.heads.text_head.fc.weight)
+    assert not torch.equal(finals[0]["text_head.fc.weight"], finals[1]["text_head.fc.weight"])

@@ -181,8 +181,16 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
                                        train.caption_offsets(), prepared.image_encoder, seed=args.seed,
                                        init_transform=set_args.init_transform, image_features=init_features)
+    # The full-data baseline does not depend on the set: it runs now, and its seed 0's final heads are the reference
+    # model of the set-level diagnostics (the same training as reference_diagnostics would run a second time).
+    t0, full, finals = time.time(), None, {}
+    if "full" in set_args.baselines.split(",") and state.is_main_process:
+        full = evaluate_baseline("full", prepared.features, train.num_images, embed_dim=config.embed_dim,
+                                 seeds=list(range(set_args.eval_seeds)), temperature=config.temperature,
+                                 on_trained=lambda seed, trained: finals.setdefault(seed, trained.final_state))
+    full_seconds = time.time() - t0
     reference = reference_diagnostics(prepared.features, config.num_pairs, embed_dim=config.embed_dim,
-                                      temperature=config.temperature, cache_dir=out)
+                                      temperature=config.temperature, cache_dir=out, trained_state=finals.get(0))
     bounds = None
     if set_args.synthetic_space == "features" and set_args.feature_range == "real":
         bounds = (train.image_features.min(0).values, train.image_features.max(0).values)
@@ -201,8 +209,9 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                            "please report this with the command you ran")
     summary = {}
     if trainer.is_world_process_zero():
-        summary = _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, {
+        summary = _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, full, {
             "features_s": round(features_seconds, 1), **prepared.seconds, "experts_s": round(experts_seconds, 1),
+            "full_data_baseline_s": round(full_seconds, 1),
             "distillation_s": round(distill_seconds, 1), "processes": state.num_processes,
             "replica_checksums": checksums}, started)
     # A clean end for every process (without it about 1 multi-process launch in 10 aborts at exit).
@@ -215,7 +224,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     return summary
 
 
-def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, timings, started) -> dict:
+def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, full, timings,
+            started) -> dict:
     """Main process: the test table beside the baselines, the saved set, its pictures and the optional push."""
     out = Path(args.output_dir)
     train, validation, test = (prepared.features[s] for s in ("train", "validation", "test"))
@@ -246,8 +256,8 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
     stage = time.time()
     for name in filter(None, set_args.baselines.split(",")):
         n = train.num_images if name == "full" else config.num_pairs
-        baseline = evaluate_baseline(name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds,
-                                     temperature=config.temperature)
+        baseline = full if name == "full" and full is not None else evaluate_baseline(
+            name, prepared.features, n, embed_dim=config.embed_dim, seeds=seeds, temperature=config.temperature)
         records.append(results_record(baseline, dataset=data_args.dataset, method=name, pairs=n))
         if name != "full":
             records[-1]["set_diagnostics"] = trainer.reference.real_subset if name == "random" else None

@@ -33,7 +33,8 @@ class TrainedHeads:
     ``history`` has one entry per evaluated epoch:
     ``{"epoch": e, "validation": metrics or None, **callback_output}``. ``train_loss`` is the mean
     training loss of each epoch. ``diverged_epoch`` is the first epoch whose loss was not finite
-    (training stopped there; later evaluations see the diverged heads and score 0).
+    (training stopped there; later evaluations see the diverged heads and score 0). ``final_state`` is the
+    heads' state dict after the last epoch (what a run without validation returns as ``heads``).
     """
 
     heads: RetrievalHeads
@@ -41,6 +42,7 @@ class TrainedHeads:
     history: list[dict[str, Any]]
     train_loss: list[float]
     diverged_epoch: int | None = None
+    final_state: dict[str, torch.Tensor] | None = None
 
 
 def _default_eval_epochs(epochs: int) -> tuple[int, ...]:
@@ -251,11 +253,13 @@ def train_heads(
             if epoch in eval_epochs:
                 evaluate(epoch)
 
+    final_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
     if best_state is not None:
         heads.load_state_dict(best_state)
     heads.eval()
     return TrainedHeads(heads=heads, best_epoch=best_epoch if validation is not None else epochs,
-                        history=history, train_loss=train_loss, diverged_epoch=diverged_epoch)
+                        history=history, train_loss=train_loss, diverged_epoch=diverged_epoch,
+                        final_state=final_state)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,7 @@ def evaluate_pairs(
     embed_dim: int,
     device: str | torch.device | None = None,
     progress: bool = False,
+    on_trained: Callable[[int, TrainedHeads], None] | None = None,
     **overrides: Any,
 ) -> EvaluationResult:
     """Run the evaluation protocol over seeds: train heads, select the epoch on validation, report test.
@@ -103,7 +104,8 @@ def evaluate_pairs(
     field names. Common calls: a distilled set ``PairSet(feats, text, S, lr_img=η_img, lr_txt=η_txt)`` with
     ``loss="wbce"``; a coreset ``PairSet(*selection.pairs(split))`` with ``loss="infonce", lr=0.1``
     or ``loss="wbce"`` and a smaller lr; full data ``train=train_split, loss="infonce", lr=0.1`` and
-    fewer ``epochs``.
+    fewer ``epochs``. ``on_trained(seed, trained)`` sees each seed's :class:`TrainedHeads` (e.g. to keep
+    its ``final_state``).
     """
     protocol = resolve_protocol(protocol, overrides)
     settings = {
@@ -125,6 +127,8 @@ def evaluate_pairs(
         trained = train_heads(train, protocol, embed_dim=embed_dim, validation=validation, callback=test_callback,
                               seed=seed, device=device, progress=progress)
         results.append(_seed_result(seed, trained))
+        if on_trained is not None:
+            on_trained(seed, trained)
     return EvaluationResult(seeds=results, settings=settings)
 
 
