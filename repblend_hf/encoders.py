@@ -12,6 +12,7 @@ installed (extra ``encoders``), those ids resolve to the packaged weights with n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -405,8 +406,20 @@ class EncoderPassCounter:
     def __init__(self, module: nn.Module):
         self.counts = {"forward": 0, "backward": 0}
         self.handle = module.register_forward_hook(self._forward)
+        self.counting = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Passes inside this block are not counted (e.g. the automatic mode's one-off memory probe)."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def _forward(self, module, inputs, output) -> None:
+        if not self.counting:
+            return
         rows = len(output)
         self.counts["forward"] += rows
         if output.requires_grad:
@@ -533,7 +546,8 @@ class EncoderPass:
 
             one = images[:1]
             two = images[:2] if len(images) > 1 else torch.cat([one, one])
-            self._bytes_per_image = max(0, int(saved_bytes(two) - saved_bytes(one)))
+            with self._counter.paused():  # a probe, not a pass of the iteration
+                self._bytes_per_image = max(0, int(saved_bytes(two) - saved_bytes(one)))
         return self._bytes_per_image
 
     def plan(self, images: torch.Tensor) -> tuple[int, bool]:

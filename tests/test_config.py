@@ -292,7 +292,7 @@ DISTILLATION_INVALID = [
      "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')"),
     (dict(method="mtt_vl", similarity="lowrank"),
      "distill_loss='infonce' uses identity targets; set similarity='none' (or distill_loss='wbce')"),
-    (dict(encoder_chunk_size=-1), "encoder_chunk_size must be >= 0, got -1"),
+    (dict(encoder_chunk_size=-2), "encoder_chunk_size must be -1 (auto), 0 (one call) or > 0, got -2"),
     (dict(num_eval_seeds=0), "num_eval_seeds must be > 0, got 0"),
     (dict(inner_logit_scale=0.0), "inner_logit_scale must be > 0, got 0.0; leave it unset for 1/temperature"),
     (dict(asymmetric_image_head=True),  # the repblend preset is symmetric
@@ -309,7 +309,8 @@ def test_distillation_invalid(tmp_path, kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(lr_grad_clip=0.0), dict(syn_momentum=0.0), dict(encoder_chunk_size=0), dict(mini_batch_size=2),
+    dict(lr_grad_clip=0.0), dict(syn_momentum=0.0), dict(encoder_chunk_size=0), dict(encoder_chunk_size=-1),
+    dict(mini_batch_size=2),
     dict(lr_min=0.1, lr_init=0.1, lr_max=0.1), dict(blend_beta=0.0),
 ])
 def test_distillation_valid_edges(tmp_path, kwargs):

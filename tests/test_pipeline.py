@@ -85,11 +85,10 @@ def test_an_asymmetric_set_is_recorded_under_both_protocols():
 
 def test_reference_heads_from_the_full_baseline_equal_their_own_training(tmp_path):
     """repblend-distill takes the reference model from the full-data baseline's seed 0: the same heads."""
-    from repblend_hf.pipeline import evaluate_baseline, reference_diagnostics
-
     import torch
 
     from repblend_hf.features import FeatureSplit
+    from repblend_hf.pipeline import evaluate_baseline, reference_diagnostics
 
     g = torch.Generator().manual_seed(0)
 
