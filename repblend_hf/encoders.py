@@ -281,7 +281,7 @@ class FrozenTextEncoder(nn.Module):
         self.pooling = pooling
         self.max_length = max_length
         # bfloat16: the forward runs under autocast (embeddings come back as float32). On a CPU with AMX this is
-        # ~2.5x faster than float32 at a smallest row cosine of 0.99997 (benchmarks/results/encoding.md).
+        # ~2x faster than float32 at a smallest row cosine of 0.99997 (benchmarks/results/encoding.md).
         self.compute_dtype = compute_dtype
 
     @property

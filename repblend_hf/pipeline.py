@@ -68,7 +68,7 @@ class DataArguments:
         "help": "Images or captions per encoder forward pass when caching features (64: the fastest on a 2-core CPU, "
                 "benchmarks/results/encoding.md)."})
     encode_dtype: str = field(default="auto", metadata={
-        "help": "Precision of the caption encoding: 'float32', 'bfloat16' (autocast; ~2.5x faster on a CPU with "
+        "help": "Precision of the caption encoding: 'float32', 'bfloat16' (autocast; ~2x faster on a CPU with "
                 "AMX, row cosine to float32 >= 0.99997) or 'auto' (bfloat16 where the device runs it natively: "
                 "AVX512-BF16 / AMX CPUs, bf16 GPUs). Part of the feature cache's key.",
         "choices": ["auto", "float32", "bfloat16"]})
@@ -193,12 +193,13 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
             heads.load_state_dict(load_file(str(path)))
         else:
             logger.info("reference heads in %s were made with other features or settings; training them again", path)
-    if heads is None and trained_state is not None:
-        heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], embed_dim)
-        heads.load_state_dict(trained_state)
     if heads is None:
-        heads = train_heads(train, EvaluationProtocol(temperature=temperature, eval_epochs=(), **protocol),
-                            embed_dim=embed_dim, seed=seed).heads
+        if trained_state is not None:
+            heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], embed_dim)
+            heads.load_state_dict(trained_state)
+        else:
+            heads = train_heads(train, EvaluationProtocol(temperature=temperature, eval_epochs=(), **protocol),
+                                embed_dim=embed_dim, seed=seed).heads
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(path), metadata=meta)

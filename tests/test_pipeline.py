@@ -108,6 +108,7 @@ def test_reference_heads_from_the_full_baseline_equal_their_own_training(tmp_pat
     for (name, a), (_, b) in zip(own.heads.state_dict().items(), reused.heads.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
     assert reused.real_subset == own.real_subset
-    cached = reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path)  # the cache holds them now
+    assert (tmp_path / "reference_heads.safetensors").is_file()  # the reused heads are cached like trained ones
+    cached = reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path)
     torch.testing.assert_close(cached.heads.text_head.fc.weight, own.heads.text_head.fc.weight)
     assert not torch.equal(finals[0]["text_head.fc.weight"], finals[1]["text_head.fc.weight"])

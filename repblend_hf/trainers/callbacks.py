@@ -17,6 +17,8 @@ import logging
 import time
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
@@ -170,11 +172,7 @@ class TimeBudget(TrainerCallback, ExportableState):
             self.spent += _clock() - self._began
             self._began = None
         done = self.spent >= self.max_seconds
-        from accelerate import PartialState
-
         if PartialState().num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
             done = broadcast_object_list([done], from_process=0)[0]
         if done and not control.should_training_stop:
             logger.info("time budget of %.0fs used up after %d iterations: stopping", self.max_seconds,
