@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["command", "markdown_table", "mean_std", "seconds_since", "write_json", "write_markdown"]
+__all__ = ["command", "markdown_table", "mean_std", "seconds_since", "time_calls", "write_json", "write_markdown"]
 
 
 def command(script: str, argv: Sequence[str] | None = None) -> str:
@@ -39,6 +39,16 @@ def mean_std(values: Sequence[float], digits: int = 1) -> str:
 def seconds_since(start: float, digits: int = 1) -> float:
     """Wall-clock seconds since ``start`` (a ``time.time()``), rounded as the reports print them."""
     return round(time.time() - start, digits)
+
+
+def time_calls(fn, repeats: int) -> list[float]:
+    """Wall-clock seconds (``time.perf_counter``) of ``repeats`` calls of ``fn()``, one after another."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def write_json(output: str | Path, record: Any) -> Path:

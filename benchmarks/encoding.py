@@ -22,23 +22,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from _common import command, markdown_table, write_json, write_markdown  # noqa: E402
+from _common import command, markdown_table, time_calls, write_json, write_markdown  # noqa: E402
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of ``repeats`` wall-clock timings of ``fn()`` (seconds)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(time_calls(fn, repeats))
 
 
 def agreement(a, b) -> dict:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from _common import command, markdown_table, write_json, write_markdown  # noqa: E402
+from _common import command, markdown_table, time_calls, write_json, write_markdown  # noqa: E402
 
 
 def main() -> None:
@@ -80,13 +79,8 @@ def main() -> None:
 
     rows = []
     for name, fn in (("loop", loop), ("vmap", batched), ("loop, bf16 autocast", bf16_loop)):
-        fn()
-        times = []
-        for _ in range(args.timed):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        rows.append({"variant": name, "ms_per_step": 1e3 * statistics.median(times)})
+        fn()  # warm-up
+        rows.append({"variant": name, "ms_per_step": 1e3 * statistics.median(time_calls(fn, args.timed))})
     base = rows[0]["ms_per_step"]
     out = Path(args.output)
     write_json(out, {"threads": threads, **vars(args), "rows": rows})

@@ -12,12 +12,11 @@ forward plus the input-gradient backward (what an iteration does with the synthe
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from _common import command, markdown_table, write_json, write_markdown  # noqa: E402
+from _common import command, markdown_table, time_calls, write_json, write_markdown  # noqa: E402
 
 
 def main() -> None:
@@ -55,10 +54,8 @@ def main() -> None:
         for name, fn in (("forward", forward), ("forward + input backward", forward_backward)):
             best = {"unfolded": float("inf"), "folded": float("inf")}
             for _ in range(args.repeats):
-                for label, model in (("unfolded", encoder.model), ("folded", folded)):
-                    start = time.perf_counter()
-                    fn(model)
-                    best[label] = min(best[label], time.perf_counter() - start)
+                for label, model in (("unfolded", encoder.model), ("folded", folded)):  # alternating
+                    best[label] = min(best[label], time_calls(lambda m=model, f=fn: f(m), 1)[0])
             rows.append({"image_size": size, "pass": name, "folded_batchnorms": count, **best,
                          "speedup": best["unfolded"] / best["folded"]})
             print(rows[-1], flush=True)

@@ -252,7 +252,7 @@ class FrozenImageEncoder(nn.Module):
         """
         transform = self.train_transform if train else self.eval_transform
         pixels = torch.stack([transform(to_rgb(img)) for img in images]).to(self.device)
-        model = self._encoding_model
+        model = self._encoding_model.to(self.device)  # not a submodule: follows the model if it was moved since
         with torch.no_grad():
             return torch.cat([model(pixels[i : i + batch_size]).float() for i in range(0, len(pixels), batch_size)])
 
