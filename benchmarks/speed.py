@@ -25,7 +25,9 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
   width whatever ``--embed_dim`` says);
 - ``floor``: the least work any implementation must do: one encoder forward and one input-gradient
   backward of the touched images, plus the inner loop on features alone, with the same encoder function as
-  (a) (BatchNorms folded) called at the same chunk size (graphs kept). It is the library's own
+  (a) (BatchNorms folded), graphs kept, measured at each encoder batch size of ``floor_batch_sizes`` (all
+  touched images in one call, the automatic mode's chunk and ``--encoder_chunk_size``); the fastest is the
+  floor, so it is a lower bound whatever batch a mode uses. It is the library's own
   ``repblend_hf.distillation.outer_iteration`` called without the Trainer shell (no optimiser step, no
   logging), its encoder pass timed apart (``encoder_s_per_iter``, the rest ``heads_s_per_iter``);
   ``timed_iteration`` is what it times, and a test checks that it gives the trainer's gradients.
@@ -340,34 +342,54 @@ def timed_iteration(synthetic, heads, trajectories, encoder_pass, args, step: in
     return result, time.perf_counter() - t0, timed.seconds
 
 
+def floor_batch_sizes(chunk_size: int) -> list[int]:
+    """The encoder batch sizes the floor is measured at: one call on every touched image (0), the library's
+    automatic chunk and the run's ``--encoder_chunk_size``. Graphs are kept at each, so every candidate does one
+    forward and one backward per image; only the batch per encoder call differs, and the fastest is the floor."""
+    from repblend_hf.encoders import AUTO_CHUNK
+
+    return sorted({0, AUTO_CHUNK} | ({chunk_size} if chunk_size > 0 else set()))
+
+
 def _measure_floor(spec, args, synthetic, trajectories, encoder, counter, on_step=None) -> dict:
     """The floor: :func:`timed_iteration` on the set, its encoder pass (forward + input-gradient backward of the
-    touched images) and the rest (the inner loop on features) timed apart."""
+    touched images) and the rest (the inner loop on features) timed apart, at each of :func:`floor_batch_sizes`;
+    the batch size with the lowest median is the floor (a lower bound must not depend on a batch size chosen for
+    memory). Every candidate's median is kept in ``floor_candidates_s``."""
+    import copy
+
     from repblend_hf.distillation import encoder_pass_for, student_heads
 
     device = spec["device"]
     syn = synthetic.to(device)
-    encoder_pass = encoder_pass_for(encoder, syn.config, args)  # folds the BatchNorms as (a) does
     encoder.to(device)
     heads = student_heads(syn.config).to(device)
-    memory = PeakMemory(device)
-    memory.start()
-    seconds, encoder_s, heads_s, passes, touched_counts = [], [], [], [], []
-    for step in range(spec["warmup"] + spec["timed"]):
-        before = dict(counter.counts)
-        result, total, encoding = timed_iteration(syn, heads, trajectories, encoder_pass, args, step, device)
-        seconds.append(total)
-        encoder_s.append(encoding)
-        heads_s.append(total - encoding)
-        passes.append({f"hooked_{k}": counter.counts[k] - before[k] for k in before})
-        touched_counts.append(len(result.plans[0].touched))
-        if on_step is not None:
-            on_step()
     timed = slice(spec["warmup"], None)
-    return {"seconds": seconds, "passes": passes, **memory.stop(),
-            "encoder_s_per_iter": statistics.median(encoder_s[timed]),
-            "heads_s_per_iter": statistics.median(heads_s[timed]),
-            "touched_images": statistics.mean(touched_counts)}
+    runs = {}
+    for batch in floor_batch_sizes(spec["encoder_chunk_size"]):
+        run_args = copy.copy(args)  # TrainingArguments: no dataclasses.replace (it would rerun __post_init__)
+        run_args.encoder_chunk_size, run_args.encoder_recompute = batch, False
+        encoder_pass = encoder_pass_for(encoder, syn.config, run_args)  # folds the BatchNorms as (a) does
+        memory = PeakMemory(device)
+        memory.start()
+        seconds, encoder_s, heads_s, passes, touched_counts = [], [], [], [], []
+        for step in range(spec["warmup"] + spec["timed"]):
+            before = dict(counter.counts)
+            result, total, encoding = timed_iteration(syn, heads, trajectories, encoder_pass, run_args, step, device)
+            seconds.append(total)
+            encoder_s.append(encoding)
+            heads_s.append(total - encoding)
+            passes.append({f"hooked_{k}": counter.counts[k] - before[k] for k in before})
+            touched_counts.append(len(result.plans[0].touched))
+            if on_step is not None:
+                on_step()
+        runs[batch] = {"seconds": seconds, "passes": passes, **memory.stop(),
+                       "encoder_s_per_iter": statistics.median(encoder_s[timed]),
+                       "heads_s_per_iter": statistics.median(heads_s[timed]),
+                       "touched_images": statistics.mean(touched_counts)}
+    fastest = min(runs, key=lambda b: statistics.median(runs[b]["seconds"][timed]))
+    return {**runs[fastest], "floor_batch_size": fastest,
+            "floor_candidates_s": {str(b): statistics.median(r["seconds"][timed]) for b, r in runs.items()}}
 
 
 # ----- the profile (--profile) ---------------------------------------------------------------------------------------
@@ -544,7 +566,8 @@ def config_key(spec: dict) -> str:
             f"{spec['variant']}|steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
             f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}"
             + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else "")
-            + ("|no_image_head" if spec["variant"] == "lors" else ""))  # apart from LoRS runs with an image head
+            + ("|no_image_head" if spec["variant"] == "lors" else "")  # apart from LoRS runs with an image head
+            + ("|fastest_batch" if spec["variant"] == "floor" else ""))  # not the earlier floor at the chunk size
 
 
 def folds_batchnorm(spec: dict) -> bool:
@@ -673,7 +696,10 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
     if "floor" in variants:
         lines += ["", "Floor split (s): " + "; ".join(
             f"{r[0]} {r[1]} px N={r[2]}: encoder {get(r, 'floor')['encoder_s_per_iter']:.3f} + heads "
-            f"{get(r, 'floor')['heads_s_per_iter']:.3f}" for r in rows
+            f"{get(r, 'floor')['heads_s_per_iter']:.3f} at encoder batch "
+            f"{get(r, 'floor').get('floor_batch_size', 'chunk')} (per batch: "
+            + ", ".join(f"{'all' if b == '0' else b} {t:.3f}" for b, t in get(r, 'floor').get('floor_candidates_s', {}).items())
+            + ")" for r in rows
             if get(r, "floor") and "encoder_s_per_iter" in get(r, "floor"))]
 
     nonfinite = [f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k, r in runs.items() if r.get("nonfinite_iterations")]

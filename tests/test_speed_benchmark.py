@@ -57,6 +57,13 @@ def test_speed_benchmark_writes_every_measurement_and_resumes(tiny_karpathy_dir,
         assert {"peak_mem_mb", "peak_mem_increase_mb", "mem_kind", "touched_images", "other_processes_cores"} <= set(r)
         assert r["encoder_passes_per_iter"]["hooked_forward"] > 0, variant
     assert runs["floor"]["encoder_s_per_iter"] > 0 and runs["floor"]["heads_s_per_iter"] > 0
+    # The floor is measured at every candidate encoder batch and is the fastest of them: a lower bound that does
+    # not depend on the chunk size (a) was given.
+    floor = runs["floor"]
+    assert speed.floor_batch_sizes(4) == [0, 4, 20] and speed.floor_batch_sizes(-1) == [0, 20]
+    assert set(floor["floor_candidates_s"]) == {"0", "4", "20"}  # --encoder_chunk_size 4
+    assert floor["s_per_iter"] == min(floor["floor_candidates_s"].values())
+    assert floor["floor_candidates_s"][str(floor["floor_batch_size"])] == floor["s_per_iter"]
     # The trainer's own counter and the hook agree on every path; (b) runs the encoder in every step.
     for variant in ("repblend", "repblend_per_step", "lors"):
         p = runs[variant]["encoder_passes_per_iter"]
