@@ -86,7 +86,8 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
     if not done.exists():  # finished runs are kept: the benchmark resumes where it stopped
         distill.main(["--seed", str(seed), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                       "--trajectory_dir", str(Path(args.experts_dir or args.work_dir) / f"experts_{matching}"),
-                      "--save_strategy", "no", *experts, *VARIANTS[name], *extra])
+                      "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
+                      *experts, *VARIANTS[name], *extra])  # an interrupted run continues from its last checkpoint
     timing = out / "timings.json"
     run = {"own": _scores(json.loads(done.read_text())),
            "timings": json.loads(timing.read_text()) if timing.exists() else None}

@@ -5,8 +5,9 @@
 
 Each grid point is one ``examples/distill.py`` run in its own process (the arguments after ``--`` are
 passed to every run; shared experts via ``--trajectory_dir``), with no baselines and one evaluation seed.
-Runs are resumable: a point whose ``results.json`` exists is read, not rerun, so an interrupted sweep
-continues where it stopped and the table is rewritten after every point. The ranking is by the *best
+Runs are resumable: a point whose ``results.json`` exists is read, not rerun, and an interrupted point
+continues from its last checkpoint (every ``save_steps``, the last one kept), so an interrupted sweep continues
+where it stopped and the table is rewritten after every point. The ranking is by the *best
 validation r_mean* over the run's evaluations (test is never looked at for the choice); the test r_mean
 of the final set, the learned η and the set-level modality diagnostics are reported beside it. Writes
 ``benchmarks/results/<name>.{json,md}``.
@@ -56,7 +57,9 @@ def summarise(out: Path) -> dict:
            "curve": [(h["step"], round(h["eval_r_mean"], 2)) for h in evals],
            # The learned inner η, named apart from the grid's own lr_img / lr_txt (the outer learning rates).
            "eta_img": logs[-1]["lr_img"] if logs else None, "eta_txt": logs[-1]["lr_txt"] if logs else None,
-           "distillation_s": timings["distillation_s"], "iterations": timings["iterations"]}
+           "distillation_s": timings["distillation_s"], "iterations": timings["iterations"],
+           # a resumed run's distillation_s covers the iterations after its checkpoint only
+           "iterations_timed": timings["iterations"] - timings.get("resumed_from_iteration", 0)}
     for k, v in (record.get("set_diagnostics") or {}).items():
         row[f"set_{k}"] = v
     return row
@@ -87,11 +90,12 @@ def main() -> None:
                 continue
             flags = [x for k, v in point.items() for x in (f"--{k}", v)]
             command = [*shlex.split(args.launcher), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
-                       "--save_strategy", "no", *passthrough, *flags]
+                       "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
+                       *passthrough, *flags]
             print(f"[sweep] {shlex.join(command)}", flush=True)
             started = time.time()
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "log.txt", "w") as log:
+            with open(out / "log.txt", "a") as log:  # a resumed point appends
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
             if code:
                 print(f"[sweep] {name} failed (exit {code}, {time.time() - started:.0f}s); see {out / 'log.txt'}")
@@ -121,7 +125,7 @@ def write(args, passthrough: list[str], keys: list[str], rows: list[dict], plann
                      + f" | {r['best_validation_r_mean']:.1f} | {r['validation_r_mean']:.1f} | {r['test_r_mean']:.1f}"
                      + f" | {_fmt(r['eta_img'])} | {_fmt(r['eta_txt'])} | {_fmt(r.get('set_sim_image'))}"
                      + f" | {_fmt(r.get('set_sim_text'))} | {_fmt(r.get('set_gap'))}"
-                     + f" | {r['distillation_s'] / max(r['iterations'], 1):.2f} | {curve} |")
+                     + f" | {r['distillation_s'] / max(r.get('iterations_timed', r['iterations']), 1):.2f} | {curve} |")
     for r in rows:
         if "failed" in r:
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")

@@ -79,6 +79,8 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
                     env_extra=hub.env)
     assert "resuming from" in again.stderr and "checkpoint-4" in again.stderr
     assert (out / "checkpoint-6").exists()
+    timings = json.loads((out / "timings.json").read_text())  # this process timed iterations 5-6 only
+    assert (timings["iterations"], timings["resumed_from_iteration"]) == (6, 4), timings
     assert (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns == expert_mtime
     check = subprocess.run([sys.executable, "-c", (
         "import sys, torch; from datasets import load_dataset; from repblend_hf import SyntheticSet\n"

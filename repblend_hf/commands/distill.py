@@ -200,6 +200,9 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     if resume == "latest":
         resume = last_complete_checkpoint(out)
         logger.info("resuming from %s", resume or "scratch (no checkpoint yet)")
+    # Iterations done before this process started: distillation_s covers only the ones after them.
+    resumed_state = Path(resume) / "trainer_state.json" if isinstance(resume, str) else None
+    resumed_from = json.loads(resumed_state.read_text())["global_step"] if resumed_state and resumed_state.is_file() else 0
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     distill_seconds = time.time() - t0
@@ -212,7 +215,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         summary = _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, full, {
             "features_s": round(features_seconds, 1), **prepared.seconds, "experts_s": round(experts_seconds, 1),
             "full_data_baseline_s": round(full_seconds, 1),
-            "distillation_s": round(distill_seconds, 1), "processes": state.num_processes,
+            "distillation_s": round(distill_seconds, 1), "resumed_from_iteration": resumed_from,
+            "processes": state.num_processes,
             "replica_checksums": checksums}, started)
     # A clean end for every process (without it about 1 multi-process launch in 10 aborts at exit).
     accelerator = trainer.accelerator
