@@ -25,16 +25,18 @@ __all__ = ["ExpertTrainingArguments", "DistillationArguments", "METHOD_PRESETS"]
 #   similarity, so lr_sim is unused), and its inner loop's logit scale ln(1/0.07) ≈ 2.66 (distill.py: the
 #   logits are multiplied by ``logit_scale`` = ln(1/0.07) without ``.exp()``; its experts and evaluation
 #   use 1/0.07).
-# The released lr_lr steps the raw η; here it steps log η (DistillationArguments.lr_lr), where the same number
-# is a ~100x smaller step at η = 0.1 (METHOD.md, step 4). None for inner_logit_scale means 1/temperature.
+# The released lr_lr 1e-2 steps the raw η; here lr_lr steps log η (DistillationArguments.lr_lr), where the same
+# step at the initial η = 0.1 is 1e-2 / 0.1² = 1 (METHOD.md, step 4): the presets carry that 1. (They carried the
+# raw 1e-2 before, a ~100x smaller step that left η at its start, issue #10.) None for inner_logit_scale means
+# 1/temperature.
 METHOD_PRESETS: dict[str, dict[str, object]] = {
     "repblend": dict(blend_beta=1.0, matching="symmetric", distill_loss="wbce", similarity="lowrank",
-                     meta_gradient="tesla", lr_img=100.0, lr_txt=100.0, lr_sim=10.0, lr_lr=1e-2,
+                     meta_gradient="tesla", lr_img=100.0, lr_txt=100.0, lr_sim=10.0, lr_lr=1.0,
                      inner_logit_scale=None),
     "lors": dict(blend_beta=0.0, matching="asymmetric", distill_loss="wbce", similarity="lowrank",
-                 meta_gradient="tesla", lr_img=100.0, lr_txt=100.0, lr_sim=10.0, lr_lr=1e-2, inner_logit_scale=None),
+                 meta_gradient="tesla", lr_img=100.0, lr_txt=100.0, lr_sim=10.0, lr_lr=1.0, inner_logit_scale=None),
     "mtt_vl": dict(blend_beta=0.0, matching="asymmetric", distill_loss="infonce", similarity="none",
-                   meta_gradient="unrolled", lr_img=1000.0, lr_txt=1000.0, lr_sim=10.0, lr_lr=1e-2,
+                   meta_gradient="unrolled", lr_img=1000.0, lr_txt=1000.0, lr_sim=10.0, lr_lr=1.0,
                    inner_logit_scale=math.log(1 / 0.07)),
 }
 
@@ -133,9 +135,9 @@ class DistillationArguments(TrainingArguments):
     ========== ====== ====== ====== ====== ==================
     method     lr_img lr_txt lr_sim lr_lr  inner_logit_scale
     ========== ====== ====== ====== ====== ==================
-    repblend   100    100    10     1e-2   1/temperature
-    lors       100    100    10     1e-2   1/temperature
-    mtt_vl     1000   1000   (10)   1e-2   ln(1/0.07) ≈ 2.66
+    repblend   100    100    10     1      1/temperature
+    lors       100    100    10     1      1/temperature
+    mtt_vl     1000   1000   (10)   1      ln(1/0.07) ≈ 2.66
     ========== ====== ====== ====== ====== ==================
 
     (MTT-VL learns no similarity: its lr_sim is unused.) ``syn_momentum`` is 0.5 for every method, as released.
@@ -163,8 +165,8 @@ class DistillationArguments(TrainingArguments):
     lr_sim: float | None = field(default=None, metadata={
         "help": "Outer SGD learning rate of the similarity parameters (preset: 10)."})
     lr_lr: float | None = field(default=None, metadata={
-        "help": "Outer SGD learning rate of log η, the inner lrs (preset: 1e-2, the released number, which there "
-                "steps the raw η)."})
+        "help": "Outer SGD learning rate of log η, the inner lrs (preset: 1, the released 1e-2 on the raw η "
+                "as a step on log η at η = 0.1)."})
     lr_init: float = field(default=0.1, metadata={"help": "Initial inner learning rate η of both heads."})
     lr_min: float = field(default=1e-3, metadata={
         "help": "Lower bound of η. η = exp(log η) clamped to [lr_min, lr_max]: a plain η went negative or to 0 and "

@@ -221,9 +221,10 @@ def test_distillation_explicit_value_overrides_preset(tmp_path, method, override
 
 # Outer lrs and inner logit scale when none is given (the released Flickr-100 commands of each method).
 EXPECTED_RELEASED = {
-    "repblend": (100.0, 100.0, 10.0, 1e-2, None),
-    "lors": (100.0, 100.0, 10.0, 1e-2, None),
-    "mtt_vl": (1000.0, 1000.0, 10.0, 1e-2, pytest.approx(2.6592600369)),  # ln(1/0.07), not 1/0.07
+    # lr_lr 1: the released 1e-2 on the raw η as a step on log η at η = 0.1 (1e-2 / 0.1²)
+    "repblend": (100.0, 100.0, 10.0, 1.0, None),
+    "lors": (100.0, 100.0, 10.0, 1.0, None),
+    "mtt_vl": (1000.0, 1000.0, 10.0, 1.0, pytest.approx(2.6592600369)),  # ln(1/0.07), not 1/0.07
 }
 
 
@@ -247,7 +248,7 @@ def test_distillation_released_lrs_from_the_command_line(tmp_path):
     parser = HfArgumentParser(DistillationArguments)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--method", "mtt_vl",
                                                   "--lr_img", "5", "--inner_logit_scale", "14.285714"])
-    assert (args.lr_img, args.lr_txt, args.lr_lr) == (5.0, 1000.0, 1e-2)
+    assert (args.lr_img, args.lr_txt, args.lr_lr) == (5.0, 1000.0, 1.0)
     assert args.inner_logit_scale == pytest.approx(1 / 0.07, rel=1e-6)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--method", "lors",
                                                   "--asymmetric_image_head", "true"])
