@@ -53,8 +53,10 @@ flags oversubscribed configurations; on a shared machine pass ``--threads 1``. O
 The expert comparison trains one symmetric expert for one epoch on the cached features of
 ``--dataset`` at ``--expert_image_size`` (``train_experts``; a cache hit for the embedded default at
 64 px, otherwise the whole train split is encoded first) and times a few batches of the same head
-training where each batch's images are first decoded, transformed and run through the frozen encoder,
-extrapolated to one epoch. The end-to-end time of the default run is read from ``--timings``
+training where each batch's images are first decoded, transformed and run through the frozen image encoder and
+its captions through the frozen text encoder, as the authors' ``buffer.py`` does (``CLIPModel_full.forward``;
+``--no-expert_encode_captions`` takes the captions from the cache), extrapolated to one epoch. An epoch is one
+pass over the (image, caption) pairs on both sides, as ``train_experts`` and the authors' loaders define it. The end-to-end time of the default run is read from ``--timings``
 (``benchmarks/results/default_run/timings.json``), not measured here.
 
 Results accumulate in ``benchmarks/results/speed[_TAG].json`` (finished configurations are skipped on a
@@ -476,7 +478,8 @@ def measure_experts(args, device: str) -> dict:
         _sync(device)
         cached_epoch_s = (time.perf_counter() - t0) / args.expert_cached_epochs
     batch = expert_args.per_device_train_batch_size
-    steps_per_epoch = math.ceil(train.num_images / batch)
+    # An expert epoch is one pass over the (image, caption) pairs, as in train_experts and the authors' loaders.
+    steps_per_epoch = math.ceil(train.num_captions / batch)
 
     encoder = prepared.image_encoder.to(device)
     heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim).to(device)
@@ -485,13 +488,13 @@ def measure_experts(args, device: str) -> dict:
     text_encoder = prepared.text_encoder.to(device)
     offsets = train.caption_offsets()
     g = torch.Generator().manual_seed(0)
-    order = torch.randperm(train.num_images, generator=g)
+    order = torch.randperm(train.num_captions, generator=g)
     batches = min(args.expert_batches + 1, steps_per_epoch)  # the first one is a warm-up
     parts: dict[str, list[float]] = {}
     for k in range(batches):
-        idx = order[k * batch:(k + 1) * batch]
-        counts = offsets[idx + 1] - offsets[idx]
-        chosen = (torch.rand(len(idx), generator=g) * counts).long()  # one random caption per image
+        caption_idx = order[k * batch:(k + 1) * batch]  # a batch of (image, caption) pairs
+        idx = train.caption_to_image[caption_idx]
+        chosen = caption_idx - offsets[idx]  # the caption's position among its image's captions
         laps = _Laps(device)
         batch_rows = rows[idx.tolist()]
         pixels = torch.stack([encoder.train_transform(im.convert("RGB")) for im in batch_rows["image"]]).to(device)
@@ -503,7 +506,7 @@ def measure_experts(args, device: str) -> dict:
             texts = text_encoder.encode_texts([caps[c] for caps, c in zip(batch_rows["captions"], chosen.tolist())])
             laps.lap("encode_captions_s")
         else:
-            texts = train.caption_features[offsets[idx] + chosen]
+            texts = train.caption_features[caption_idx]
         logits = similarity_logits(*heads(feats, texts.to(device)), expert_args.temperature)
         optimizer.zero_grad()
         info_nce(logits).backward()
@@ -515,7 +518,8 @@ def measure_experts(args, device: str) -> dict:
     per_batch = {name: statistics.median(v) for name, v in parts.items()}
     encoding_epoch_s = sum(per_batch.values()) * steps_per_epoch
     return {"dataset": args.dataset, "image_encoder": args.image_encoder, "image_size": args.expert_image_size,
-            "device": device, "train_images": train.num_images, "batch_size": batch,
+            "device": device, "train_images": train.num_images, "train_captions": train.num_captions,
+            "epoch": "per_caption", "batch_size": batch,
             "steps_per_epoch": steps_per_epoch, "cached_epoch_s": cached_epoch_s,
             "cached_epochs_timed": args.expert_cached_epochs, "encoding_batches_timed": len(parts["encode_s"]),
             "captions_encoded": args.expert_encode_captions, "encoding_per_batch_s": per_batch,
@@ -771,8 +775,10 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
         pb = record["encoding_per_batch_s"]
         lines.append(f"### {_expert_setting(record)}")
         lines += [
-            f"{record['dataset']}, {record['train_images']} train images, `{record['image_encoder']}` at "
-            f"{record['image_size']} px, batch {record['batch_size']} "
+            f"{record['dataset']}, {record['train_images']} train images"
+            + (f" and {record['train_captions']} captions (an epoch is one pass over the pairs)"
+               if record.get("epoch") == "per_caption" else " (an epoch: one random caption per image)")
+            + f", `{record['image_encoder']}` at {record['image_size']} px, batch {record['batch_size']} "
             f"({record['steps_per_epoch']} steps per epoch), "
             f"one symmetric expert, fp32, {record['device']}.", "",
             f"- cached features (`train_experts` on the `FeatureSplit`): {record['cached_epoch_s']:.2f} s per epoch "
@@ -809,7 +815,8 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
 
 def _expert_setting(e: dict) -> str:
     """What the encode-every-batch side of an expert measurement runs, and how many cached epochs were timed."""
-    encoded = "images and captions encoded every batch" if e.get("captions_encoded") else "images encoded every batch"
+    encoded = ("images and captions encoded every batch" if e.get("captions_encoded")
+               else "images encoded every batch")
     return f"{encoded}, cached side timed over {e['cached_epochs_timed']} epoch(s)"
 
 
@@ -890,8 +897,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion-scenes", help="Dataset of the expert comparison.")
     p.add_argument("--expert_image_size", type=int, default=64, help="64: the cached features of the default.")
     p.add_argument("--expert_batches", type=int, default=None, help="Timed encode-every-batch batches (default 10).")
-    p.add_argument("--expert_encode_captions", action="store_true",
-                   help="Also run each batch's captions through the frozen text encoder (default: from the cache).")
+    p.add_argument("--expert_encode_captions", action=argparse.BooleanOptionalAction, default=True,
+                   help="Run each batch's captions through the frozen text encoder too, as the authors' buffer.py "
+                        "does (CLIPModel_full.forward: text_encoder(caption) every batch); --no-expert_encode_captions "
+                        "takes them from the cache (images alone encoded every batch).")
     p.add_argument("--expert_cached_epochs", type=int, default=1, help="Epochs of the cached-feature expert.")
     p.add_argument("--timings", default=str(HERE / "results" / "default_run" / "timings.json"),
                    help="timings.json of a default examples/distill.py run (end-to-end time; not run here).")
@@ -1009,7 +1018,8 @@ def main(argv: list[str] | None = None) -> dict:
         key = (f"{device}|{args.image_encoder}{'' if args.pretrained else '(random)'}|{args.expert_image_size}px|"
                f"{args.dataset}|d={args.embed_dim}|threads={args.threads}"
                + ("|captions_encoded" if args.expert_encode_captions else "")
-               + (f"|cached_epochs={args.expert_cached_epochs}" if args.expert_cached_epochs != 1 else ""))
+               + (f"|cached_epochs={args.expert_cached_epochs}" if args.expert_cached_epochs != 1 else "")
+               + "|per_caption_epoch")  # not the earlier measurements of one caption per image and epoch
         experts = store["experts"].get(key)
         if (experts is None or args.force) and not args.report_only:
             print(f"experts: one epoch from cached features vs {args.expert_batches} batches encoding images ...",
