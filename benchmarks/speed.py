@@ -56,7 +56,8 @@ The expert comparison trains one symmetric expert for one epoch on the cached fe
 training where each batch's images are first decoded, transformed and run through the frozen image encoder and
 its captions through the frozen text encoder, as the authors' ``buffer.py`` does (``CLIPModel_full.forward``;
 ``--no-expert_encode_captions`` takes the captions from the cache), extrapolated to one epoch. An epoch is one
-pass over the (image, caption) pairs on both sides, as ``train_experts`` and the authors' loaders define it. The end-to-end time of the default run is read from ``--timings``
+pass over the (image, caption) pairs on both sides, as ``train_experts`` and the authors' loaders define it.
+The end-to-end time of the default run is read from ``--timings``
 (``benchmarks/results/default_run/timings.json``), not measured here.
 
 Results accumulate in ``benchmarks/results/speed[_TAG].json`` (finished configurations are skipped on a
@@ -702,7 +703,8 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
             f"{r[0]} {r[1]} px N={r[2]}: encoder {get(r, 'floor')['encoder_s_per_iter']:.3f} + heads "
             f"{get(r, 'floor')['heads_s_per_iter']:.3f} at encoder batch "
             f"{get(r, 'floor').get('floor_batch_size', 'chunk')} (per batch: "
-            + ", ".join(f"{'all' if b == '0' else b} {t:.3f}" for b, t in get(r, 'floor').get('floor_candidates_s', {}).items())
+            + ", ".join(f"{'all' if b == '0' else b} {t:.3f}"
+                        for b, t in get(r, 'floor').get('floor_candidates_s', {}).items())
             + ")" for r in rows
             if get(r, "floor") and "encoder_s_per_iter" in get(r, "floor"))]
 
@@ -899,8 +901,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--expert_batches", type=int, default=None, help="Timed encode-every-batch batches (default 10).")
     p.add_argument("--expert_encode_captions", action=argparse.BooleanOptionalAction, default=True,
                    help="Run each batch's captions through the frozen text encoder too, as the authors' buffer.py "
-                        "does (CLIPModel_full.forward: text_encoder(caption) every batch); --no-expert_encode_captions "
-                        "takes them from the cache (images alone encoded every batch).")
+                        "does (CLIPModel_full.forward: text_encoder(caption) every batch); "
+                        "--no-expert_encode_captions takes them from the cache (images alone encoded every batch).")
     p.add_argument("--expert_cached_epochs", type=int, default=1, help="Epochs of the cached-feature expert.")
     p.add_argument("--timings", default=str(HERE / "results" / "default_run" / "timings.json"),
                    help="timings.json of a default examples/distill.py run (end-to-end time; not run here).")

@@ -125,7 +125,8 @@ def write(args, passthrough: list[str], keys: list[str], rows: list[dict], plann
                      + f" | {r['best_validation_r_mean']:.1f} | {r['validation_r_mean']:.1f} | {r['test_r_mean']:.1f}"
                      + f" | {_fmt(r['eta_img'])} | {_fmt(r['eta_txt'])} | {_fmt(r.get('set_sim_image'))}"
                      + f" | {_fmt(r.get('set_sim_text'))} | {_fmt(r.get('set_gap'))}"
-                     + f" | {r['distillation_s'] / max(r.get('iterations_timed', r['iterations']), 1):.2f} | {curve} |")
+                     + f" | {r['distillation_s'] / max(r.get('iterations_timed', r['iterations']), 1):.2f}"
+                     + f" | {curve} |")
     for r in rows:
         if "failed" in r:
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")

@@ -202,7 +202,9 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
         logger.info("resuming from %s", resume or "scratch (no checkpoint yet)")
     # Iterations done before this process started: distillation_s covers only the ones after them.
     resumed_state = Path(resume) / "trainer_state.json" if isinstance(resume, str) else None
-    resumed_from = json.loads(resumed_state.read_text())["global_step"] if resumed_state and resumed_state.is_file() else 0
+    resumed_from = 0
+    if resumed_state is not None and resumed_state.is_file():
+        resumed_from = json.loads(resumed_state.read_text())["global_step"]
     t0 = time.time()
     trainer.train(resume_from_checkpoint=resume)
     distill_seconds = time.time() - t0
