@@ -568,11 +568,12 @@ def config_key(spec: dict) -> str:
     """What identifies a measurement: everything that changes its cost."""
     encoder = spec["image_encoder"] + ("" if spec["pretrained"] else "(random)")
     return (f"{spec['device']}|{encoder}|{spec['dtype']}|{spec['image_size']}px|N={spec['num_pairs']}|"
-            f"{spec['variant']}|steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
+            # the floor at its fastest encoder batch, not the earlier floor at (a)'s chunk size
+            f"{spec['variant']}{'(fastest batch)' if spec['variant'] == 'floor' else ''}|"
+            f"steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
             f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}"
             + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else "")
-            + ("|no_image_head" if spec["variant"] == "lors" else "")  # apart from LoRS runs with an image head
-            + ("|fastest_batch" if spec["variant"] == "floor" else ""))  # not the earlier floor at the chunk size
+            + ("|no_image_head" if spec["variant"] == "lors" else ""))  # apart from LoRS runs with an image head
 
 
 def folds_batchnorm(spec: dict) -> bool:
@@ -636,8 +637,10 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
     variants, rows = grid["variants"], [(d, s, n) for d in grid["dtypes"] for s in grid["image_sizes"]
                                         for n in grid["num_pairs"]]
     get = lambda row, v: runs.get((*row, v))  # noqa: E731
-    ratio_b_a = {row: _ratio(get(row, "repblend_per_step"), get(row, "repblend")) for row in rows}
-    ratio_a_floor = {row: _ratio(get(row, "repblend"), get(row, "floor")) for row in rows}
+    # (a) in the ratio columns: the library's default (the automatic mode) when measured, else --encoder_chunk_size's
+    a_mode = "repblend_auto" if "repblend_auto" in variants else "repblend"
+    ratio_b_a = {row: _ratio(get(row, "repblend_per_step"), get(row, a_mode)) for row in rows}
+    ratio_a_floor = {row: _ratio(get(row, a_mode), get(row, "floor")) for row in rows}
     device = env["device"] + (f" ({env['gpu']})" if "gpu" in env else f" ({env.get('cpu', '?')})")
     isolation = ("all configurations in one process (--in_process)" if settings["in_process"]
                  else "each configuration in its own process")
@@ -661,15 +664,18 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
         "graph; `repblend_chunks_kept` = (a) keeping every chunk's graph instead of recomputing it; "
         "`repblend_unfolded` = (a) without the BatchNorm folding; (b) `repblend_per_step` = "
         "`encoder_per_step=True`, BatchNorms not folded (the authors' design); (c) `lors` = `method=\"lors\"` "
-        "(encoder unrolled in the inner loop); `floor` = one encoder forward + one input-gradient backward of the "
-        "touched images (BatchNorms folded and chunked as in (a), graphs kept) + the inner loop on features "
-        "alone.", "",
+        "(encoder unrolled in the inner loop); `repblend_auto` = the library's default (`EncoderPass.plan` "
+        "chooses one graph, chunks kept or chunks recomputed); `floor` = one encoder forward + one input-gradient "
+        "backward of the touched images (BatchNorms folded, graphs kept) + the inner loop on features alone, at "
+        "the fastest of its encoder batch sizes (all at once, 20, --encoder_chunk_size). The ratio columns take "
+        f"the default mode as (a) when it was measured (here: `{a_mode}`).", "",
         "## Targets", "",
         "| target | measured | where | met |", "|---|---|---|---|",
     ]
     headline = ("fp32", 64, 99)
     # One pair of rows per RepBlend mode in the grid: (a) as configured, and the chunk-graph / unchunked modes.
-    for mode in [v for v in ("repblend", "repblend_chunks_kept", "repblend_unchunked") if v in variants]:
+    for mode in [v for v in ("repblend_auto", "repblend", "repblend_chunks_kept", "repblend_unchunked")
+                 if v in variants]:
         label = "(a)" if mode == "repblend" else f"({LABELS[mode]})"
         r = _ratio(get(headline, "repblend_per_step"), get(headline, mode))
         if r is not None:
@@ -690,86 +696,88 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
                      f"{e['ratio']:.1f}× | {e['dataset']}, {e['image_size']} px, {_expert_setting(e)} | "
                      f"{'yes' if e['ratio'] >= TARGETS['experts_ratio'] else 'no'} |")
 
-    lines += ["", "## Seconds per iteration", "",
-              "| dtype | px | N | " + " | ".join(LABELS[v] for v in variants) + " | (b)/(a) | (a)/floor |",
-              "|---|---|---|" + "---|" * (len(variants) + 2)]
-    for row in rows:
-        cells = [_fmt((get(row, v) or {}).get("s_per_iter"), ".3f") if "error" not in (get(row, v) or {})
-                 else "error" for v in variants]
-        lines.append(f"| {row[0]} | {row[1]} | {row[2]} | " + " | ".join(cells) +
-                     f" | {_fmt(ratio_b_a[row], '.2f', '×')} | {_fmt(ratio_a_floor[row], '.2f', '×')} |")
-    if "floor" in variants:
-        lines += ["", "Floor split (s): " + "; ".join(
-            f"{r[0]} {r[1]} px N={r[2]}: encoder {get(r, 'floor')['encoder_s_per_iter']:.3f} + heads "
-            f"{get(r, 'floor')['heads_s_per_iter']:.3f} at encoder batch "
-            f"{get(r, 'floor').get('floor_batch_size', 'chunk')} (per batch: "
-            + ", ".join(f"{'all' if b == '0' else b} {t:.3f}"
-                        for b, t in get(r, 'floor').get('floor_candidates_s', {}).items())
-            + ")" for r in rows
-            if get(r, "floor") and "encoder_s_per_iter" in get(r, "floor"))]
+    if variants:  # --variants "" measures the experts only
+        lines += ["", "## Seconds per iteration", "",
+                  "| dtype | px | N | " + " | ".join(LABELS[v] for v in variants) + " | (b)/(a) | (a)/floor |",
+                  "|---|---|---|" + "---|" * (len(variants) + 2)]
+        for row in rows:
+            cells = [_fmt((get(row, v) or {}).get("s_per_iter"), ".3f") if "error" not in (get(row, v) or {})
+                     else "error" for v in variants]
+            lines.append(f"| {row[0]} | {row[1]} | {row[2]} | " + " | ".join(cells) +
+                         f" | {_fmt(ratio_b_a[row], '.2f', '×')} | {_fmt(ratio_a_floor[row], '.2f', '×')} |")
+        if "floor" in variants:
+            lines += ["", "Floor split (s): " + "; ".join(
+                f"{r[0]} {r[1]} px N={r[2]}: encoder {get(r, 'floor')['encoder_s_per_iter']:.3f} + heads "
+                f"{get(r, 'floor')['heads_s_per_iter']:.3f} at encoder batch "
+                f"{get(r, 'floor').get('floor_batch_size', 'chunk')} (per batch: "
+                + ", ".join(f"{'all' if b == '0' else b} {t:.3f}"
+                            for b, t in get(r, 'floor').get('floor_candidates_s', {}).items())
+                + ")" for r in rows
+                if get(r, "floor") and "encoder_s_per_iter" in get(r, "floor"))]
 
-    nonfinite = [f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k, r in runs.items() if r.get("nonfinite_iterations")]
-    if nonfinite:
-        lines += ["", "Iterations with a non-finite loss (their update was skipped, so they may be cheaper): "
-                  + "; ".join(nonfinite) + "."]
-    busy = {k: r["other_processes_cores"] for k, r in runs.items() if _oversubscribed(r, env)}
-    if busy:
-        which = ("all configurations" if len(busy) == len(runs) else
-                 "; ".join(f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k in busy))
-        lines += ["", f"**Unreliable:** other processes used {min(busy.values()):.1f}–{max(busy.values()):.1f} "
-                  f"cores while these ran, more than the {env['cpu_cores']} cores leave beside the benchmark's "
-                  "threads; oversubscribed OpenMP threads slow torch down many-fold (rerun with `--force` on an idle "
-                  f"machine, or with fewer `--threads`): {which}."]
-    errors = [f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k, r in runs.items() if "error" in r]
-    if errors:
-        lines += ["", "Failed configurations (see the JSON for the error): " + "; ".join(errors) + "."]
+        nonfinite = [f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k, r in runs.items() if r.get("nonfinite_iterations")]
+        if nonfinite:
+            lines += ["", "Iterations with a non-finite loss (their update was skipped, so they may be cheaper): "
+                      + "; ".join(nonfinite) + "."]
+        busy = {k: r["other_processes_cores"] for k, r in runs.items() if _oversubscribed(r, env)}
+        if busy:
+            which = ("all configurations" if len(busy) == len(runs) else
+                     "; ".join(f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k in busy))
+            lines += ["", f"**Unreliable:** other processes used {min(busy.values()):.1f}–{max(busy.values()):.1f} "
+                      f"cores while these ran, more than the {env['cpu_cores']} cores leave beside the benchmark's "
+                      "threads; oversubscribed OpenMP threads slow torch down many-fold (rerun with `--force` on an "
+                      f"idle machine, or with fewer `--threads`): {which}."]
+        errors = [f"{k[0]} {k[1]} px N={k[2]} {k[3]}" for k, r in runs.items() if "error" in r]
+        if errors:
+            lines += ["", "Failed configurations (see the JSON for the error): " + "; ".join(errors) + "."]
 
-    mem_kind = next((r["mem_kind"] for r in runs.values() if "mem_kind" in r), "?")
-    lines += ["", f"## Peak memory increase per iteration (MB, {mem_kind})", "",
-              "| dtype | px | N | " + " | ".join(LABELS[v] for v in variants) + " |",
-              "|---|---|---|" + "---|" * len(variants)]
-    for row in rows:
-        cells = [_fmt((get(row, v) or {}).get("peak_mem_increase_mb"), ".0f") for v in variants]
-        lines.append(f"| {row[0]} | {row[1]} | {row[2]} | " + " | ".join(cells) + " |")
+        mem_kind = next((r["mem_kind"] for r in runs.values() if "mem_kind" in r), "?")
+        lines += ["", f"## Peak memory increase per iteration (MB, {mem_kind})", "",
+                  "| dtype | px | N | " + " | ".join(LABELS[v] for v in variants) + " |",
+                  "|---|---|---|" + "---|" * len(variants)]
+        for row in rows:
+            cells = [_fmt((get(row, v) or {}).get("peak_mem_increase_mb"), ".0f") for v in variants]
+            lines.append(f"| {row[0]} | {row[1]} | {row[2]} | " + " | ".join(cells) + " |")
 
-    lines += ["", "## Image-encoder passes per iteration (images forward / backward)", "",
-              "Counted by a hook on the encoder (backward: images whose encoder output receives a gradient; for "
-              "LoRS one of its three per image and step is the double backward of TESLA's recomputation); for "
-              "(a) and (b) the trainer's own `encoder_passes` counter is shown too.", "",
-              "| dtype | px | N | touched images | " + " | ".join(LABELS[v] for v in variants) + " |",
-              "|---|---|---|---|" + "---|" * len(variants)]
-    for row in rows:
-        cells = []
-        for v in variants:
-            p = (get(row, v) or {}).get("encoder_passes_per_iter")
-            if not p:
-                cells.append("–")
-                continue
-            cell = f"{p['hooked_forward']:.0f} / {p['hooked_backward']:.0f}"
-            if "trainer_forward" in p:
-                cell += f" (trainer {p['trainer_forward']:.0f} / {p['trainer_backward']:.0f})"
-            cells.append(cell)
-        touched = next((r["touched_images"] for v in variants if (r := get(row, v)) and "touched_images" in r), None)
-        lines.append(f"| {row[0]} | {row[1]} | {row[2]} | {_fmt(touched, '.0f')} | " + " | ".join(cells) + " |")
+        lines += ["", "## Image-encoder passes per iteration (images forward / backward)", "",
+                  "Counted by a hook on the encoder (backward: images whose encoder output receives a gradient; for "
+                  "LoRS one of its three per image and step is the double backward of TESLA's recomputation); for "
+                  "(a) and (b) the trainer's own `encoder_passes` counter is shown too.", "",
+                  "| dtype | px | N | touched images | " + " | ".join(LABELS[v] for v in variants) + " |",
+                  "|---|---|---|---|" + "---|" * len(variants)]
+        for row in rows:
+            cells = []
+            for v in variants:
+                p = (get(row, v) or {}).get("encoder_passes_per_iter")
+                if not p:
+                    cells.append("–")
+                    continue
+                cell = f"{p['hooked_forward']:.0f} / {p['hooked_backward']:.0f}"
+                if "trainer_forward" in p:
+                    cell += f" (trainer {p['trainer_forward']:.0f} / {p['trainer_backward']:.0f})"
+                cells.append(cell)
+            touched = next((r["touched_images"] for v in variants
+                            if (r := get(row, v)) and "touched_images" in r), None)
+            lines.append(f"| {row[0]} | {row[1]} | {row[2]} | {_fmt(touched, '.0f')} | " + " | ".join(cells) + " |")
 
-    profiled = [(row, v) for row in rows for v in variants if (get(row, v) or {}).get("profile")]
-    if profiled:
-        lines += ["", "## Profile (torch.profiler over the timed iterations)", "",
-                  "Seconds per iteration in each phase: the trainer's `record_function` labels (encoder forward: the "
-                  "frozen encoder on the touched images, no-grad when chunked; inner loop: the student's steps, "
-                  "TESLA's meta-gradient and, for (b) and LoRS, the encoder inside them; pixel backward: the chunked "
-                  "re-forward and the input-gradient backward) and the optimiser step; then the ops with the most "
-                  "self time. The profiler's own overhead inflates the totals.", ""]
-        for row, v in profiled:
-            prof = get(row, v)["profile"]
-            ph = prof["phases_s_per_iter"]
-            lines += [f"### {LABELS[v]}, {row[0]}, {row[1]} px, N={row[2]}", "",
-                      "| " + " | ".join(ph) + " |", "|" + "---|" * len(ph),
-                      "| " + " | ".join(f"{x:.3f}" for x in ph.values()) + " |", "",
-                      "| op | self s / iter | calls / iter |", "|---|---|---|"]
-            lines += [f"| `{o['op']}` | {o['self_s_per_iter']:.3f} | {o['calls_per_iter']:.0f} |"
-                      for o in prof["top_ops"]]
-            lines.append("")
+        profiled = [(row, v) for row in rows for v in variants if (get(row, v) or {}).get("profile")]
+        if profiled:
+            lines += ["", "## Profile (torch.profiler over the timed iterations)", "",
+                      "Seconds per iteration in each phase: the trainer's `record_function` labels (encoder forward: "
+                      "the frozen encoder on the touched images, no-grad when chunked; inner loop: the student's "
+                      "steps, TESLA's meta-gradient and, for (b) and LoRS, the encoder inside them; pixel backward: "
+                      "the chunked re-forward and the input-gradient backward) and the optimiser step; then the ops "
+                      "with the most self time. The profiler's own overhead inflates the totals.", ""]
+            for row, v in profiled:
+                prof = get(row, v)["profile"]
+                ph = prof["phases_s_per_iter"]
+                lines += [f"### {LABELS[v]}, {row[0]}, {row[1]} px, N={row[2]}", "",
+                          "| " + " | ".join(ph) + " |", "|" + "---|" * len(ph),
+                          "| " + " | ".join(f"{x:.3f}" for x in ph.values()) + " |", "",
+                          "| op | self s / iter | calls / iter |", "|---|---|---|"]
+                lines += [f"| `{o['op']}` | {o['self_s_per_iter']:.3f} | {o['calls_per_iter']:.0f} |"
+                          for o in prof["top_ops"]]
+                lines.append("")
     lines += ["", "## Expert trajectories: cached features vs encoding every batch", ""]
     if not expert_records:
         lines.append("Not measured (`--skip_experts`, or `--report_only` before any expert measurement).")
@@ -875,7 +883,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="Smoke run: N 10,20 at 64 px, no warm-up, 1 timed iteration, 2 expert batches, tag 'quick'.")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, from {list(VARIANTS)}.")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"Comma-separated, from {list(VARIANTS)}; \"\" measures only the experts.")
     p.add_argument("--num_pairs", default=None, help="Comma-separated N (default 99,199,499,999).")
     p.add_argument("--image_sizes", default=None, help="Comma-separated image sides (default 64,128,224).")
     p.add_argument("--dtypes", "--dtype", default="fp32",
@@ -925,7 +934,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     bad = [d for d in args.dtypes.split(",") if d not in ("fp32", "bf16")]
@@ -959,7 +968,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = environment(device, args.threads)
     text_dim = args.text_dim or load_text_encoder(args.text_encoder).feature_dim
-    grid = {"variants": args.variants.split(","), "num_pairs": _ints(args.num_pairs),
+    grid = {"variants": [v for v in args.variants.split(",") if v], "num_pairs": _ints(args.num_pairs),
             "image_sizes": _ints(args.image_sizes), "dtypes": args.dtypes.split(",")}
     settings = {"image_encoder": args.image_encoder, "pretrained": args.pretrained, "text_dim": text_dim,
                 "embed_dim": args.embed_dim, "syn_steps": args.syn_steps, "mini_batch_size": args.mini_batch_size,
@@ -1046,10 +1055,11 @@ def main(argv: list[str] | None = None) -> dict:
     ok = {k: r for k, r in runs.items() if "error" not in r}
     write_report(results_dir / f"speed{suffix}.md", command, env, settings, grid, runs,
                  [] if args.skip_experts else list(store["experts"].values()), end_to_end)
-    plot(results_dir / f"speed_vs_n{suffix}.png", ok, grid, "s_per_iter", "seconds per iteration",
-         f"Distillation iteration time ({device}, {args.image_encoder})")
-    plot(results_dir / f"memory_vs_n{suffix}.png", ok, grid, "peak_mem_increase_mb", "peak memory increase (MB)",
-         f"Distillation peak memory ({device}, {args.image_encoder})")
+    if grid["variants"]:
+        plot(results_dir / f"speed_vs_n{suffix}.png", ok, grid, "s_per_iter", "seconds per iteration",
+             f"Distillation iteration time ({device}, {args.image_encoder})")
+        plot(results_dir / f"memory_vs_n{suffix}.png", ok, grid, "peak_mem_increase_mb",
+             "peak memory increase (MB)", f"Distillation peak memory ({device}, {args.image_encoder})")
     print(f"wrote {json_path} and speed{suffix}.md, speed_vs_n{suffix}.png, memory_vs_n{suffix}.png in {results_dir}",
           flush=True)
     return {"runs": runs, "experts": experts, "end_to_end": end_to_end, "json": str(json_path)}

@@ -102,6 +102,13 @@ def test_speed_benchmark_writes_every_measurement_and_resumes(tiny_karpathy_dir,
     assert report.count("| experts: cached / encoding every batch ≥ 50× |") == 2
     assert "### images and captions encoded every batch" in report and "### images encoded every batch" in report
 
+    # An empty --variants measures the experts alone: no iteration table, nothing new in the runs.
+    experts_only = [*argv[:argv.index("--variants")], "--variants", "", *argv[argv.index("--variants") + 2:]]
+    speed.main(experts_only)
+    report = (results / "speed_tiny.md").read_text()
+    assert "## Seconds per iteration" not in report and "## Expert trajectories" in report
+    assert json.loads((results / "speed_tiny.json").read_text())["runs"] == store["runs"]
+
 
 @pytest.mark.slow
 def test_speed_benchmark_measures_in_a_fresh_process(tiny_text_encoder_dir, tmp_path):
