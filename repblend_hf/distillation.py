@@ -192,6 +192,7 @@ def matching_gradients(
     branch_normalization: str = "separate",
     image_encoder: nn.Module | None = None,
     inner_dropout: float = 0.0,
+    tesla_recompute: bool | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], dict[str, float]]:
     """Run the student from θ⁰ = ``start`` through the plan and return (loss, d loss / d ``wrt``, stats).
 
@@ -206,6 +207,13 @@ def matching_gradients(
     ``inner_dropout`` is the heads' dropout in the inner loop (the released code runs the student in
     train mode, p = 0.1); each step's masks come from ``plan.dropout_seeds`` so that a recomputed step
     is the same function as the original one.
+
+    ``tesla_recompute`` (TESLA only): recompute each step's gradient for the meta-gradient after the forward pass,
+    as the released code does, so that memory stays at one step's graph whatever ``syn_steps``; or keep each step's
+    gradient with its graph from the forward pass and backpropagate through all of them once at the end (the same
+    numbers, without running every step twice). Default: recompute only when the student trains the image encoder
+    (asymmetric matching), where a step's graph holds the encoder's activations; the heads-only student's graphs
+    are small (its mini-batch activations and its parameter-sized gradients).
     """
     if meta_gradient not in ("tesla", "unrolled"):
         raise ValueError(f"meta_gradient must be 'tesla' or 'unrolled', got {meta_gradient!r}")
@@ -260,18 +268,25 @@ def matching_gradients(
         out = torch.autograd.grad(loss, wrt, allow_unused=True)
         return loss.detach(), list(out), _stats(inner_losses)
 
-    # TESLA: forward with detached inner gradients, keeping each θᵏ and the running sum of the gradients.
+    # TESLA: forward with detached inner updates, keeping the running sum of the gradients and either each θᵏ (to
+    # recompute step k's gradient later) or each step's gradient with its graph to the data.
     eta = {b: float(lrs[b].detach()) for b in branches}
     snapshots = []
+    keep_graphs = not (image_encoder is not None if tesla_recompute is None else tesla_recompute)
+    kept = []  # keep_graphs: each step's gradient with its graph to the data, for one backward at the end
     theta = {b: [t.detach() for t in start_t[b]] for b in branches}
     grad_sum = {b: [torch.zeros_like(t) for t in theta[b]] for b in branches}
     for k in range(len(plan.batches)):
         leaf = leaves(theta)
         with torch.enable_grad():
-            loss_k = step_loss(leaf, k, detach_data=True)
-            grads = by_branch(torch.autograd.grad(loss_k, flat(leaf)))
+            loss_k = step_loss(leaf, k, detach_data=not keep_graphs)
+            grads = by_branch(torch.autograd.grad(loss_k, flat(leaf), create_graph=keep_graphs))
+        if keep_graphs:
+            kept.append(grads)
+            grads = {b: [g.detach() for g in grads[b]] for b in branches}
         inner_losses.append(loss_k.detach())
-        snapshots.append(theta)
+        if not keep_graphs:
+            snapshots.append(theta)
         for b in branches:
             torch._foreach_add_(grad_sum[b], grads[b])
         theta = {b: torch._foreach_add(theta[b], grads[b], alpha=-eta[b]) for b in branches}
@@ -286,16 +301,24 @@ def matching_gradients(
         if id(t) in lr_leaves:
             b = lr_leaves[id(t)]
             out[i] = -sum((s * g).sum() for s, g in zip(grad_sum[b], g_final[b])).reshape(t.shape)
-    for k in range(len(plan.batches)):
-        leaf = leaves(snapshots[k])
-        loss_k = step_loss(leaf, k)
-        grads = by_branch(torch.autograd.grad(loss_k, flat(leaf), create_graph=True))
-        surrogate = -sum(lrs[b].detach() * sum((g * G).sum() for g, G in zip(grads[b], g_final[b]))
-                         for b in branches)
-        contrib = torch.autograd.grad(surrogate, [wrt[i] for i in data_slots], allow_unused=True)
+    data = [wrt[i] for i in data_slots]
+
+    def surrogate(steps: list[dict[str, list[torch.Tensor]]]) -> torch.Tensor:  # −Σ_k Σ_b η_b ⟨g_k,b, G_b⟩
+        return -sum(lrs[b].detach() * sum((g * G).sum() for g, G in zip(grads[b], g_final[b]))
+                    for grads in steps for b in branches)
+
+    def accumulate(contrib) -> None:
         for i, c in zip(data_slots, contrib):
             if c is not None:
                 out[i] = c if out[i] is None else out[i] + c
+
+    if keep_graphs:  # one backward through every step's kept graph
+        accumulate(torch.autograd.grad(surrogate(kept), data, allow_unused=True))
+    else:  # each step recomputed from its snapshot θᵏ, its graph freed before the next
+        for k in range(len(plan.batches)):
+            leaf = leaves(snapshots[k])
+            grads = by_branch(torch.autograd.grad(step_loss(leaf, k), flat(leaf), create_graph=True))
+            accumulate(torch.autograd.grad(surrogate([grads]), data, allow_unused=True))
     return loss.detach(), out, _stats(inner_losses)
 
 

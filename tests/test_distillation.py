@@ -119,15 +119,16 @@ def test_plan_can_straddle_permutations():
     assert torch.equal(plan.touched, torch.arange(10))
 
 
-def test_inner_dropout_masks_are_reused_when_tesla_recomputes():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_inner_dropout_masks_are_reused_when_tesla_recomputes(recompute):
     # With one inner step TESLA is exact, so it equals the unrolled gradient only if the recomputed step
-    # draws the same dropout masks as the forward step.
+    # draws the same dropout masks as the forward step (or, without recomputation, keeps the forward's graph).
     results = {}
     for mode in ("tesla", "unrolled"):
         heads, start, target, sim, plan, u, v, lrs, wrt = _setup(syn_steps=1)
         targets = lambda pos, sim=sim, plan=plan: sim(plan.touched[pos])  # noqa: E731
         results[mode] = matching_gradients(heads, u, v, targets, plan, start, target, lrs, wrt, temperature=0.07,
-                                           meta_gradient=mode, inner_dropout=0.5)
+                                           meta_gradient=mode, inner_dropout=0.5, tesla_recompute=recompute)
     for a, b in zip(results["tesla"][1], results["unrolled"][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     plain = _run("tesla", 1)
@@ -142,3 +143,26 @@ def test_per_tensor_student_equals_the_flat_head_forward():
     x = torch.randn(5, D_IMG)
     params = split_parameters(heads.image_head, flatten_parameters(heads.image_head))
     assert torch.allclose(head_apply(heads.image_head, params, x), heads.image_head(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["wbce", "infonce"])
+@pytest.mark.parametrize("normalization", ["separate", "joint"])
+def test_tesla_keeping_each_steps_graph_equals_recomputing_it(loss, normalization):
+    # The heads-only student keeps each inner step's gradient with its graph instead of recomputing the step from
+    # its snapshot (the released code's memory saving): the same loss and meta-gradients, over several steps, with
+    # blending and inner dropout.
+    results = {}
+    for recompute in (True, False):
+        heads, start, target, sim, plan, u, v, lrs, wrt = _setup(syn_steps=4)
+        targets = lambda pos, sim=sim, plan=plan: sim(plan.touched[pos])  # noqa: E731
+        results[recompute] = matching_gradients(heads, u, v, targets, plan, start, target, lrs, wrt,
+                                                temperature=0.07, distill_loss=loss,
+                                                branch_normalization=normalization, inner_dropout=0.1,
+                                                tesla_recompute=recompute)
+    (loss_a, grads_a, _), (loss_b, grads_b, _) = results[True], results[False]
+    assert torch.allclose(loss_a, loss_b)
+    assert [g is None for g in grads_a] == [g is None for g in grads_b]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads_a) >= 4  # data, η and S all get gradients
+    for a, b in zip(grads_a, grads_b):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
