@@ -302,23 +302,28 @@ def matching_gradients(
             b = lr_leaves[id(t)]
             out[i] = -sum((s * g).sum() for s, g in zip(grad_sum[b], g_final[b])).reshape(t.shape)
     data = [wrt[i] for i in data_slots]
+    # The data's meta-gradient is that of the surrogate −Σ_k Σ_b η_b ⟨g_k,b, G_b⟩: a vector-Jacobian product of the
+    # steps' gradients g_k with the cotangent −η_b G_b, the same for every step (passed as grad_outputs, so no
+    # parameter-sized product or sum is formed per step).
+    cotangent = {b: [-lrs[b].detach() * G for G in g_final[b]] for b in branches}
 
-    def surrogate(steps: list[dict[str, list[torch.Tensor]]]) -> torch.Tensor:  # −Σ_k Σ_b η_b ⟨g_k,b, G_b⟩
-        return -sum(lrs[b].detach() * sum((g * G).sum() for g, G in zip(grads[b], g_final[b]))
-                    for grads in steps for b in branches)
-
-    def accumulate(contrib) -> None:
+    def accumulate(steps: list[dict[str, list[torch.Tensor]]]) -> None:
+        pairs = [(g, c) for grads in steps for b in branches for g, c in zip(grads[b], cotangent[b])
+                 if g.requires_grad]
+        if not pairs:
+            return
+        contrib = torch.autograd.grad([g for g, _ in pairs], data, grad_outputs=[c for _, c in pairs],
+                                      allow_unused=True)
         for i, c in zip(data_slots, contrib):
             if c is not None:
                 out[i] = c if out[i] is None else out[i] + c
 
     if keep_graphs:  # one backward through every step's kept graph
-        accumulate(torch.autograd.grad(surrogate(kept), data, allow_unused=True))
+        accumulate(kept)
     else:  # each step recomputed from its snapshot θᵏ, its graph freed before the next
         for k in range(len(plan.batches)):
             leaf = leaves(snapshots[k])
-            grads = by_branch(torch.autograd.grad(step_loss(leaf, k), flat(leaf), create_graph=True))
-            accumulate(torch.autograd.grad(surrogate([grads]), data, allow_unused=True))
+            accumulate([by_branch(torch.autograd.grad(step_loss(leaf, k), flat(leaf), create_graph=True))])
     return loss.detach(), out, _stats(inner_losses)
 
 
