@@ -1060,8 +1060,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"Distillation iteration time ({device}, {args.image_encoder})")
         plot(results_dir / f"memory_vs_n{suffix}.png", ok, grid, "peak_mem_increase_mb",
              "peak memory increase (MB)", f"Distillation peak memory ({device}, {args.image_encoder})")
-    print(f"wrote {json_path} and speed{suffix}.md, speed_vs_n{suffix}.png, memory_vs_n{suffix}.png in {results_dir}",
-          flush=True)
+    pictures = f", speed_vs_n{suffix}.png, memory_vs_n{suffix}.png" if grid["variants"] else ""
+    print(f"wrote {json_path} and speed{suffix}.md{pictures} in {results_dir}", flush=True)
     return {"runs": runs, "experts": experts, "end_to_end": end_to_end, "json": str(json_path)}
 
 
