@@ -386,6 +386,7 @@ def _measure_floor(spec, args, synthetic, trajectories, encoder, counter, on_ste
             touched_counts.append(len(result.plans[0].touched))
             if on_step is not None:
                 on_step()
+        encoder_pass._counter.remove()  # each pass hooks the encoder: keep one hook per candidate, not a growing pile
         runs[batch] = {"seconds": seconds, "passes": passes, **memory.stop(),
                        "encoder_s_per_iter": statistics.median(encoder_s[timed]),
                        "heads_s_per_iter": statistics.median(heads_s[timed]),
