@@ -92,3 +92,49 @@ def test_seed_table_of_a_seed_only_grid_has_as_many_cells_as_columns():
     lines = sweep.seed_table(["seed"], [_row("0", "0", 30.0, 29.0), _row("0", "1", 32.0, 31.0)])
     header, rule, row = lines[2:5]
     assert header.startswith("| seeds |") and header.count("|") == rule.count("|") == row.count("|")
+
+
+def _run_dir(tmp_path, name: str, record: dict, curve: list[float]):
+    out = tmp_path / name
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(record))
+    history = [{"step": 10 * i, "eval_r_mean": v} for i, v in enumerate(curve)] + [{"step": 20, "lr_img": 0.1,
+                                                                                      "lr_txt": 0.2}]
+    (out / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (out / "timings.json").write_text(json.dumps({"distillation_s": 10.0, "iterations": 20}))
+    return out
+
+
+def _scores(val: float, test: float) -> dict:
+    return {"validation": {"r_mean": {"mean": val}}, "test": {"r_mean": {"mean": test}}}
+
+
+def test_summarise_ranks_a_set_under_its_own_protocol_by_that_protocol_only(tmp_path):
+    # In-training evaluations (frozen-encoder heads) peaked at 4.5; the set's own protocol (encoder fine-tuned)
+    # scored 1.6 on validation. Its rank must come from the 1.6, not the maximum over both protocols.
+    own = _run_dir(tmp_path, "lors", {**_scores(1.6, 1.5), "protocol": "finetune_encoder",
+                                      "shared_protocol": _scores(4.4, 5.1)}, [2.6, 4.5])
+    row = sweep.summarise(own)
+    assert row["best_validation_r_mean"] == 1.6
+    assert (row["shared_validation_r_mean"], row["shared_test_r_mean"]) == (4.4, 5.1)
+    assert row["protocol"] == "finetune_encoder"
+    # A set whose reported protocol is the one its training evaluated with keeps the best over the curve.
+    same = _run_dir(tmp_path, "repblend", {**_scores(30.0, 29.0), "protocol": "frozen"}, [2.0, 31.0])
+    row = sweep.summarise(same)
+    assert row["best_validation_r_mean"] == 31.0 and "shared_validation_r_mean" not in row
+
+
+def test_sweep_report_lists_the_shared_protocol_of_sets_under_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "HERE", tmp_path)
+    (tmp_path / "results").mkdir()
+    rows = [{"method": "lors", **sweep.summarise(_run_dir(
+        tmp_path, "lors", {**_scores(1.6, 1.5), "protocol": "finetune_encoder", "shared_protocol": _scores(4.4, 5.1)},
+        [2.6, 4.5]))}]
+
+    class Args:
+        name, grid = "probe", ["method=lors"]
+
+    sweep.write(Args, [], ["method"], rows, 1)
+    text = (tmp_path / "results" / "probe.md").read_text()
+    assert "| lors | 1.6 | 1.6 | 1.5 |" in text
+    assert "| method | shared val | shared test |" in text and "| lors | 4.4 | 5.1 |" in text
