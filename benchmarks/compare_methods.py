@@ -89,8 +89,10 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
                       "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
                       *experts, *VARIANTS[name], *extra])  # an interrupted run continues from its last checkpoint
     timing = out / "timings.json"
-    run = {"own": _scores(json.loads(done.read_text())),
-           "timings": json.loads(timing.read_text()) if timing.exists() else None}
+    record = json.loads(done.read_text())
+    run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None}
+    if record.get("shared_protocol"):  # LoRS / MTT-VL: the same set under the frozen-encoder protocol too
+        run["shared"] = _scores(record["shared_protocol"])
     if args.infonce_protocol:
         # The coresets' protocol (InfoNCE, lr 0.1, S = I) on the same distilled set: a method is reported under
         # whichever of its own protocol and this one scores higher on the *validation* split.
@@ -132,8 +134,18 @@ def table_row(method: str, protocol: str, cells: list[str], test_selected_r_mean
     own = "own (InfoNCE, learned η)" if method == "mtt_vl" else "own (wBCE, learned S and η)"
     if method in VARIANTS and matching_of(method) == "asymmetric":
         own = own[:-1] + ", encoder fine-tuned)"
-    how = {"own": own, "infonce": "InfoNCE, lr 0.1"}[protocol]
+    how = {"own": own, "infonce": "InfoNCE, lr 0.1",
+           "shared": "shared: fresh heads on frozen-encoder features (wBCE / InfoNCE, learned S and η)"}[protocol]
     return f"| {method} | {how} | " + " | ".join(cells) + f" | {test_selected_r_mean:.1f} | {per_iteration} |"
+
+
+def shared_rows(name: str, runs: list[dict]) -> dict | None:
+    """The frozen-encoder protocol's scores of a variant reported under another protocol (LoRS / MTT-VL), as a
+    row of its own (``"<name>, shared protocol"``) so the table compares every set on one footing too."""
+    if not runs or not all("shared" in r for r in runs):
+        return None
+    return {"name": f"{name}, shared protocol", "test": [r["shared"]["test"] for r in runs],
+            "test_selected_on_test": [r["shared"]["test_selected_on_test"] for r in runs]}
 
 
 def strongest(runs: list[dict]) -> tuple[str, list[dict]]:
@@ -165,6 +177,10 @@ def main() -> None:
         rows[name] = [s["test"] for s in scores]
         selected_on_test[name] = [s["test_selected_on_test"] for s in scores]
         timings[name] = [r["timings"] for r in runs if r["timings"]]
+        shared = shared_rows(name, runs)
+        if shared:
+            rows[shared["name"]], selected_on_test[shared["name"]] = shared["test"], shared["test_selected_on_test"]
+            protocol[shared["name"]], timings[shared["name"]] = "shared", timings[name]
 
     from repblend_hf.pipeline import DataArguments, evaluate_baseline, prepare_features
 

@@ -29,6 +29,7 @@ from compare_methods import (  # noqa: E402
     VARIANTS,
     add_run_arguments,
     run_variant,
+    shared_rows,
     strongest,
     summarize,
     table_row,
@@ -103,6 +104,13 @@ def main() -> None:
             seconds.setdefault(str(pairs), {})[name] = [r["timings"]["distillation_s"] / r["timings"]["iterations"]
                                                        for r in runs if r["timings"]]
             iterations.setdefault(str(pairs), {})[name] = [r["timings"]["iterations"] for r in runs if r["timings"]]
+            shared = shared_rows(name, runs)  # LoRS / MTT-VL: the same sets under the shared frozen protocol too
+            if shared:
+                key = shared["name"]
+                per_seed[str(pairs)][key], on_test[str(pairs)][key] = shared["test"], shared["test_selected_on_test"]
+                protocol[str(pairs)][key] = "shared"
+                seconds[str(pairs)][key], iterations[str(pairs)][key] = seconds[str(pairs)][name], \
+                    iterations[str(pairs)][name]
 
     prepared = prepare_features(DataArguments())
     train = prepared.features["train"]

@@ -138,3 +138,15 @@ def test_sweep_report_lists_the_shared_protocol_of_sets_under_their_own(tmp_path
     text = (tmp_path / "results" / "probe.md").read_text()
     assert "| lors | 1.6 | 1.6 | 1.5 |" in text
     assert "| method | shared val | shared test |" in text and "| lors | 4.4 | 5.1 |" in text
+
+
+def test_methods_table_gives_lors_a_shared_protocol_row_beside_its_own():
+    compare = _load_script("compare_methods")
+    scores = {"test": {"r_mean": 1.5}, "test_selected_on_test": {"r_mean": 1.7}, "validation_r_mean": 1.6}
+    shared = {"test": {"r_mean": 5.1}, "test_selected_on_test": {"r_mean": 5.2}, "validation_r_mean": 4.4}
+    runs = [{"own": scores, "shared": shared, "timings": None}, {"own": scores, "shared": shared, "timings": None}]
+    row = compare.shared_rows("lors", runs)
+    assert row["name"] == "lors, shared protocol" and row["test"] == [{"r_mean": 5.1}] * 2
+    assert compare.shared_rows("repblend", [{"own": scores, "timings": None}]) is None
+    line = compare.table_row(row["name"], "shared", ["5.1 ± 0.0"], 5.2, "20.00")
+    assert line.startswith("| lors, shared protocol | shared: fresh heads on frozen-encoder features")
