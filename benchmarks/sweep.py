@@ -142,10 +142,10 @@ def write(args, passthrough: list[str], keys: list[str], rows: list[dict], plann
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in keys) + f" | failed (exit {r['failed']}) |")
     own = [r for r in ok if "shared_validation_r_mean" in r]
     if own:
-        lines += ["", "Sets reported under their own protocol (`" + "`, `".join(sorted({str(r['protocol']) for r in own}))
-                  + "`) are ranked by its final validation alone (best val = final val); their validation curve is "
-                  "the in-training evaluation, heads trained on frozen-encoder features. The same sets under that "
-                  "shared frozen protocol:", "",
+        names = "`, `".join(sorted({str(r["protocol"]) for r in own}))
+        lines += ["", f"Sets reported under their own protocol (`{names}`) are ranked by its final validation alone "
+                  "(best val = final val); their validation curve is the in-training evaluation, heads trained on "
+                  "frozen-encoder features. The same sets under that shared frozen protocol:", "",
                   "| " + " | ".join(keys) + " | shared val | shared test |", "|" + "---|" * (len(keys) + 2)]
         lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys)
                   + f" | {r['shared_validation_r_mean']:.1f} | {r['shared_test_r_mean']:.1f} |" for r in own]

@@ -432,8 +432,11 @@ class EncoderPassCounter:
         self.handle.remove()
 
 
-# The automatic encoder pass (EncoderPass.plan): one graph up to this many touched images on a CPU, else chunks.
-CPU_UNCHUNKED_MAX = 128
+# The automatic encoder pass (EncoderPass.plan): one graph up to this many touched pixels (images x height x width) on
+# a CPU, else chunks. 160 images of 64 px: one graph and chunks of 20 measured level at 64 px (N 99-999), chunks of 20
+# 1.28x faster at 128 px and 2.0x at 224 px with 97 images (benchmarks/results/speed_v4_64px.md, speed_v4_128_224px.md,
+# the floor's per-batch times; 2 threads, idle machine).
+CPU_UNCHUNKED_MAX_PIXELS = 160 * 64 * 64
 AUTO_CHUNK = 20
 
 
@@ -479,9 +482,9 @@ class EncoderPass:
       ``model`` is the student's image encoder and the pixels are the leaf.
 
     ``chunk_size=-1`` (the default of the scripts) chooses for every call from the number of touched images, the
-    device and the memory available (:meth:`plan`): one graph; on a CPU above :data:`CPU_UNCHUNKED_MAX` images,
-    chunks of :data:`AUTO_CHUNK` with their graphs kept (faster per image there); chunks recomputed when keeping
-    the graphs would take more than half of the memory available.
+    device and the memory available (:meth:`plan`): one graph; on a CPU above :data:`CPU_UNCHUNKED_MAX_PIXELS`
+    touched pixels, chunks of :data:`AUTO_CHUNK` with their graphs kept (faster per image there); chunks recomputed
+    when keeping the graphs would take more than half of the memory available.
 
     With ``fold_batchnorm`` the symmetric modes run the encoder's eval-mode BatchNorms folded into its convolutions
     (:meth:`FrozenImageEncoder.fold_batchnorm_`); asymmetric matching trains the encoder and never folds. ``bf16``
@@ -553,10 +556,11 @@ class EncoderPass:
     def plan(self, images: torch.Tensor) -> tuple[int, bool]:
         """``(chunk_size, recompute)`` for this call: the run's own settings, or the automatic choice.
 
-        The automatic choice follows ``benchmarks/results/speed_v2.md`` (64-px EfficientNet-Lite0, 2-core CPU): up to
-        99 touched images one graph is the fastest; at 160 chunks of 20 with graphs kept are 1.2–1.4x faster than
-        one graph; recomputing chunks holds memory at one chunk's graph for 1.25–1.8x the time, so it is chosen
-        only when the kept graphs would not fit in half of the memory available now.
+        The automatic choice follows ``benchmarks/results/speed_v4_*.md`` (EfficientNet-Lite0, 2-core CPU): one graph
+        up to :data:`CPU_UNCHUNKED_MAX_PIXELS` touched pixels (160 images of 64 px), where it and chunks of 20 are
+        level; above, chunks of 20 with graphs kept (1.28x faster at 128 px, 2.0x at 224 px); on a GPU one graph.
+        Recomputing chunks holds memory at one chunk's graph for 1.25–1.8x the time, so it is chosen only when the
+        kept graphs would not fit in half of the memory available now.
         """
         if not self.auto:
             return self.chunk_size, self.recompute
@@ -565,7 +569,7 @@ class EncoderPass:
         available = available_memory(images.device)
         if kept > available / 2:
             chunk, recompute = min(AUTO_CHUNK, n), True
-        elif images.device.type == "cpu" and n > CPU_UNCHUNKED_MAX:
+        elif images.device.type == "cpu" and n * images[0, 0].numel() > CPU_UNCHUNKED_MAX_PIXELS:
             chunk, recompute = AUTO_CHUNK, False
         else:
             chunk, recompute = 0, False

@@ -204,9 +204,9 @@ class DistillationArguments(TrainingArguments):
                 "inner loop uses."})
     encoder_chunk_size: int = field(default=-1, metadata={
         "help": "Synthetic images per encoder call in the symmetric path. -1 (auto): chosen per iteration from the "
-                "touched images, the device and the memory available (one graph up to 128 images on a CPU, else "
-                "chunks of 20; recomputed when the graphs would not fit in half the free memory); encoder_recompute "
-                "is then ignored. 0: all touched images in one call. > 0: chunks of that size; with "
+                "touched images, the device and the memory available (one graph up to 160 images of 64 px on a CPU, "
+                "else chunks of 20; recomputed when the graphs would not fit in half the free memory); "
+                "encoder_recompute is then ignored. 0: all touched images in one call. > 0: chunks of that size; with "
                 "encoder_recompute each chunk's forward graph is freed and recomputed in the pixel backward, so "
                 "memory stays at one chunk's graph (one more forward per image)."})
     encoder_recompute: bool = field(default=True, metadata={

@@ -242,12 +242,14 @@ def test_auto_encoder_pass_chooses_by_size_and_memory_with_the_same_gradient(mon
 
     encoder = load_image_encoder("test_efficientnet", pretrained=False, image_size=32)
     auto = encoders.EncoderPass(encoder, chunk_size=-1)
-    few, many = torch.randn(6, 3, 32, 32), torch.randn(encoders.CPU_UNCHUNKED_MAX + 2, 3, 32, 32)
+    monkeypatch.setattr(encoders, "CPU_UNCHUNKED_MAX_PIXELS", 20 * 32 * 32)  # 20 images of 32 px
+    few, many = torch.randn(6, 3, 32, 32), torch.randn(22, 3, 32, 32)
     per_image = auto.graph_bytes_per_image(few)
     assert per_image > 0
     monkeypatch.setattr(encoders, "available_memory", lambda device: 10**12)
     assert auto.plan(few) == (0, False)  # few images on a CPU: one graph
     assert auto.plan(many) == (encoders.AUTO_CHUNK, False)  # many: chunks with their graphs kept
+    assert auto.plan(torch.randn(6, 3, 64, 64)) == (encoders.AUTO_CHUNK, False)  # as few but larger: pixels count
     monkeypatch.setattr(encoders, "available_memory", lambda device: per_image * 4)  # graphs of 2 images fit
     with caplog.at_level("INFO", logger="repblend_hf.encoders"):
         assert auto.plan(few) == (6, True)  # the graphs would not fit: chunks recomputed
@@ -258,7 +260,7 @@ def test_auto_encoder_pass_chooses_by_size_and_memory_with_the_same_gradient(mon
     leaf, state = want.forward(few.clone())
     expected = want.backward(state, grad_out)
     for chunk in (0, 4):
-        monkeypatch.setattr(encoders, "CPU_UNCHUNKED_MAX", 100 if chunk == 0 else 2)
+        monkeypatch.setattr(encoders, "CPU_UNCHUNKED_MAX_PIXELS", (100 if chunk == 0 else 2) * 32 * 32)
         monkeypatch.setattr(encoders, "AUTO_CHUNK", 4)
         monkeypatch.setattr(encoders, "available_memory", lambda device: 10**12)
         leaf, state = auto.forward(few.clone())
