@@ -569,7 +569,7 @@ class EncoderPass:
         available = available_memory(images.device)
         if kept > available / 2:
             chunk, recompute = min(AUTO_CHUNK, n), True
-        elif images.device.type == "cpu" and n * images[0, 0].numel() > CPU_UNCHUNKED_MAX_PIXELS:
+        elif images.device.type == "cpu" and n * images.shape[-2] * images.shape[-1] > CPU_UNCHUNKED_MAX_PIXELS:
             chunk, recompute = AUTO_CHUNK, False
         else:
             chunk, recompute = 0, False
