@@ -53,3 +53,23 @@ def test_init_through_the_train_transform_is_a_function_of_the_seed():
     assert torch.equal(plain.pixel_values, expected)
     with pytest.raises(ValueError, match="init_transform must be"):
         build("random")
+
+
+def test_forward_returns_the_loss_and_backward_puts_exactly_the_given_gradients_on_the_set():
+    # The DistillationTrainer's backward: each tensor's .grad is its meta-gradient (scaled by the incoming scalar,
+    # e.g. a loss scaler or 1 / gradient_accumulation_steps), and the value is the matching loss.
+    config = RepBlendConfig(num_pairs=4, image_dim=12, text_dim=6, embed_dim=8, sim_rank=2,
+                            synthetic_space="features")
+    synthetic = SyntheticSet(config, torch.randn(4, 12), torch.randn(4, 6))
+    params = [synthetic.image_features, synthetic.text_embeddings]
+    grads = [torch.randn_like(p) for p in params]
+    out = synthetic(surrogate_grads=list(zip(params, grads)), loss=torch.tensor(2.5))
+    assert out.item() == 2.5
+    out.backward()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+    synthetic.zero_grad(set_to_none=True)
+    (synthetic(surrogate_grads=list(zip(params, grads)), loss=torch.tensor(2.5)) * 0.5).backward()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g * 0.5)
+    assert synthetic.log_lr_img.grad is None  # a tensor without a given gradient gets none
