@@ -45,16 +45,31 @@ def plot(table: dict, path: Path, title: str = "fashion-scenes") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     methods = sorted({m for per_size in table.values() for m in per_size if m != "full"})
     sizes = sorted(int(p) for p in table)
+    full = next((per_size["full"]["r_mean"] for per_size in table.values() if "full" in per_size), None)
+    if len(sizes) == 1:  # one size: a bar per method (a line needs two sizes), best at the top
+        stats = sorted(((m, table[str(sizes[0])][m]["r_mean"]) for m in methods), key=lambda x: x[1]["mean"])
+        fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(stats) + 1.4))
+        ax.barh([m for m, _ in stats], [s["mean"] for _, s in stats], xerr=[s["std"] for _, s in stats], capsize=3,
+                color="tab:blue")
+        if full is not None:
+            ax.axvline(full["mean"], color="black", linestyle="--", linewidth=1, label="full data")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xlabel(f"test r_mean at {sizes[0]} pairs (validation-selected, mean ± std over seeds)")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
     for method in methods:
         points = [(p, table[str(p)][method]["r_mean"]) for p in sizes if method in table[str(p)]]
         if points:
             xs, stats = zip(*points)
             ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
                         label=method)
-    full = next((per_size["full"]["r_mean"] for per_size in table.values() if "full" in per_size), None)
     if full is not None:
         ax.axhline(full["mean"], color="black", linestyle="--", linewidth=1, label="full data")
     ax.set_xscale("log")

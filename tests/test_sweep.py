@@ -150,3 +150,15 @@ def test_methods_table_gives_lors_a_shared_protocol_row_beside_its_own():
     assert compare.shared_rows("repblend", [{"own": scores, "timings": None}]) is None
     line = compare.table_row(row["name"], "shared", ["5.1 ± 0.0"], 5.2, "20.00")
     assert line.startswith("| lors, shared protocol | shared: fresh heads on frozen-encoder features")
+
+
+def test_methods_plot_draws_one_size_as_bars_and_several_as_lines(tmp_path):
+    methods = _load_script("methods")
+    row = {"r_mean": {"mean": 4.0, "std": 0.5}}
+    one = {"99": {"random": row, "lors": {"r_mean": {"mean": 3.8, "std": 0.2}}, "full": row}}
+    methods.plot(one, tmp_path / "one.png")
+    methods.plot({**one, "199": {"random": row}}, tmp_path / "two.png")
+    from PIL import Image
+
+    bars, lines = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "two.png")
+    assert bars.size != lines.size  # the bar chart's height follows the number of methods
