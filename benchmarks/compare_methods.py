@@ -90,7 +90,8 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
                       *experts, *VARIANTS[name], *extra])  # an interrupted run continues from its last checkpoint
     timing = out / "timings.json"
     record = json.loads(done.read_text())
-    run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None}
+    run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None,
+           "curve": validation_curve(out)}
     if record.get("shared_protocol"):  # LoRS / MTT-VL: the same set under the frozen-encoder protocol too
         run["shared"] = _scores(record["shared_protocol"])
     if args.infonce_protocol:
@@ -105,6 +106,25 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
                                    str(other.parent), *extra_data_args(extra)])
         run["infonce"] = _scores(json.loads(other.read_text()))
     return run
+
+
+def validation_curve(out: Path) -> dict[int, float]:
+    """The run's in-training validation r_mean by iteration (``eval_r_mean`` in ``trainer_state.json``: fresh heads
+    on frozen-encoder features, the DistillationTrainer's evaluation); empty when the run kept no state."""
+    state = out / "trainer_state.json"
+    if not state.exists():
+        return {}
+    history = json.loads(state.read_text())["log_history"]
+    return {int(h["step"]): float(h["eval_r_mean"]) for h in history if "eval_r_mean" in h}
+
+
+def common_curve(runs: list[dict]) -> dict[int, dict[str, float]]:
+    """Mean and std over runs of the validation curve at the iterations every run evaluated: the comparison at equal
+    iterations that an equal-time budget (different iterations per run) still contains."""
+    curves = [r.get("curve") or {} for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return {k: {"mean": float(np.mean([c[k] for c in curves])), "std": float(np.std([c[k] for c in curves]))}
+            for k in steps}
 
 
 def _scores(record: dict) -> dict:

@@ -28,6 +28,7 @@ from compare_methods import (  # noqa: E402
     PROTOCOL_NOTE,
     VARIANTS,
     add_run_arguments,
+    common_curve,
     run_variant,
     shared_rows,
     strongest,
@@ -108,11 +109,13 @@ def main() -> None:
     seconds: dict[str, dict[str, list[float]]] = {}
     iterations: dict[str, dict[str, list[int]]] = {}
     protocol: dict[str, dict[str, str]] = {}
+    curves: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for pairs in sizes:
         for name in filter(None, args.variants.split(",")):
             runs = [run_variant(name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}", args,
                                 ["--num_pairs", str(pairs), *passthrough]) for seed in seeds]
             chosen, scores = strongest(runs)
+            curves.setdefault(str(pairs), {})[name] = common_curve(runs)
             protocol.setdefault(str(pairs), {})[name] = chosen
             per_seed.setdefault(str(pairs), {})[name] = [s["test"] for s in scores]
             on_test.setdefault(str(pairs), {})[name] = [s["test_selected_on_test"] for s in scores]
@@ -145,7 +148,7 @@ def main() -> None:
     write_json(out, {"seeds": seeds, "pairs": sizes, "passthrough": passthrough, "test": table,
                      "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
                      "iterations": iterations,
-                     "protocol": protocol})
+                     "protocol": protocol, "validation_curves": curves})
     steps = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_steps"), None)
     minutes = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_time_minutes"), None)
     budget = (f", {minutes} min of distillation per method (at most {steps} iterations)" if minutes
@@ -167,7 +170,22 @@ def main() -> None:
                             per_iteration)
             lines.append(row + (f" {sum(done) / len(done):.0f} |" if done else " — |"))
         lines.append("")
-    lines += ["Full data is listed under the first size. " + PROTOCOL_NOTE]
+    lines += ["Full data is listed under the first size. " + PROTOCOL_NOTE, ""]
+    for pairs in sizes:
+        by_method = {m: c for m, c in curves.get(str(pairs), {}).items() if c}
+        if not by_method:
+            continue
+        lines += [f"## {pairs} pairs: in-training validation r_mean by iteration", "",
+                  "The trainer's evaluation (fresh heads on frozen-encoder features, one evaluation seed) at the "
+                  "iterations every seed of a method evaluated, mean ± std over seeds: the same methods at equal "
+                  "iterations.", "", "| method | " + " | ".join(
+                      f"it {k}" for k in sorted({k for c in by_method.values() for k in c})) + " |"]
+        steps = sorted({k for c in by_method.values() for k in c})
+        lines.append("|---|" + "---|" * len(steps))
+        for method, curve in by_method.items():
+            lines.append(f"| {method} | " + " | ".join(
+                f"{curve[k]['mean']:.1f} ± {curve[k]['std']:.1f}" if k in curve else "" for k in steps) + " |")
+        lines.append("")
     write_markdown(out, lines)
 
 

@@ -162,3 +162,19 @@ def test_methods_plot_draws_one_size_as_bars_and_several_as_lines(tmp_path):
 
     bars, lines = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "two.png")
     assert bars.size != lines.size  # the bar chart's height follows the number of methods
+
+
+def test_methods_curves_compare_seeds_at_the_iterations_all_of_them_evaluated(tmp_path):
+    compare = _load_script("compare_methods")
+    runs = []
+    for seed, history in enumerate([[(0, 3.0), (200, 8.0), (400, 14.0), (660, 20.0)],
+                                    [(0, 2.0), (200, 10.0), (400, 12.0), (439, 12.5)]]):
+        out = tmp_path / f"seed{seed}"
+        out.mkdir()
+        log = [{"step": k, "eval_r_mean": v} for k, v in history] + [{"step": 10, "loss": 1.0}]
+        (out / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+        runs.append({"curve": compare.validation_curve(out)})
+    curve = compare.common_curve(runs)
+    assert sorted(curve) == [0, 200, 400]  # 660 and 439: one seed each, not an equal-iteration comparison
+    assert curve[400] == {"mean": 13.0, "std": 1.0}
+    assert compare.validation_curve(tmp_path / "missing") == {}
