@@ -575,3 +575,19 @@ def test_skipped_iterations_are_logged_as_skipped_not_as_loss_0(prepared, expert
     assert first["loss"] == pytest.approx(losses[0], rel=1e-4)  # the healthy iteration's loss, not its mean with 0
     assert first["matching_loss"] == pytest.approx(losses[0], rel=1e-4)
     assert "loss" not in second and "matching_loss" not in second  # every iteration skipped: no loss at all
+
+
+def test_the_guard_copies_the_set_only_when_an_sgd_step_could_overflow():
+    # The guard's rollback copies cost ~0.15 s an iteration at 999 images; it skips them when a bound proves the
+    # SGD-with-momentum step finite, and keeps them for anything it cannot bound.
+    from repblend_hf.trainers.callbacks import _sgd_step_stays_finite
+
+    p = torch.nn.Parameter(torch.full((3, 4), 2.0))
+    p.grad = torch.full((3, 4), 10.0)
+    sgd = {"lr": 100.0, "momentum": 0.5}
+    assert _sgd_step_stays_finite(p, sgd, {"momentum_buffer": torch.ones(3, 4)})
+    assert not _sgd_step_stays_finite(p, {**sgd, "lr": 1e38}, {})  # 2 + 1e38 * 10 overflows float32
+    assert not _sgd_step_stays_finite(p, {**sgd, "lr": float("inf")}, {})
+    assert not _sgd_step_stays_finite(p, sgd, {"momentum_buffer": torch.full((3, 4), float("nan"))})
+    assert not _sgd_step_stays_finite(p, {**sgd, "adam": True}, {})  # Adam: not bounded here, copies kept
+    assert not _sgd_step_stays_finite(p, {**sgd, "weight_decay": 5e-4}, {})

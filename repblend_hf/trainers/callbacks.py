@@ -39,6 +39,31 @@ def _synthetic(model):
     return model.module if hasattr(model, "module") else model
 
 
+def _sgd_step_stays_finite(p: torch.Tensor, group: dict, state: dict) -> bool:
+    """Whether a plain SGD-with-momentum step (no dampening, weight decay or Nesterov) provably leaves ``p`` finite.
+
+    The step is ``buf <- m * buf + g`` and ``p <- p - lr * buf``, so every entry of the new ``p`` is at most
+    ``max|p| + lr * (m * max|buf| + max|g|)`` in size: below the dtype's largest value (halved for rounding), nothing
+    can overflow and the guard need not copy the parameter and its momentum to roll them back. Three min/max reductions
+    instead of two copies and a finiteness check of the whole set: at 999 images of 64 px the copies and checks were
+    ~0.15 s of a 1.0 s iteration (``speed_profile_n999_64px.md``). Any other optimiser (Adam groups), or a bound that
+    is not finite, answers False and the guard keeps its copies.
+    """
+    if group.get("adam") or group.get("weight_decay") or group.get("nesterov") or group.get("dampening"):
+        return False
+    if not (p.is_floating_point() and p.grad.is_floating_point()):
+        return False
+
+    def amax(t: torch.Tensor) -> float:  # max |t|, NaN if t holds one; aminmax is ~10x faster than an inf-norm on CPU
+        lo, hi = torch.aminmax(t.detach())
+        return max(abs(float(lo)), abs(float(hi))) if not (lo.isnan() or hi.isnan()) else float("nan")
+
+    buf = state.get("momentum_buffer")
+    update = amax(p.grad) + (abs(group.get("momentum", 0.0)) * amax(buf) if buf is not None else 0.0)
+    bound = amax(p) + abs(group["lr"]) * update
+    return bound < torch.finfo(p.dtype).max / 2  # False for inf / NaN too
+
+
 class NonFiniteGuard(TrainerCallback):
     """Nothing non-finite reaches the set: skipped iterations are counted, lrs lowered, and the run stopped.
 
@@ -62,15 +87,16 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         optimizer = self.trainer.optimizer
         self._saved.clear()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
-                    self._saved[p] = (p.detach().clone(), saved)
+        stepped = [(p, group) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(_sgd_step_stays_finite(p, group, optimizer.state.get(p, {})) for p, group in stepped):
+            return  # no entry can become non-finite: nothing to roll back, nothing to copy
+        for p, _ in stepped:  # a rolled-back step is rolled back whole
+            saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
+            self._saved[p] = (p.detach().clone(), saved)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         optimizer, saved = self.trainer.optimizer, self._saved
-        if not saved:  # a skipped iteration: no gradient, nothing stepped
+        if not saved:  # a skipped iteration (no gradient, nothing stepped), or a step proven finite before it ran
             return
         if bool(torch.stack([torch.isfinite(p).all() for p in saved]).all()):
             self.streak = 0
