@@ -54,8 +54,7 @@ class _InjectGradient(torch.autograd.Function):
     """``f(param) = 0`` whose gradient w.r.t. ``param`` is the given ``grad`` (times the incoming scalar).
 
     The trainer's backward of the outer iteration's meta-gradient. The earlier surrogate ``<param, grad> - <param,
-    grad>`` cost two parameter-sized products and sums forward and one product backward: at 999 images of 64 px,
-    about 0.25 s an iteration on one CPU thread, the gap between the trainer and the speed floor (issue #14).
+    grad>`` cost two parameter-sized products and sums forward and one product backward, work that grows with N.
     """
 
     @staticmethod

@@ -591,3 +591,23 @@ def test_the_guard_copies_the_set_only_when_an_sgd_step_could_overflow():
     assert not _sgd_step_stays_finite(p, sgd, {"momentum_buffer": torch.full((3, 4), float("nan"))})
     assert not _sgd_step_stays_finite(p, {**sgd, "adam": True}, {})  # Adam: not bounded here, copies kept
     assert not _sgd_step_stays_finite(p, {**sgd, "weight_decay": 5e-4}, {})
+
+
+def test_a_step_proven_finite_ends_the_streak_of_skipped_iterations():
+    # Only consecutive skipped iterations lower the lrs: a good step in between, copied or proven finite, resets.
+    from types import SimpleNamespace
+
+    from repblend_hf.trainers.callbacks import NonFiniteGuard
+
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([{"params": [p], "name": "images"}], lr=0.1, momentum=0.5)
+    args = SimpleNamespace(nonfinite_patience=3, nonfinite_max_lowerings=1, nonfinite_lr_factor=0.1)
+    guard = NonFiniteGuard(SimpleNamespace(optimizer=optimizer, args=args, state=None, lr_scheduler=None))
+    guard.skipped({"images"})
+    guard.skipped({"images"})
+    p.grad = torch.ones(3)
+    guard.on_pre_optimizer_step(None, None, None)
+    assert guard._saved == {}  # proven finite: nothing copied
+    optimizer.step()
+    guard.on_optimizer_step(None, None, None)
+    assert guard.streak == 0

@@ -83,20 +83,26 @@ class NonFiniteGuard(TrainerCallback):
         self.trainer = trainer
         self.streak = self.lowerings = 0  # consecutive skipped iterations, lr lowerings so far
         self._saved: dict[torch.Tensor, tuple[torch.Tensor, dict]] = {}
+        self._proven = False  # the coming step was proven finite (nothing saved, nothing to check)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         optimizer = self.trainer.optimizer
         self._saved.clear()
         stepped = [(p, group) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all(_sgd_step_stays_finite(p, group, optimizer.state.get(p, {})) for p, group in stepped):
-            return  # no entry can become non-finite: nothing to roll back, nothing to copy
+        self._proven = bool(stepped) and all(_sgd_step_stays_finite(p, group, optimizer.state.get(p, {}))
+                                             for p, group in stepped)
+        if self._proven:  # no entry can become non-finite: nothing to roll back, nothing to copy
+            return
         for p, _ in stepped:  # a rolled-back step is rolled back whole
             saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state.get(p, {}).items()}
             self._saved[p] = (p.detach().clone(), saved)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         optimizer, saved = self.trainer.optimizer, self._saved
-        if not saved:  # a skipped iteration (no gradient, nothing stepped), or a step proven finite before it ran
+        if self._proven:  # a step proven finite before it ran: a good iteration
+            self.streak = 0
+            return
+        if not saved:  # a skipped iteration: no gradient, nothing stepped
             return
         if bool(torch.stack([torch.isfinite(p).all() for p in saved]).all()):
             self.streak = 0
