@@ -178,16 +178,15 @@ def main() -> None:
         by_method = {m: c for m, c in curves.get(str(pairs), {}).items() if c}
         if not by_method:
             continue
+        evaluated = sorted({k for c in by_method.values() for k in c})
         lines += [f"## {pairs} pairs: in-training validation r_mean by iteration", "",
                   "The trainer's evaluation (fresh heads on frozen-encoder features, one evaluation seed) at the "
                   "iterations every seed of a method evaluated, mean ± std over seeds: the same methods at equal "
-                  "iterations.", "", "| method | " + " | ".join(
-                      f"it {k}" for k in sorted({k for c in by_method.values() for k in c})) + " |"]
-        steps = sorted({k for c in by_method.values() for k in c})
-        lines.append("|---|" + "---|" * len(steps))
+                  "iterations.", "", "| method | " + " | ".join(f"it {k}" for k in evaluated) + " |",
+                  "|---|" + "---|" * len(evaluated)]
         for method, curve in by_method.items():
             lines.append(f"| {method} | " + " | ".join(
-                f"{curve[k]['mean']:.1f} ± {curve[k]['std']:.1f}" if k in curve else "" for k in steps) + " |")
+                f"{curve[k]['mean']:.1f} ± {curve[k]['std']:.1f}" if k in curve else "" for k in evaluated) + " |")
         lines.append("")
     write_markdown(out, lines)
 
