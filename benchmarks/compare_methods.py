@@ -80,14 +80,16 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
         experts += ["--num_experts", str(args.asymmetric_experts)]
     if matching == "asymmetric" and args.asymmetric_expert_epochs:
         experts += ["--expert_train_epochs", str(args.asymmetric_expert_epochs)]
-    if matching == "asymmetric" and "--asymmetric_image_head" not in extra:
-        experts += ["--embed_dim", str(encoder_width(extra))]
+    # The released asymmetric student has no image head, so its width is the encoder's: it goes last, over a
+    # pass-through --embed_dim meant for the symmetric variants (e.g. --embed_dim 512 against the config's 1280).
+    width = (["--embed_dim", str(encoder_width(extra))]
+             if matching == "asymmetric" and "--asymmetric_image_head" not in extra else [])
     done = out / "results.json"
     if not done.exists():  # finished runs are kept: the benchmark resumes where it stopped
         distill.main(["--seed", str(seed), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                       "--trajectory_dir", str(Path(args.experts_dir or args.work_dir) / f"experts_{matching}"),
                       "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
-                      *experts, *VARIANTS[name], *extra])  # an interrupted run continues from its last checkpoint
+                      *experts, *VARIANTS[name], *extra, *width])  # an interrupted run continues from its last checkpoint
     timing = out / "timings.json"
     record = json.loads(done.read_text())
     run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None,

@@ -237,6 +237,7 @@ def test_every_shipped_config_parses(config, tmp_path):
         assert args.branch_normalization == "joint"
     if config.stem == "fashion_scenes_99":
         assert data_args.dataset == "fashion-scenes" and set_args.num_pairs == 99
+        assert set_args.embed_dim == 1280  # heads as wide as EfficientNet-Lite0's features (README, "Results")
 
 
 def _console_scripts() -> dict[str, str]:
