@@ -16,6 +16,8 @@
 #         --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 huggingface_hub==2.4.0 datasets==5.2.0 \
 #         dill==0.4.1 multiprocess==0.70.19 timm==1.0.31 tokenizers==0.23.3 hf-xet==1.8.0 fsspec==2026.9.0 \
 #         httpx2==2.16.2 httpcore2==2.16.2 truststore click==8.5.1
+# (the second session: transformers==5.25.0, truststore==0.10.5, accelerate==1.16.0, typer==0.29.2, the
+# versions of the .venv; match them to requirements/constraints.txt and the .venv when you fetch them again)
 # and the call was  GRID_SECONDS=440 bash benchmarks/gpu_check.sh $OUT  (414 s on an H200, results in
 # benchmarks/results/speed_cuda_nfnet_l0.*; the N = 499 fp32 repeat: the same with
 # --num_pairs 499 --dtypes fp32 --variants floor,repblend_auto,repblend_unchunked,repblend_chunks_kept,repblend

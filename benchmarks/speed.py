@@ -424,16 +424,31 @@ def profile_summary(events, iterations: int, device: str, top: int = 12) -> dict
     total, own = (("device_time_total", "self_device_time_total") if device == "cuda"
                   else ("cpu_time_total", "self_cpu_time_total"))
     per_iter = lambda us: us / 1e6 / iterations  # noqa: E731
-    phases = {e.key.split(":", 1)[1]: per_iter(getattr(e, total)) for e in events if e.key.startswith("repblend:")}
+    # A record_function range is two events on CUDA, keyed alike: the host's (device_type CPU: its CPU time) and
+    # the GPU's user annotation (its span on the device's timeline). Keep them apart, or one hides the other.
+    labelled = [e for e in events if e.key.startswith("repblend:")]
+    on_gpu = lambda e: "CUDA" in str(getattr(e, "device_type", ""))  # noqa: E731
+    spans = [e for e in labelled if on_gpu(e)] if device == "cuda" else []
+    phases = {e.key.split(":", 1)[1]: per_iter(getattr(e, total))
+              for e in (spans or [e for e in labelled if not on_gpu(e)])}
     steps = [e for e in events if e.key.startswith("ProfilerStep")]
     optimiser = [e for e in events if e.key.startswith("Optimizer.step")]
     if optimiser:
         phases["optimizer_step"] = per_iter(sum(getattr(e, total) for e in optimiser))
     if steps and device != "cuda":
         phases["iteration"] = per_iter(sum(e.cpu_time_total for e in steps))
+    # On CUDA, also the host's time in each phase: a phase whose device span is far above its kernels' own time,
+    # with the host busy throughout, is bound by launching kernels, not by the kernels themselves.
+    host = ({e.key.split(":", 1)[1]: per_iter(e.cpu_time_total) for e in labelled if not on_gpu(e)}
+            if device == "cuda" else {})
+    launches = (sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+                / iterations if device == "cuda" else None)
+    kernels = (per_iter(sum(e.self_device_time_total for e in events if on_gpu(e) and e not in labelled))
+               if device == "cuda" else None)
     ops = sorted((e for e in events if not e.key.startswith(("repblend:", "ProfilerStep", "Optimizer."))),
                  key=lambda e: getattr(e, own), reverse=True)[:top]
-    return {"time": total, "phases_s_per_iter": phases,
+    return {"time": total, "phases_s_per_iter": phases, "host_phases_s_per_iter": host,
+            "kernel_launches_per_iter": launches, "device_self_s_per_iter": kernels,
             "top_ops": [{"op": e.key, "self_s_per_iter": per_iter(getattr(e, own)),
                          "calls_per_iter": e.count / iterations} for e in ops]}
 
@@ -774,8 +789,17 @@ def write_report(path: Path, command: str, env: dict, settings: dict, grid: dict
                 ph = prof["phases_s_per_iter"]
                 lines += [f"### {LABELS[v]}, {row[0]}, {row[1]} px, N={row[2]}", "",
                           "| " + " | ".join(ph) + " |", "|" + "---|" * len(ph),
-                          "| " + " | ".join(f"{x:.3f}" for x in ph.values()) + " |", "",
-                          "| op | self s / iter | calls / iter |", "|---|---|---|"]
+                          "| " + " | ".join(f"{x:.3f}" for x in ph.values()) + " |", ""]
+                if prof.get("host_phases_s_per_iter"):  # CUDA: the device times above, the host's here
+                    host = prof["host_phases_s_per_iter"]
+                    lines += ["Host (CPU) seconds per iteration in the same phases: "
+                              + ", ".join(f"{k} {x:.3f}" for k, x in host.items())
+                              + (f"; {prof['kernel_launches_per_iter']:.0f} kernel launches per iteration"
+                                 if prof.get("kernel_launches_per_iter") else "")
+                              + (f"; the device's own (self) time of every kernel and copy: "
+                                 f"{prof['device_self_s_per_iter']:.3f} s per iteration"
+                                 if prof.get("device_self_s_per_iter") is not None else "") + ".", ""]
+                lines += ["| op | self s / iter | calls / iter |", "|---|---|---|"]
                 lines += [f"| `{o['op']}` | {o['self_s_per_iter']:.3f} | {o['calls_per_iter']:.0f} |"
                           for o in prof["top_ops"]]
                 lines.append("")

@@ -147,6 +147,29 @@ def test_speed_benchmark_profile_splits_the_iteration_into_phases(tiny_text_enco
     assert "## Profile (torch.profiler" in report and "### (a) RepBlend, fp32, 32 px, N=6" in report
 
 
+def test_profile_summary_keeps_the_host_and_device_events_of_a_phase_apart():
+    """On CUDA a ``record_function`` range is two events with one key, the host's and the GPU annotation's;
+    the phase's device span comes from the latter and its host time from the former, whatever their order."""
+    from types import SimpleNamespace
+
+    speed = _speed_module()
+
+    def event(key, device_type, device_us=0.0, cpu_us=0.0, self_device_us=0.0, count=2):
+        return SimpleNamespace(key=key, device_type=f"DeviceType.{device_type}", device_time_total=device_us,
+                               self_device_time_total=self_device_us, cpu_time_total=cpu_us,
+                               self_cpu_time_total=cpu_us, count=count)
+
+    host, span = event("repblend:inner_loop", "CPU", cpu_us=4e5), event("repblend:inner_loop", "CUDA", device_us=3e5)
+    ops = [event("cudaLaunchKernel", "CPU", cpu_us=1e5, count=2000), event("void gemm", "CUDA", 1e5, 0, 1e5, 40)]
+    for order in ([host, span], [span, host]):
+        summary = speed.profile_summary([*order, *ops], 2, "cuda")
+        assert summary["phases_s_per_iter"] == {"inner_loop": pytest.approx(0.15)}
+        assert summary["host_phases_s_per_iter"] == {"inner_loop": pytest.approx(0.2)}
+        assert summary["kernel_launches_per_iter"] == 1000 and summary["device_self_s_per_iter"] == pytest.approx(0.05)
+    on_cpu = speed.profile_summary([host, *ops], 2, "cpu")  # a CPU run: the host events alone, no host split
+    assert on_cpu["phases_s_per_iter"] == {"inner_loop": pytest.approx(0.2)} and on_cpu["host_phases_s_per_iter"] == {}
+
+
 @pytest.mark.parametrize("variant", ["floor", "repblend", "repblend_per_step", "lors"])
 def test_the_benchmark_times_the_trainers_own_iteration(tiny_text_encoder_dir, tmp_path, variant):
     """speed.py has no copy of the iteration: its timed function, on the trainer's inputs, gives the trainer's
