@@ -90,7 +90,7 @@ def _write_expert_file(
     try:
         header = {"format_version": str(TRAJECTORIES_FORMAT_VERSION), "expert_index": str(expert_index),
                   "num_epochs": str(num_epochs)}
-        save_file({b: t.contiguous() for b, t in snapshots.items()}, tmp, metadata=header)
+        save_file({b: t.detach().to("cpu").contiguous() for b, t in snapshots.items()}, tmp, metadata=header)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -93,6 +93,30 @@ def test_sample_segment_returns_matching_snapshots_within_bounds(tmp_path, from_
     assert seen == {(e, s) for e in range(3) for s in range(2)}
 
 
+def test_a_copy_on_a_device_samples_the_same_segments_and_is_chosen_only_where_it_fits(tmp_path):
+    traj = _trajectories()
+    traj.save(tmp_path)
+    lazy = ExpertTrajectories.load(tmp_path)
+    assert lazy.nbytes == 3 * (T + 1) * (6 + 3) * 4
+    held = lazy.to("cpu")  # every snapshot read into memory; the lazy original is unchanged
+    assert held is not lazy and held.metadata == lazy.metadata and held.expert_indices == lazy.expert_indices
+    for _ in range(5):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        a, b = lazy.sample_segment(1, 3, generator=g1), held.sample_segment(1, 3, generator=g2)
+        assert (a.expert_index, a.start_epoch) == (b.expert_index, b.start_epoch)
+        assert all(torch.equal(a.start_params[k], b.start_params[k]) and
+                   torch.equal(a.target_params[k], b.target_params[k]) for k in SIZES)
+    # A copy can be saved again, wherever its tensors live.
+    held.save(tmp_path / "again")
+    assert torch.equal(ExpertTrajectories.load(tmp_path / "again").expert_snapshots(2)["image"], _expert(2)["image"])
+    # The rule: a CPU keeps the lazy files; an accelerator gets a copy when all snapshots take at most a quarter of
+    # its free memory ("meta" stands in for a GPU here: no data, the same decision).
+    assert lazy.on_device_if_fits("cpu") is lazy
+    assert lazy.on_device_if_fits("meta", free_bytes=4 * lazy.nbytes - 1) is lazy
+    moved = lazy.on_device_if_fits("meta", free_bytes=4 * lazy.nbytes)
+    assert moved is not lazy and all(t.device.type == "meta" for t in moved.expert_snapshots(0).values())
+
+
 def test_sample_segment_reproducible_and_validated():
     traj = _trajectories()
     a = traj.sample_segment(1, 3, generator=torch.Generator().manual_seed(5))

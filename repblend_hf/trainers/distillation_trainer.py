@@ -175,6 +175,8 @@ class DistillationTrainer(Trainer):
         self.encoder_pass = encoder_pass_for(image_encoder, config, args)
         self.image_encoder.to(self.args.device)
         self.heads.to(self.args.device)
+        # On a GPU with room, the snapshots live there: no host-to-device copy of a segment every iteration.
+        self.trajectories = trajectories.on_device_if_fits(self.args.device)
 
     @property
     def encoder_passes(self) -> dict[str, int]:
