@@ -85,11 +85,11 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
     width = (["--embed_dim", str(encoder_width(extra))]
              if matching == "asymmetric" and "--asymmetric_image_head" not in extra else [])
     done = out / "results.json"
-    if not done.exists():  # finished runs are kept: the benchmark resumes where it stopped
+    if not done.exists():  # finished runs are kept; an interrupted run continues from its last checkpoint
         distill.main(["--seed", str(seed), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                       "--trajectory_dir", str(Path(args.experts_dir or args.work_dir) / f"experts_{matching}"),
                       "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
-                      *experts, *VARIANTS[name], *extra, *width])  # an interrupted run continues from its last checkpoint
+                      *experts, *VARIANTS[name], *extra, *width])
     timing = out / "timings.json"
     record = json.loads(done.read_text())
     run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None,

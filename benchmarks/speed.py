@@ -443,8 +443,8 @@ def profile_summary(events, iterations: int, device: str, top: int = 12) -> dict
             if device == "cuda" else {})
     launches = (sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
                 / iterations if device == "cuda" else None)
-    kernels = (per_iter(sum(e.self_device_time_total for e in events if on_gpu(e) and e not in labelled))
-               if device == "cuda" else None)
+    kernels = (per_iter(sum(e.self_device_time_total for e in events
+                            if on_gpu(e) and not e.key.startswith("repblend:"))) if device == "cuda" else None)
     ops = sorted((e for e in events if not e.key.startswith(("repblend:", "ProfilerStep", "Optimizer."))),
                  key=lambda e: getattr(e, own), reverse=True)[:top]
     return {"time": total, "phases_s_per_iter": phases, "host_phases_s_per_iter": host,
