@@ -311,6 +311,8 @@ def check_distill_run(data_args, set_args, args) -> str | None:
             "--max_start_epoch or --expert_epochs, or raise --expert_train_epochs")
     p.check(set_args.eval_seeds >= 1, f"eval_seeds must be >= 1, got {set_args.eval_seeds}; the final table needs at "
                                       "least one evaluation seed")
+    p.check(set_args.full_data_seeds >= 1 or "full" not in set_args.baselines.split(","),
+            f"full_data_seeds must be >= 1, got {set_args.full_data_seeds}; or leave 'full' out of --baselines")
     _check_baselines(p, set_args.baselines)
     if data_args.dataset_kwargs:
         try:

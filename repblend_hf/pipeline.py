@@ -289,6 +289,7 @@ def format_table(records: list[dict[str, Any]], split: str = "test") -> str:
     """A Markdown table of ``split`` metrics (mean ± std) with one row per record.
 
     A record with a ``shared_protocol`` record (an asymmetric set) gives two rows, each labelled with its protocol.
+    A record of one seed shows its means alone (a standard deviation over one seed would read as 0.0).
     """
     header = "| method | pairs | " + " | ".join(METRIC_NAMES) + " |"
     lines = [header, "|" + "---|" * (len(METRIC_NAMES) + 2)]
@@ -300,7 +301,8 @@ def format_table(records: list[dict[str, Any]], split: str = "test") -> str:
         else:
             rows.append((r["method"], r))
     for label, r in rows:
-        cells = [f"{r[split][k]['mean']:.1f} ± {r[split][k]['std']:.1f}" for k in METRIC_NAMES]
+        cells = [f"{r[split][k]['mean']:.1f}" + (f" ± {r[split][k]['std']:.1f}" if r.get("seeds") != 1 else "")
+                 for k in METRIC_NAMES]
         lines.append(f"| {label} | {r['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

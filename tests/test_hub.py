@@ -353,7 +353,8 @@ def _card_data(**overrides):
                 "set_diagnostics": {"sim_image": 0.25, "sim_text": 0.125, "gap": 0.75}},
                {"method": "herding", "pairs": 6, "test": {m: {"mean": 5.0, "std": 0.0} for m in METRICS}},
                {"method": "random", "pairs": 6, "test": {m: {"mean": 4.0, "std": 0.0} for m in METRICS},
-                "set_diagnostics": {"sim_image": 0.0625, "sim_text": 0.0625, "gap": 0.5}}]
+                "set_diagnostics": {"sim_image": 0.0625, "sim_text": 0.0625, "gap": 0.5}},
+               {"method": "full", "pairs": 40, "seeds": 1, "test": {m: {"mean": 50.0, "std": 0.0} for m in METRICS}}]
     kwargs = {"repo_id": "someone/set", "config": config, "results": results, "has_nearest_captions": True,
               "grid_image": "images/synthetic_grid.png", "metadata": {"pretty_name": "Tiny set"}}
     return SyntheticSetCardData(**{**kwargs, **overrides})
@@ -377,6 +378,7 @@ def test_synthetic_set_card_has_every_section():
     assert "repblend-evaluate --method distilled --distilled_set someone/set" in text  # the installed command
     assert "| **repblend (this set)** | 6 |" + " 20.0 ± 1.2 |" * 7 in text  # Python's round-half-even
     assert "| herding | 6 |" + " 5.0 ± 0.0 |" * 7 in text
+    assert "| full | 40 |" + " 50.0 |" * 7 in text  # one seed: the mean alone
     assert "| repblend | 6 | 0.500 ± 0.125 | 0.500 ± 0.125 | 0.500 ± 0.125 |" in text
     assert "| herding |" not in text.split("### Modality diagnostics")[1]  # no diagnostics, no row
     on_set = text.split("### Modality collapse on the set itself")[1].split("##")[0]

@@ -76,11 +76,11 @@ def test_an_asymmetric_set_is_recorded_under_both_protocols():
         "synthetic_space": "pixels", "matching": "asymmetric", "asymmetric_image_head": False}
     assert "use_augmented_views" not in record["settings"] and record["settings"]["loss"] == "wbce"
     json.dumps(record)  # results.json stays plain JSON
-    table = format_table([record, _record("random", "frozen_encoder", 4.0)]).splitlines()
+    table = format_table([record, {**_record("random", "frozen_encoder", 4.0), "seeds": 3}]).splitlines()
     assert len(table) == 2 + 3
-    assert table[2].startswith("| lors (own protocol: fine-tuned encoder) | 99 | 30.0 ± 0.0")
-    assert table[3].startswith("| lors (shared protocol: frozen encoder) | 99 | 5.0 ± 0.0")
-    assert table[4].startswith("| random | 99 | 4.0 ± 0.0")  # a symmetric / baseline row is unchanged
+    assert table[2].startswith("| lors (own protocol: fine-tuned encoder) | 99 | 30.0 | 30.0 |")  # one seed: no ±
+    assert table[3].startswith("| lors (shared protocol: frozen encoder) | 99 | 5.0 | 5.0 |")
+    assert table[4].startswith("| random | 99 | 4.0 ± 0.0 | 4.0 ± 0.0 |")  # a symmetric / baseline row is unchanged
 
 
 def test_reference_heads_from_the_full_baseline_equal_their_own_training(tmp_path):

@@ -346,6 +346,7 @@ BEFORE_ANY_WORK = [
     (["--max_start_epoch", "3"], r"max_start_epoch - 1 \+ expert_epochs = 2 \+ 1 = 3, beyond the 2 epochs.*"
                                  r"--expert_train_epochs"),
     (["--eval_seeds", "0"], r"eval_seeds must be >= 1, got 0"),
+    (["--baselines", "full", "--full_data_seeds", "0"], r"full_data_seeds must be >= 1, got 0; or leave 'full' out"),
     (["--baselines", "random,kcentre"], r"unknown baseline 'kcentre' in --baselines \(did you mean 'kcenter'\?\)"),
     (["--lr_img", "inf"], r"lr_img must be a finite number, got inf"),
     (["--fp16", "true"], r"fp16 needs a GPU, but this run is on the CPU"),

@@ -53,6 +53,8 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
     record = json.loads((out / "results.json").read_text())
     assert record["method"] == "repblend" and record["pairs"] == 8 and record["seeds"] == 2
     assert set(record["test"]) == {"IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean"}
+    seeds = {b["method"]: b["seeds"] for b in json.loads((out / "baselines.json").read_text())["baselines"]}
+    assert seeds == {"random": 2, "full": 1}, seeds  # the full data: one seed by default (--full_data_seeds)
     for name in ("synthetic_images.png", "similarity.png", "training_curves.png", "baselines.json",
                  "synthetic_set/config.json", "synthetic_set/data/train-00000-of-00001.parquet",
                  "experts/trajectories.json", "experts/expert_001.safetensors", "checkpoint-4"):

@@ -93,6 +93,11 @@ class SetArguments:
     trajectory_dir: str | None = field(default=None, metadata={
         "help": "Where the experts live (default OUTPUT_DIR/experts); finished experts there are reused."})
     eval_seeds: int = field(default=3, metadata={"help": "Seeds of the final evaluation."})
+    full_data_seeds: int = field(default=1, metadata={
+        "help": "Seeds of the full-data baseline (heads trained on all training pairs; its seed 0 is also the "
+                "reference model of the set diagnostics). One by default: it is a reference, not the product, and a "
+                "seed of 1280-d heads takes about 2 minutes on 2 CPU cores (benchmarks/results/first_run.md); "
+                "benchmarks/methods.py measures it over 3 seeds."})
     baselines: str = field(default="random,full", metadata={
         "help": "Comma-separated baselines evaluated beside the set: random, herding, kcenter, full ('' for none)."})
     hub_dataset_id: str | None = field(default=None, metadata={
@@ -186,7 +191,7 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     t0, full, finals = time.time(), None, {}
     if "full" in set_args.baselines.split(",") and state.is_main_process:
         full = evaluate_baseline("full", prepared.features, train.num_images, embed_dim=config.embed_dim,
-                                 seeds=list(range(set_args.eval_seeds)), temperature=config.temperature,
+                                 seeds=list(range(set_args.full_data_seeds)), temperature=config.temperature,
                                  on_trained=lambda seed, trained: finals.setdefault(seed, trained.final_state))
     full_seconds = time.time() - t0
     reference = reference_diagnostics(prepared.features, config.num_pairs, embed_dim=config.embed_dim,
