@@ -23,6 +23,8 @@ What one distillation iteration costs, per variant (DESIGN.md, "Where the speed 
 - ``lors`` (c): ``method="lors"``: asymmetric matching, the image encoder is unrolled in the inner loop; as
   released, the student is the encoder + the text head (no image head, so the text head outputs the encoder's
   width whatever ``--embed_dim`` says);
+- ``lors_aten``: (c) with ATen's own double backward through the encoder's grouped convolutions, which loops
+  over the groups (the library routes them through ``repblend_hf.grouped_conv``): what that routing saves;
 - ``floor``: the least work any implementation must do: one encoder forward and one input-gradient
   backward of the touched images, plus the inner loop on features alone, with the same encoder function as
   (a) (BatchNorms folded), graphs kept, measured at each encoder batch size of ``floor_batch_sizes`` (all
@@ -95,12 +97,17 @@ VARIANTS: dict[str, dict[str, object]] = {
     "repblend_unfolded": {"method": "repblend", "fold_batchnorm": False},
     "repblend_per_step": {"method": "repblend", "encoder_per_step": True, "fold_batchnorm": False},
     "lors": {"method": "lors"},
+    # LoRS with ATen's own double backward for the encoder's grouped convolutions (the library routes them
+    # through repblend_hf.grouped_conv, whose double backward has no per-group loop): what that routing saves.
+    "lors_aten": {"method": "lors"},
 }
+LORS_VARIANTS = ("lors", "lors_aten")
 LABELS = {"floor": "floor", "repblend": "(a) RepBlend", "repblend_unchunked": "RepBlend, unchunked",
           "repblend_auto": "RepBlend, auto (the default)",
           "repblend_unfolded": "RepBlend, BatchNorms not folded",
           "repblend_chunks_kept": "RepBlend, chunk graphs kept",
-          "repblend_per_step": "(b) RepBlend, encoder per step", "lors": "(c) LoRS"}
+          "repblend_per_step": "(b) RepBlend, encoder per step", "lors": "(c) LoRS",
+          "lors_aten": "LoRS, ATen's grouped double backward"}
 TARGETS = {"per_step_over_repblend": 2.4, "repblend_over_floor": 1.2, "experts_ratio": 50.0}
 MB = 2**20
 # A CPU measurement is flagged unreliable when its torch threads plus the cores other processes used meanwhile
@@ -219,7 +226,8 @@ def _synthetic_set(spec: dict, image_dim: int, similarity: str):
     from repblend_hf import RepBlendConfig, SyntheticSet
 
     n, size = spec["num_pairs"], spec["image_size"]
-    asymmetric = spec["variant"] == "lors"  # the released LoRS student: encoder + text head of the encoder's width
+    # The released LoRS student: encoder + text head of the encoder's width.
+    asymmetric = spec["variant"] in LORS_VARIANTS
     config = RepBlendConfig(image_encoder=spec["image_encoder"], image_size=size, image_dim=image_dim,
                             text_dim=spec["text_dim"], embed_dim=image_dim if asymmetric else spec["embed_dim"],
                             num_pairs=n, similarity=similarity, sim_rank=min(spec["sim_rank"], n), method="repblend",
@@ -250,6 +258,26 @@ def _distillation_args(spec: dict, output_dir: str):
 
 def measure(spec: dict) -> dict:
     """Time ``warmup + timed`` iterations of one configuration and measure its peak memory (in this process)."""
+    if spec["variant"] == "lors_aten":
+        with _aten_grouped_double_backward():
+            return _measure(spec)
+    return _measure(spec)
+
+
+@contextlib.contextmanager
+def _aten_grouped_double_backward():
+    """The student's encoder convolutions without the library's grouped_conv routing (variant ``lors_aten``)."""
+    import repblend_hf.distillation as distillation
+
+    routed = distillation.grouped_conv_double_backward
+    distillation.grouped_conv_double_backward = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        distillation.grouped_conv_double_backward = routed
+
+
+def _measure(spec: dict) -> dict:
     import torch
 
     from repblend_hf.encoders import EncoderPassCounter, load_image_encoder
@@ -266,7 +294,7 @@ def measure(spec: dict) -> dict:
         trajectories = ExpertTrajectories.load(spec["trajectory_dir"])
         # LoRS unrolls encoder.model; every other variant calls the encoder itself (its folded copy by default). The
         # library's counter, attached from outside: the same hook as the trainer's own encoder_passes.
-        counter = EncoderPassCounter(encoder.model if spec["variant"] == "lors" else encoder)
+        counter = EncoderPassCounter(encoder.model if spec["variant"] in LORS_VARIANTS else encoder)
         with _profiler(spec) as profiler:
             step = profiler.step if profiler is not None else None
             if spec["variant"] == "floor":
@@ -589,12 +617,12 @@ def config_key(spec: dict) -> str:
             f"steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
             f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}"
             + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else "")
-            + ("|no_image_head" if spec["variant"] == "lors" else ""))  # apart from LoRS runs with an image head
+            + ("|no_image_head" if spec["variant"] in LORS_VARIANTS else ""))  # apart from LoRS with an image head
 
 
 def folds_batchnorm(spec: dict) -> bool:
     """Whether the variant's encoder has its BatchNorms folded (keeps measurements made before folding apart)."""
-    return spec["variant"] != "lors" and bool(VARIANTS[spec["variant"]].get("fold_batchnorm", True))
+    return spec["variant"] not in LORS_VARIANTS and bool(VARIANTS[spec["variant"]].get("fold_batchnorm", True))
 
 
 def run_config(spec: dict, in_process: bool, timeout: int) -> dict:
@@ -1004,7 +1032,7 @@ def main(argv: list[str] | None = None) -> dict:
     trajectory_dirs: dict[bool, str] = {}
 
     def trajectories_for(variant: str) -> str:
-        asymmetric = variant == "lors"
+        asymmetric = variant in LORS_VARIANTS
         if asymmetric not in trajectory_dirs:
             encoder = load_image_encoder(args.image_encoder, pretrained=args.pretrained)
             name = (f"asymmetric-encoder-{args.image_encoder}-{text_dim}" if asymmetric

@@ -46,6 +46,7 @@ from torch.profiler import record_function
 from .blending import BlendParams, blend_representations, sample_blend
 from .configuration import RepBlendConfig
 from .encoders import EncoderPass
+from .grouped_conv import grouped_conv_double_backward
 from .losses import info_nce, weighted_bce
 from .modeling import ProjectionHead, RetrievalHeads, head_apply, similarity_logits, split_parameters
 from .synthetic import SyntheticSet
@@ -158,7 +159,11 @@ class _Student:
         head_params = theta["image"]
         if self.image_encoder is not None:
             n = len(self.encoder_names)
-            u = functional_call(self.image_encoder, dict(zip(self.encoder_names, head_params[:n])), (u,), strict=False)
+            # The meta-gradient differentiates this forward twice: its grouped (depthwise) convolutions go through
+            # grouped_conv2d, whose double backward has no per-group loop (repblend_hf/grouped_conv.py).
+            with grouped_conv_double_backward():
+                u = functional_call(self.image_encoder, dict(zip(self.encoder_names, head_params[:n])), (u,),
+                                    strict=False)
             head_params = head_params[n:]
         u, v = blend_representations(u, v, blend)
         m_img, m_txt = self.masks(seed, len(u), u.device)

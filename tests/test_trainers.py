@@ -647,3 +647,32 @@ def test_time_budget_stops_the_run_and_a_resumed_run_continues_it(encoder, exper
     assert resumed.state.global_step == 6  # 1.25 s were spent before: one more step, not another five
     with pytest.raises(ValueError, match="max_time_minutes must be > 0"):
         _args(tmp_path, max_time_minutes=0)
+
+
+def test_lors_pixel_gradient_is_the_same_through_the_grouped_convolutions(encoder, asymmetric_experts, tmp_path,
+                                                                           monkeypatch):
+    """The asymmetric student runs the encoder's grouped convolutions through grouped_conv2d (whose double backward
+    has no per-group loop): the same meta-gradient as ATen's own double backward."""
+    import contextlib
+
+    import repblend_hf.distillation as module
+    import repblend_hf.grouped_conv as grouped
+
+    groups, original = [], grouped.grouped_conv2d
+    monkeypatch.setattr(grouped, "grouped_conv2d", lambda *a: groups.append(a[-1]) or original(*a))
+    grads = {}
+    for routed in (True, False):
+        if not routed:
+            routed_calls = len(groups)
+            monkeypatch.setattr(module, "grouped_conv_double_backward", contextlib.nullcontext)
+        syn = _asymmetric_set(encoder)
+        trainer = DistillationTrainer(syn, _args(tmp_path, method="lors", syn_steps=2, mini_batch_size=3,
+                                                 segments_per_iteration=1), asymmetric_experts, encoder)
+        trainer.create_optimizer()
+        trainer.compute_loss(trainer.model, {"iteration": torch.tensor([0])}).backward()
+        grads[routed] = {n: p.grad.clone() for n, p in syn.named_parameters() if p.grad is not None}
+    assert routed_calls > 0 and min(groups) > 1 and len(groups) == routed_calls  # grouped ones, only when routed
+    assert grads[True].keys() == grads[False].keys() and grads[True]["pixel_values"].abs().sum() > 0
+    for name, g in grads[True].items():  # the same CPU kernels: equal to rounding (here bit-identical)
+        ref = grads[False][name]
+        torch.testing.assert_close(g, ref, rtol=0, atol=1e-7 * float(ref.abs().max()))
