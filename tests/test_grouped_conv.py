@@ -56,6 +56,9 @@ def test_the_context_routes_grouped_convolutions_only():
         ungrouped = F.conv2d(x, dense)
         named_padding = F.conv2d(x, depthwise, groups=4, padding="same")
     outside = F.conv2d(x, depthwise, groups=4)
+    with grouped_conv_double_backward(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = F.conv2d(x, depthwise, groups=4)  # mixed precision keeps ATen's path (grouped_conv2d's docstring)
+    assert type(mixed.grad_fn).__name__ != "_Conv2dBackward" and mixed.dtype == torch.bfloat16
     assert type(routed.grad_fn).__name__ == type(by_keyword.grad_fn).__name__ == "_Conv2dBackward"
     assert type(ungrouped.grad_fn).__name__ == "ConvolutionBackward0"
     assert type(named_padding.grad_fn).__name__ == "ConvolutionBackward0"  # string padding keeps ATen's path
