@@ -617,7 +617,8 @@ def config_key(spec: dict) -> str:
             f"steps={spec['syn_steps']}x{spec['mini_batch_size']}|d={spec['embed_dim']}|"
             f"chunk={spec['encoder_chunk_size']}|threads={spec['threads']}"
             + ("|bn_folded" if folds_batchnorm(spec) else "") + ("|profiled" if spec.get("profile") else "")
-            + ("|no_image_head" if spec["variant"] in LORS_VARIANTS else ""))  # apart from LoRS with an image head
+            + ("|no_image_head" if spec["variant"] in LORS_VARIANTS else "")  # apart from LoRS with an image head
+            + ("|grouped_conv" if spec["variant"] == "lors" else ""))  # apart from LoRS before grouped_conv
 
 
 def folds_batchnorm(spec: dict) -> bool:
