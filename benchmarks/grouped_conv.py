@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 from _common import command, markdown_table, write_json, write_markdown  # noqa: E402
+from speed import aten_grouped_double_backward  # noqa: E402
 
 
 def main() -> None:
@@ -77,11 +78,9 @@ def main() -> None:
     call = partial(distillation.matching_gradients, heads, pixels, texts,
                    partial(lambda pos, sim, plan: sim(plan.touched[pos]), sim=sim, plan=plan), plan, start, target,
                    lrs, wrt, temperature=0.07, image_encoder=encoder)
-    routed = distillation.grouped_conv_double_backward
 
     def run(variant: str):
-        distillation.grouped_conv_double_backward = routed if variant == "routed" else contextlib.nullcontext
-        try:
+        with contextlib.nullcontext() if variant == "routed" else aten_grouped_double_backward():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -89,8 +88,6 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return time.perf_counter() - t, out
-        finally:
-            distillation.grouped_conv_double_backward = routed
 
     variants = ("routed", "aten")
     grads = {v: run(v)[1][1] for v in variants}  # warm-up, and the gradients compared below

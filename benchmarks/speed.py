@@ -259,14 +259,15 @@ def _distillation_args(spec: dict, output_dir: str):
 def measure(spec: dict) -> dict:
     """Time ``warmup + timed`` iterations of one configuration and measure its peak memory (in this process)."""
     if spec["variant"] == "lors_aten":
-        with _aten_grouped_double_backward():
+        with aten_grouped_double_backward():
             return _measure(spec)
     return _measure(spec)
 
 
 @contextlib.contextmanager
-def _aten_grouped_double_backward():
-    """The student's encoder convolutions without the library's grouped_conv routing (variant ``lors_aten``)."""
+def aten_grouped_double_backward():
+    """The student's encoder convolutions without the library's grouped_conv routing (variant ``lors_aten``; also
+    ``grouped_conv.py``'s ``aten`` path)."""
     import repblend_hf.distillation as distillation
 
     routed = distillation.grouped_conv_double_backward
