@@ -676,3 +676,40 @@ def test_lors_pixel_gradient_is_the_same_through_the_grouped_convolutions(encode
     for name, g in grads[True].items():  # the same CPU kernels: equal to rounding (here bit-identical)
         ref = grads[False][name]
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-7 * float(ref.abs().max()))
+
+
+def test_runs_sharing_a_trajectory_directory_train_different_experts_and_none_twice(tmp_path):
+    import threading
+
+    from accelerate import PartialState
+    from filelock import FileLock
+
+    from repblend_hf.trainers.expert_trainer import _claimed
+
+    # Another run holds expert 0: this one trains the free experts first, then finds 0 finished and skips it.
+    other = FileLock(tmp_path / ".expert_000.lock", thread_local=False)
+    other.acquire()
+    safety = threading.Timer(20, other.release)  # a wrong order fails below instead of waiting forever
+    safety.start()
+    order = []
+    for e in _claimed(tmp_path, [0, 1, 2], PartialState()):
+        order.append(e)
+        if e == 2:  # the other run finishes expert 0 meanwhile
+            (tmp_path / "expert_000.safetensors").touch()
+            other.release()
+    safety.cancel()
+    assert order == [1, 2]
+    # An expert whose run stopped without finishing it is trained once its lock is free.
+    other = FileLock(tmp_path / ".expert_003.lock", thread_local=False)
+    other.acquire()
+    safety = threading.Timer(20, other.release)
+    safety.start()
+    order = []
+    for e in _claimed(tmp_path, [3, 4], PartialState()):
+        order.append(e)
+        if e == 4:
+            other.release()
+    safety.cancel()
+    assert order == [4, 3]
+    for e in range(5):  # every lock is free again
+        FileLock(tmp_path / f".expert_{e:03d}.lock").acquire(blocking=False)

@@ -13,14 +13,19 @@ feature is the image embedding. ``asymmetric_image_head=True`` (an ablation) kee
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from filelock import FileLock, Timeout
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
@@ -231,7 +236,7 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     todo = [e for e in range(args.num_experts) if e not in writer.completed]
     if len(todo) < args.num_experts:
         logger.info("experts %s already complete in %s; training %s", writer.completed, trajectory_dir, todo)
-    for e in todo:
+    for e in _claimed(Path(trajectory_dir), todo, state):
         expert_args = dataclasses.replace(args, seed=args.seed + e, per_device_train_batch_size=(
             args.per_device_train_batch_size // state.num_processes))
         torch.manual_seed(expert_args.seed)
@@ -244,6 +249,48 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         ExpertTrainer(model, expert_args, dataset, writer, e).train()
     state.wait_for_everyone()  # every expert is on disk before any process reads them
     return ExpertTrajectories.load(trajectory_dir)
+
+
+def _claimed(directory: Path, todo: list[int], state: PartialState) -> Iterator[int]:
+    """The experts of ``todo`` this run trains, each yielded while its lock file is held.
+
+    Runs that share a trajectory directory (e.g. ``benchmarks/methods.py --workers 2``) train different experts
+    side by side and never the same one twice: an expert whose lock another run holds is skipped at first and
+    waited for once the free ones are done; one another run finished meanwhile is not trained again. The main
+    process holds the locks; in a multi-process run its decision is broadcast, so every process trains the same
+    experts together.
+    """
+    remaining = list(todo)
+    for blocking in (False, True):
+        for e in list(remaining):
+            with _expert_lock(directory, e, state, blocking) as (held, train):
+                if not held:
+                    continue  # another run is training it: come back once the free ones are done
+                remaining.remove(e)
+                if train:
+                    yield e
+                else:
+                    logger.info("expert %d was trained by another run meanwhile", e)
+
+
+@contextlib.contextmanager
+def _expert_lock(directory: Path, e: int, state: PartialState, blocking: bool) -> Iterator[tuple[bool, bool]]:
+    """Hold expert ``e``'s lock (main process); yields (lock held, expert still to train), alike on every process."""
+    lock = FileLock(directory / f".expert_{e:03d}.lock") if state.is_main_process else None
+    held = True
+    if lock is not None:
+        try:
+            lock.acquire(blocking=blocking)
+        except Timeout:
+            held = False
+    decision = [held, held and e not in ExpertTrajectories.completed_experts(directory)]
+    if state.num_processes > 1:
+        decision = broadcast_object_list(decision, from_process=0)
+    try:
+        yield decision[0], decision[1]
+    finally:
+        if lock is not None and held:
+            lock.release()
 
 
 def _trainable_copy(encoder: nn.Module | None) -> nn.Module | None:
