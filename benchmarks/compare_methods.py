@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +69,39 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric_experts", type=int, default=None,
                         help="Experts for the asymmetric variants (default: as the config). Each trains the image "
                              "encoder from pixels, ~90 s per epoch on 2 cores at 64 px.")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Distillation runs at a time, each in a process of its own (seed-major order: every "
+                             "variant and size gets seed 0 first); give each --cpu_threads CORES / WORKERS (the "
+                             "default when --cpu_threads is not given). Several invocations of the same command, "
+                             "e.g. in two terminals, share the runs: each run is locked while it runs.")
     parser.add_argument("--asymmetric_expert_epochs", type=int, default=None,
                         help="Epochs of the asymmetric experts (default: as the config). Segments start before "
                              "max_start_epoch and span expert_epochs, so max_start_epoch - 1 + expert_epochs "
                              "epochs give the same segments as more.")
 
 
-def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    """One ``examples/distill.py`` run of a variant (skipped when ``out/results.json`` exists); its records."""
+def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str],
+                wait: bool = True) -> dict | None:
+    """One ``examples/distill.py`` run of a variant (skipped when ``out/results.json`` exists); its records.
+
+    The run holds ``out/.run.lock`` while it runs, so invocations sharing a work directory never run it twice:
+    another one waits for it (``wait``) or, with ``wait=False``, gets None and moves on.
+    """
+    from filelock import FileLock, Timeout
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / ".run.lock")
+    try:
+        lock.acquire(blocking=wait)
+    except Timeout:
+        return None
+    try:
+        return _run_variant(name, seed, out, args, extra)
+    finally:
+        lock.release()
+
+
+def _run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str]) -> dict:
     from repblend_hf.commands import distill
 
     matching = matching_of(name)
@@ -108,6 +138,61 @@ def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra
                                    str(other.parent), *extra_data_args(extra)])
         run["infonce"] = _scores(json.loads(other.read_text()))
     return run
+
+
+def run_in_workers(cells: list[tuple[str, int, Path, list[str]]], args: argparse.Namespace) -> None:
+    """Run the unfinished ``(variant, seed, out, extra)`` cells, ``args.workers`` at a time, one process each.
+
+    With one worker the runs go one after another in this process, their output on the console; with more, each
+    run's output goes to ``out/run.log``. A run another invocation holds is left to it. Returns when every cell
+    has finished here or is running elsewhere (the caller's :func:`run_variant` then waits for those); a failed
+    run in a worker stops nothing else and is named, with its log, once the others are done.
+    """
+    todo = [c for c in cells if not (c[2] / "results.json").exists()]
+    if args.workers == 1:
+        for name, seed, out, extra in todo:
+            run_variant(name, seed, out, args, extra, wait=False)
+    if args.workers <= 1 or not todo:
+        return
+    print(f"{len(todo)} runs to do, {args.workers} at a time (logs: <run>/run.log)", flush=True)
+    failed = []
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per run: no state shared between runs
+    with ProcessPoolExecutor(args.workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_logged_run, name, seed, out, args, extra): (name, seed, out)
+                   for name, seed, out, extra in todo}
+        for done, future in enumerate(as_completed(futures), 1):
+            name, seed, out = futures[future]
+            try:
+                minutes = future.result()
+                what = "run elsewhere" if minutes is None else f"finished in {minutes:.1f} min"
+            except Exception as error:  # noqa: BLE001 (reported below; the other runs go on)
+                failed.append((out, error))
+                what = f"FAILED ({type(error).__name__}: {error})"
+            print(f"[{done}/{len(todo)}] {name} seed {seed} ({out}): {what}", flush=True)
+    if failed:
+        raise SystemExit("runs failed; see their logs, fix the cause and rerun the same command (finished runs "
+                         "are kept): " + "; ".join(f"{out / 'run.log'}: {error}" for out, error in failed))
+
+
+def _logged_run(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str]) -> float | None:
+    """:func:`run_variant` in a worker process with its output in ``out/run.log``; its minutes, None if skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "run.log", "a") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+    began = time.perf_counter()
+    if run_variant(name, seed, out, args, extra, wait=False) is None:
+        return None
+    return (time.perf_counter() - began) / 60
+
+
+def worker_threads(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """``--cpu_threads`` for each of ``args.workers`` runs when the pass-through arguments do not set it."""
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    if args.workers == 1 or "--cpu_threads" in extra:
+        return []
+    return ["--cpu_threads", str(max(1, (os.cpu_count() or 1) // args.workers))]
 
 
 def validation_curve(out: Path) -> dict[int, float]:
@@ -193,8 +278,11 @@ def main() -> None:
     selected_on_test: dict[str, list[dict]] = {}
     timings: dict[str, list[dict]] = {}
     protocol: dict[str, str] = {}
+    extra = passthrough + worker_threads(args, passthrough)
+    run_in_workers([(name, seed, work / name / f"seed{seed}", extra) for seed in seeds
+                    for name in args.variants.split(",")], args)
     for name in args.variants.split(","):
-        runs = [run_variant(name, seed, work / name / f"seed{seed}", args, passthrough) for seed in seeds]
+        runs = [run_variant(name, seed, work / name / f"seed{seed}", args, extra) for seed in seeds]
         protocol[name], scores = strongest(runs)
         rows[name] = [s["test"] for s in scores]
         selected_on_test[name] = [s["test_selected_on_test"] for s in scores]

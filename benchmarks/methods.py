@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/methods.py --max_steps 50 --asymmetric_experts 4 --asymmetric_expert_epochs 2
     .venv/bin/python benchmarks/methods.py --pairs 199,499 --variants repblend --max_steps 400
     .venv/bin/python benchmarks/methods.py --pairs 99 --max_time_minutes 20 --max_steps 100000   # equal time
+    .venv/bin/python benchmarks/methods.py --pairs 99 --max_steps 30 --workers 2 --cpu_threads 1  # 2 runs at a time
 
 Every distilled method is ``examples/distill.py`` with the embedded default config, the variant's
 overrides (``compare_methods.VARIANTS``), ``--num_pairs P`` and the same budget: iterations (``--max_steps``)
@@ -11,7 +12,11 @@ gives each method's iterations), with 3 distillation seeds; symmetric and asymme
 variants each share one set of experts across sizes and budgets. Coresets (random, herding,
 k-center) are selected and trained with the same seeds under their strongest protocol (InfoNCE, lr
 0.1), full data once per seed. Reported: validation-selected test metrics as mean ± std over seeds,
-and the test-selected r_mean the authors report. Finished runs are reused, so the command resumes.
+and the test-selected r_mean the authors report. Finished runs are reused, so the command resumes; with
+``--workers N`` N runs go at a time, each in a process of its own with its log in ``<run>/run.log``, seed 0 of
+every variant and size first (an interrupted table then has one seed of every row soonest). Several
+invocations of one command share its runs (each run is locked while it runs, and each expert while it trains),
+so a second terminal can join.
 Writes ``benchmarks/results/methods.{json,md}`` and ``methods_r_mean_vs_pairs.png``.
 """
 
@@ -30,11 +35,13 @@ from compare_methods import (  # noqa: E402
     VARIANTS,
     add_run_arguments,
     common_curve,
+    run_in_workers,
     run_variant,
     shared_rows,
     strongest,
     summarize,
     table_row,
+    worker_threads,
 )
 
 CORESETS = ("random", "herding", "kcenter")
@@ -113,10 +120,17 @@ def main() -> None:
     iterations: dict[str, dict[str, list[int]]] = {}
     protocol: dict[str, dict[str, str]] = {}
     curves: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    variants = list(filter(None, args.variants.split(",")))
+    threads = worker_threads(args, passthrough)
+
+    def cell(name: str, pairs: int, seed: int) -> tuple[str, int, Path, list[str]]:
+        return (name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}",
+                ["--num_pairs", str(pairs), *passthrough, *threads])
+
+    run_in_workers([cell(n, p, s) for s in seeds for p in sizes for n in variants], args)
     for pairs in sizes:
-        for name in filter(None, args.variants.split(",")):
-            runs = [run_variant(name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}", args,
-                                ["--num_pairs", str(pairs), *passthrough]) for seed in seeds]
+        for name in variants:
+            runs = [run_variant(*cell(name, pairs, seed)[:3], args, cell(name, pairs, seed)[3]) for seed in seeds]
             chosen, scores = strongest(runs)
             curves.setdefault(str(pairs), {})[name] = common_curve(runs)
             protocol.setdefault(str(pairs), {})[name] = chosen
