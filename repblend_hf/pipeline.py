@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .modeling import RetrievalHeads
 __all__ = ["DataArguments", "Prepared", "configure_cpu_threads", "prepare_features", "evaluate_baseline",
            "BASELINE_PROTOCOLS", "results_record", "write_results", "format_table", "parse_with_config",
            "last_complete_checkpoint", "reference_diagnostics", "image_splits", "evaluate_finetuned_set",
-           "own_protocol_record"]
+           "own_protocol_record", "shared_reference_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def evaluate_baseline(method: str, features: dict[str, FeatureSplit], num_pairs:
 
 def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, embed_dim: int,
                           temperature: float = 0.07, cache_dir: str | Path | None = None,
-                          seed: int = 0, trained_state: dict[str, Any] | None = None) -> ReferenceDiagnostics:
+                          seed: int = 0, trained_state: dict[str, Any] | None = None,
+                          shared_cache_dir: str | Path | None = None) -> ReferenceDiagnostics:
     """The fixed model under which modality collapse is measured on sets of pairs (RepBlend Figs. 1-2).
 
     Heads trained once on the full training split with the full-data protocol (:data:`BASELINE_PROTOCOLS`,
@@ -174,6 +176,9 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
     of ``num_pairs`` pairs (random coreset, seed ``seed``) as the undistilled reference. ``trained_state``: the
     final state of heads already trained that way (the full-data baseline's seed ``seed``, whose training is the
     same function of the same seed), used instead of training them again when the cache does not hold them.
+    ``shared_cache_dir``: a folder that runs with other output folders share (``repblend-distill`` uses
+    :func:`shared_reference_cache`), one file per features fingerprint, width and seed, so a run that skips
+    the full-data baseline does not train the same heads again (~3 min on 2 CPU cores).
     """
     from safetensors.torch import load_file, save_file
 
@@ -181,18 +186,18 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
     protocol = BASELINE_PROTOCOLS["full"]
     meta = {"features_fingerprint": str(train.fingerprint), "embed_dim": str(embed_dim),
             "temperature": str(temperature), "seed": str(seed), "protocol": json.dumps(protocol, sort_keys=True)}
-    path = Path(cache_dir) / "reference_heads.safetensors" if cache_dir is not None else None
+    paths = [Path(cache_dir) / "reference_heads.safetensors"] if cache_dir is not None else []
+    if shared_cache_dir is not None:
+        paths.append(Path(shared_cache_dir) / f"reference_heads-{train.fingerprint}-d{embed_dim}-s{seed}.safetensors")
     heads = None
-    if path is not None and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            cached_meta = f.metadata() or {}
-        if cached_meta == meta:
+    for path in paths:
+        if not path.is_file():
+            continue
+        if _safetensors_metadata(path) == meta:
             heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], embed_dim)
             heads.load_state_dict(load_file(str(path)))
-        else:
-            logger.info("reference heads in %s were made with other features or settings; training them again", path)
+            break
+        logger.info("reference heads in %s were made with other features or settings; not using them", path)
     if heads is None:
         if trained_state is not None:
             heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], embed_dim)
@@ -200,14 +205,33 @@ def reference_diagnostics(features: dict[str, FeatureSplit], num_pairs: int, *, 
         else:
             heads = train_heads(train, EvaluationProtocol(temperature=temperature, eval_epochs=(), **protocol),
                                 embed_dim=embed_dim, seed=seed).heads
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(path), metadata=meta)
+    state = {k: v.contiguous() for k, v in heads.state_dict().items()}
+    for path in paths:  # written where missing or stale; a temporary file, then a rename: runs may share the folder
+        if path.is_file() and _safetensors_metadata(path) == meta:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(state, str(partial), metadata=meta)
+        os.replace(partial, path)
     heads.eval()
     reference = ReferenceDiagnostics(heads)
     subset = PairSet(*select_coreset("random", train, num_pairs, seed=seed).pairs(train))
     reference.real_subset = reference(subset)
     return reference
+
+
+def shared_reference_cache() -> Path:
+    """Where runs share their reference heads (:func:`reference_diagnostics`): beside the datasets cache."""
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "repblend_hf" / "reference_heads"
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def image_splits(prepared: Prepared, splits: tuple[str, ...] = ("validation", "test")) -> dict[str, ImageSplit]:

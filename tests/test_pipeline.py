@@ -112,3 +112,35 @@ def test_reference_heads_from_the_full_baseline_equal_their_own_training(tmp_pat
     cached = reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path)
     torch.testing.assert_close(cached.heads.text_head.fc.weight, own.heads.text_head.fc.weight)
     assert not torch.equal(finals[0]["text_head.fc.weight"], finals[1]["text_head.fc.weight"])
+
+
+def test_reference_heads_are_shared_between_runs_through_the_shared_cache(tmp_path, monkeypatch):
+    """A run that skips the full-data baseline takes the reference heads another run trained (shared cache)."""
+    import torch
+
+    from repblend_hf import pipeline
+    from repblend_hf.features import FeatureSplit
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(images):
+        return FeatureSplit(torch.randn(images, 12, generator=g), torch.randn(2 * images, 8, generator=g),
+                            torch.arange(images).repeat_interleave(2))
+
+    features = {"train": split(40), "validation": split(10), "test": split(10)}
+    shared = tmp_path / "shared"
+    first = pipeline.reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path / "run1",
+                                           shared_cache_dir=shared)
+    assert len(list(shared.glob("reference_heads-*-d8-s0.safetensors"))) == 1
+    assert not list(shared.glob(".*tmp"))  # written through a temporary file, renamed
+    trained = []
+    real_train_heads = pipeline.train_heads
+    monkeypatch.setattr(pipeline, "train_heads", lambda *a, **k: trained.append(1) or real_train_heads(*a, **k))
+    second = pipeline.reference_diagnostics(features, 4, embed_dim=8, cache_dir=tmp_path / "run2",
+                                            shared_cache_dir=shared)
+    assert not trained  # loaded, not trained again
+    torch.testing.assert_close(second.heads.text_head.fc.weight, first.heads.text_head.fc.weight)
+    assert (tmp_path / "run2" / "reference_heads.safetensors").is_file()  # and kept with the run too
+    pipeline.reference_diagnostics(features, 4, embed_dim=16, cache_dir=tmp_path / "run3", shared_cache_dir=shared)
+    assert trained  # another width is other heads
+    assert len(list(shared.glob("reference_heads-*.safetensors"))) == 2

@@ -46,6 +46,7 @@ from ..pipeline import (
     prepare_features,
     reference_diagnostics,
     results_record,
+    shared_reference_cache,
     write_results,
 )
 from ..plotting import plot_similarity, plot_synthetic_grid, plot_training_curves
@@ -195,7 +196,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                                  on_trained=lambda seed, trained: finals.setdefault(seed, trained.final_state))
     full_seconds = time.time() - t0
     reference = reference_diagnostics(prepared.features, config.num_pairs, embed_dim=config.embed_dim,
-                                      temperature=config.temperature, cache_dir=out, trained_state=finals.get(0))
+                                      temperature=config.temperature, cache_dir=out, trained_state=finals.get(0),
+                                      shared_cache_dir=shared_reference_cache())
     bounds = None
     if set_args.synthetic_space == "features" and set_args.feature_range == "real":
         bounds = (train.image_features.min(0).values, train.image_features.max(0).values)
