@@ -69,15 +69,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric_experts", type=int, default=None,
                         help="Experts for the asymmetric variants (default: as the config). Each trains the image "
                              "encoder from pixels, ~90 s per epoch on 2 cores at 64 px.")
+    parser.add_argument("--asymmetric_expert_epochs", type=int, default=None,
+                        help="Epochs of the asymmetric experts (default: as the config). Segments start before "
+                             "max_start_epoch and span expert_epochs, so max_start_epoch - 1 + expert_epochs "
+                             "epochs give the same segments as more.")
     parser.add_argument("--workers", type=int, default=1,
                         help="Distillation runs at a time, each in a process of its own (seed-major order: every "
                              "variant and size gets seed 0 first); give each --cpu_threads CORES / WORKERS (the "
                              "default when --cpu_threads is not given). Several invocations of the same command, "
                              "e.g. in two terminals, share the runs: each run is locked while it runs.")
-    parser.add_argument("--asymmetric_expert_epochs", type=int, default=None,
-                        help="Epochs of the asymmetric experts (default: as the config). Segments start before "
-                             "max_start_epoch and span expert_epochs, so max_start_epoch - 1 + expert_epochs "
-                             "epochs give the same segments as more.")
 
 
 def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str],

@@ -130,7 +130,8 @@ def main() -> None:
     run_in_workers([cell(n, p, s) for s in seeds for p in sizes for n in variants], args)
     for pairs in sizes:
         for name in variants:
-            runs = [run_variant(*cell(name, pairs, seed)[:3], args, cell(name, pairs, seed)[3]) for seed in seeds]
+            runs = [run_variant(n, seed, out, args, extra)
+                    for n, seed, out, extra in (cell(name, pairs, s) for s in seeds)]
             chosen, scores = strongest(runs)
             curves.setdefault(str(pairs), {})[name] = common_curve(runs)
             protocol.setdefault(str(pairs), {})[name] = chosen
