@@ -78,6 +78,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "variant and size gets seed 0 first); give each --cpu_threads CORES / WORKERS (the "
                              "default when --cpu_threads is not given). Several invocations of the same command, "
                              "e.g. in two terminals, share the runs: each run is locked while it runs.")
+    parser.add_argument("--continue_from", default=None, metavar="WORK_DIR",
+                        help="Start each run that has no checkpoint yet from the newest checkpoint of the same run "
+                             "(variant, size, seed) in this earlier work directory, when that checkpoint is at or "
+                             "below --max_steps: e.g. the equal-iteration table continues the equal-time runs that "
+                             "stopped short of it. The outer loop draws its randomness per iteration and the outer "
+                             "learning rates are constant, so a continued run is the run from scratch; its seconds "
+                             "per iteration count only the iterations it ran itself.")
 
 
 def run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extra: list[str],
@@ -115,6 +122,8 @@ def _run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extr
     width = (["--embed_dim", str(encoder_width(extra))]
              if matching == "asymmetric" and "--asymmetric_image_head" not in extra else [])
     done = out / "results.json"
+    if not done.exists() and args.continue_from:
+        continue_run(out, Path(args.continue_from) / out.parent.name / out.name, extra)
     if not done.exists():  # finished runs are kept; an interrupted run continues from its last checkpoint
         distill.main(["--seed", str(seed), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                       "--trajectory_dir", str(Path(args.experts_dir or args.work_dir) / f"experts_{matching}"),
@@ -138,6 +147,45 @@ def _run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extr
                                    str(other.parent), *extra_data_args(extra)])
         run["infonce"] = _scores(json.loads(other.read_text()))
     return run
+
+
+def passthrough_value(extra: list[str], flag: str) -> str | None:
+    """The value a pass-through ``flag`` is given (the last one, as argparse reads it), or None."""
+    values = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
+    return values[-1] if values else None
+
+
+def continue_run(out: Path, source: Path, extra: list[str]) -> Path | None:
+    """Copy ``source``'s newest complete checkpoint into ``out`` (which has none) when its iteration is at or below
+    the pass-through ``--max_steps``, so the run resumes from it; the copy, or None (then it starts from scratch)."""
+    import shutil
+
+    from repblend_hf.checks import last_complete_checkpoint
+
+    if last_complete_checkpoint(out) is not None:
+        return None  # its own checkpoint goes first
+    checkpoint = last_complete_checkpoint(source)
+    max_steps = passthrough_value(extra, "--max_steps")
+    if checkpoint is None or max_steps is None:
+        print(f"--continue_from: no checkpoint in {source}{'' if max_steps else ' or no --max_steps'}; "
+              f"{out} starts from scratch", flush=True)
+        return None
+    step = int(Path(checkpoint).name.split("-")[-1])
+    if step > int(max_steps):
+        print(f"--continue_from: {checkpoint} is past --max_steps {max_steps}; {out} starts from scratch", flush=True)
+        return None
+    target = out / Path(checkpoint).name
+    shutil.copytree(checkpoint, target.with_name(target.name + ".partial"), dirs_exist_ok=True)
+    target.with_name(target.name + ".partial").rename(target)  # never a half-copied checkpoint-N to resume from
+    print(f"--continue_from: {out} continues {checkpoint} (iteration {step} of {max_steps})", flush=True)
+    return target
+
+
+def seconds_per_iteration(timings: dict) -> float:
+    """Distillation wall time over the iterations this process ran (a resumed or continued run's earlier ones are
+    not in its ``distillation_s``)."""
+    ran = timings["iterations"] - timings.get("resumed_from_iteration", 0)
+    return timings["distillation_s"] / max(ran, 1)
 
 
 def run_in_workers(cells: list[tuple[str, int, Path, list[str]]], args: argparse.Namespace) -> None:
@@ -313,7 +361,7 @@ def main() -> None:
     for name, summary in table.items():
         cells = [f"{summary[k]['mean']:.1f} ± {summary[k]['std']:.1f}" for k in METRICS]
         runs = timings.get(name, [])
-        per_iteration = f"{np.mean([t['distillation_s'] / t['iterations'] for t in runs]):.2f}" if runs else "—"
+        per_iteration = f"{np.mean([seconds_per_iteration(t) for t in runs]):.2f}" if runs else "—"
         lines.append(table_row(name, protocol.get(name, "infonce"), cells, on_test[name]["r_mean"]["mean"],
                                per_iteration))
     lines += ["", PROTOCOL_NOTE]

@@ -35,8 +35,10 @@ from compare_methods import (  # noqa: E402
     VARIANTS,
     add_run_arguments,
     common_curve,
+    passthrough_value,
     run_in_workers,
     run_variant,
+    seconds_per_iteration,
     shared_rows,
     strongest,
     summarize,
@@ -137,8 +139,8 @@ def main() -> None:
             protocol.setdefault(str(pairs), {})[name] = chosen
             per_seed.setdefault(str(pairs), {})[name] = [s["test"] for s in scores]
             on_test.setdefault(str(pairs), {})[name] = [s["test_selected_on_test"] for s in scores]
-            seconds.setdefault(str(pairs), {})[name] = [r["timings"]["distillation_s"] / r["timings"]["iterations"]
-                                                       for r in runs if r["timings"]]
+            seconds.setdefault(str(pairs), {})[name] = [seconds_per_iteration(r["timings"]) for r in runs
+                                                       if r["timings"]]
             iterations.setdefault(str(pairs), {})[name] = [r["timings"]["iterations"] for r in runs if r["timings"]]
             shared = shared_rows(name, runs)  # LoRS / MTT-VL: the same sets under the shared frozen protocol too
             if shared:
@@ -167,8 +169,8 @@ def main() -> None:
                      "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
                      "iterations": iterations,
                      "protocol": protocol, "validation_curves": curves})
-    steps = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_steps"), None)
-    minutes = next((passthrough[i + 1] for i, a in enumerate(passthrough[:-1]) if a == "--max_time_minutes"), None)
+    steps = passthrough_value(passthrough, "--max_steps")
+    minutes = passthrough_value(passthrough, "--max_time_minutes")
     budget = (f", {minutes} min of distillation per method" if minutes
               else f", {steps} distillation iterations per method" if steps else "")
     plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png", "fashion-scenes" + budget)

@@ -178,3 +178,30 @@ def test_methods_curves_compare_seeds_at_the_iterations_all_of_them_evaluated(tm
     assert sorted(curve) == [0, 200, 400]  # 660 and 439: one seed each, not an equal-iteration comparison
     assert curve[400] == {"mean": 13.0, "std": 1.0}
     assert compare.validation_curve(tmp_path / "missing") == {}
+
+
+def _checkpoint(path: Path, step: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"pixel_values": torch.full((2, 3), float(step))}, str(path / "model.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_continue_from_copies_the_newest_checkpoint_at_or_below_max_steps(tmp_path):
+    compare = _load_script("compare_methods")
+    source, out = tmp_path / "10min" / "lors_199" / "seed0", tmp_path / "30it" / "lors_199" / "seed0"
+    _checkpoint(source / "checkpoint-22", 22)
+    (source / "checkpoint-30").mkdir()  # killed while saving: no trainer_state.json, not resumable
+    copied = compare.continue_run(out, source, ["--num_pairs", "199", "--max_steps", "30"])
+    assert copied == out / "checkpoint-22" and (copied / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-22"]  # no .partial left behind
+    assert compare.continue_run(out, source, ["--max_steps", "30"]) is None  # its own checkpoint goes first
+    past = tmp_path / "30it" / "lors_499" / "seed0"
+    assert compare.continue_run(past, source, ["--max_steps", "20"]) is None and not past.exists()
+    assert compare.continue_run(past, tmp_path / "missing", ["--max_steps", "30"]) is None
+    assert compare.passthrough_value(["--max_steps", "5", "--max_steps", "30"], "--max_steps") == "30"
+    timings = {"distillation_s": 80.0, "iterations": 30, "resumed_from_iteration": 22}
+    assert compare.seconds_per_iteration(timings) == 10.0  # the 8 iterations this process ran
+    assert compare.seconds_per_iteration({"distillation_s": 60.0, "iterations": 30}) == 2.0

@@ -649,6 +649,31 @@ def test_time_budget_stops_the_run_and_a_resumed_run_continues_it(encoder, exper
         _args(tmp_path, max_time_minutes=0)
 
 
+def test_a_run_stopped_by_its_time_budget_continues_to_max_steps_as_the_run_from_scratch(encoder, experts, real,
+                                                                                         tmp_path, monkeypatch):
+    """benchmarks' --continue_from: the equal-iteration run resumes the equal-time run's last checkpoint (taken when
+    its budget stopped it, after the evaluation there) and ends with the set a run of max_steps from scratch makes."""
+    from repblend_hf.trainers import callbacks
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(callbacks, "_clock", lambda: 0.25 * next(ticks))
+
+    def run(out, max_steps, minutes=None, resume=None):
+        syn = _synthetic(encoder)
+        args = _args(tmp_path, output_dir=str(out), max_steps=max_steps, save_strategy="steps", save_steps=2,
+                     max_time_minutes=minutes, eval_strategy="steps", eval_steps=2, eval_head_epochs=1)
+        trainer = DistillationTrainer(syn, args, experts, encoder, validation=real)
+        trainer.train(resume_from_checkpoint=resume)
+        return syn, trainer.state.log_history
+
+    scratch, _ = run(tmp_path / "scratch", 5)
+    _, history = run(tmp_path / "timed", 50, minutes=0.0125)  # 0.75 s: stops after 3 of 50 steps, checkpoint-3
+    assert [h["step"] for h in history if "eval_r_mean" in h] == [2, 3]  # evaluated where the budget stopped it
+    continued, _ = run(tmp_path / "timed", 5, resume=str(tmp_path / "timed" / "checkpoint-3"))
+    for (name, a), (_, b) in zip(scratch.state_dict().items(), continued.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_lors_pixel_gradient_is_the_same_through_the_grouped_convolutions(encoder, asymmetric_experts, tmp_path,
                                                                            monkeypatch):
     """The asymmetric student runs the encoder's grouped convolutions through grouped_conv2d (whose double backward
