@@ -106,6 +106,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--work_dir", default="outputs/methods")
     parser.add_argument("--output", default=str(HERE / "results" / "methods"))
+    parser.add_argument("--finished_only", action="store_true",
+                        help="Assemble the table from the runs that have finished (their results.json), starting and "
+                             "waiting for none: each row over the seeds it has (column 'seeds'), a row without one "
+                             "left out. For a table whose runs are still going (or were stopped).")
     add_run_arguments(parser)
     args, passthrough = parser.parse_known_args()
     for name in filter(None, args.variants.split(",")):
@@ -129,11 +133,18 @@ def main() -> None:
         return (name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}",
                 ["--num_pairs", str(pairs), *passthrough, *threads])
 
-    run_in_workers([cell(n, p, s) for s in seeds for p in sizes for n in variants], args)
+    if not args.finished_only:
+        run_in_workers([cell(n, p, s) for s in seeds for p in sizes for n in variants], args)
+    finished: dict[str, dict[str, list[int]]] = {}
     for pairs in sizes:
         for name in variants:
-            runs = [run_variant(n, seed, out, args, extra)
-                    for n, seed, out, extra in (cell(name, pairs, s) for s in seeds)]
+            cells = [cell(name, pairs, s) for s in seeds]
+            if args.finished_only:
+                cells = [c for c in cells if (c[2] / "results.json").exists()]
+                if not cells:
+                    continue
+            finished.setdefault(str(pairs), {})[name] = [seed for _, seed, _, _ in cells]
+            runs = [run_variant(n, seed, out, args, extra) for n, seed, out, extra in cells]
             chosen, scores = strongest(runs)
             curves.setdefault(str(pairs), {})[name] = common_curve(runs)
             protocol.setdefault(str(pairs), {})[name] = chosen
@@ -147,14 +158,14 @@ def main() -> None:
                 key = shared["name"]
                 per_seed[str(pairs)][key], on_test[str(pairs)][key] = shared["test"], shared["test_selected_on_test"]
                 protocol[str(pairs)][key] = "shared"
+                finished[str(pairs)][key] = finished[str(pairs)][name]
                 seconds[str(pairs)][key], iterations[str(pairs)][key] = seconds[str(pairs)][name], \
                     iterations[str(pairs)][name]
 
-    prepared = prepare_features(DataArguments())
-    train = prepared.features["train"]
     baselines = [(c, p) for p in sizes for c in filter(None, args.coresets.split(","))]
+    prepared = prepare_features(DataArguments()) if baselines or args.full else None
     if args.full:
-        baselines.append(("full", train.num_images))
+        baselines.append(("full", prepared.features["train"].num_images))
     for name, pairs in baselines:
         result = evaluate_baseline(name, prepared.features, pairs, embed_dim=512, seeds=seeds)
         key = str(sizes[0]) if name == "full" else str(pairs)
@@ -168,7 +179,8 @@ def main() -> None:
     write_json(out, {"seeds": seeds, "pairs": sizes, "passthrough": passthrough, "test": table,
                      "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
                      "iterations": iterations,
-                     "protocol": protocol, "validation_curves": curves})
+                     "protocol": protocol, "validation_curves": curves, "finished_only": args.finished_only,
+                     "seeds_per_row": finished})
     steps = passthrough_value(passthrough, "--max_steps")
     minutes = passthrough_value(passthrough, "--max_time_minutes")
     budget = (f", {minutes} min of distillation per method" if minutes
@@ -176,10 +188,15 @@ def main() -> None:
     plot(table, out.parent / f"{out.name}_r_mean_vs_pairs.png", "fashion-scenes" + budget)
     lines = [f"# fashion-scenes: test retrieval (validation-selected epoch), mean ± std over seeds {seeds}", "",
              f"Command: `{command('methods.py')}`", ""]
+    if args.finished_only:
+        lines += ["Partial: the distilled rows are over the seeds that had finished (column 'seeds'; the others were "
+                  "still to run), coresets and full data over all of them.", ""]
+    sizes = [p for p in sizes if str(p) in table]  # (--finished_only: a size with no finished run has no rows)
     for pairs in sizes:
+        partial = " seeds |" if args.finished_only else ""
         lines += [f"## {pairs} pairs", "", "| method | protocol | " + " | ".join(METRICS) +
-                  " | r_mean (test-selected) | s / iteration | iterations |",
-                  "|---|---|" + "---|" * (len(METRICS) + 3)]
+                  " | r_mean (test-selected) | s / iteration | iterations |" + partial,
+                  "|---|---|" + "---|" * (len(METRICS) + 3 + bool(partial))]
         for method, summary in table[str(pairs)].items():
             cells = [f"{summary[k]['mean']:.1f} ± {summary[k]['std']:.1f}" for k in METRICS]
             times = seconds.get(str(pairs), {}).get(method)
@@ -188,7 +205,10 @@ def main() -> None:
             done = iterations.get(str(pairs), {}).get(method)
             row = table_row(method, protocol.get(str(pairs), {}).get(method, "infonce"), cells, selected_on_test,
                             per_iteration)
-            lines.append(row + (f" {sum(done) / len(done):.0f} |" if done else " — |"))
+            row += f" {sum(done) / len(done):.0f} |" if done else " — |"
+            if args.finished_only:
+                row += f" {','.join(map(str, finished.get(str(pairs), {}).get(method, seeds)))} |"
+            lines.append(row)
         lines.append("")
     lines += ["Full data is listed under the first size. " + PROTOCOL_NOTE, ""]
     for pairs in sizes:

@@ -205,3 +205,29 @@ def test_continue_from_copies_the_newest_checkpoint_at_or_below_max_steps(tmp_pa
     timings = {"distillation_s": 80.0, "iterations": 30, "resumed_from_iteration": 22}
     assert compare.seconds_per_iteration(timings) == 10.0  # the 8 iterations this process ran
     assert compare.seconds_per_iteration({"distillation_s": 60.0, "iterations": 30}) == 2.0
+
+
+def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tmp_path, monkeypatch):
+    methods = _load_script("methods")
+    metrics = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+    for seed, r_mean in ((0, 7.0), (2, 9.0)):  # seed 1 is still running (no results.json)
+        out = tmp_path / "work" / "lors_199" / f"seed{seed}"
+        out.mkdir(parents=True)
+        split = {k: {"mean": r_mean, "std": 0.0} for k in metrics}
+        (out / "results.json").write_text(json.dumps({"test": split, "test_selected_on_test": split,
+                                                      "validation": split}))
+        (out / "timings.json").write_text(json.dumps({"distillation_s": 600.0, "iterations": 20}))
+    (tmp_path / "work" / "lors_199" / "seed1").mkdir()  # (starting it would fail: no data, no experts here)
+    monkeypatch.setattr(sys, "argv", ["methods.py", "--finished_only", "--pairs", "199,499", "--variants", "lors",
+                                      "--seeds", "0,1,2", "--coresets", "", "--no-full", "--work_dir",
+                                      str(tmp_path / "work"), "--output", str(tmp_path / "table")])
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        methods.main()
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    text = (tmp_path / "table.md").read_text()
+    assert "Partial:" in text and "## 499 pairs" not in text  # no finished run at 499: no section
+    row = next(line for line in text.splitlines() if line.startswith("| lors |"))
+    assert row.endswith("| 8.0 ± 1.0 | 8.0 | 30.00 | 20 | 0,2 |")
+    assert json.loads((tmp_path / "table.json").read_text())["seeds_per_row"] == {"199": {"lors": [0, 2]}}
