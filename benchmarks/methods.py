@@ -16,13 +16,15 @@ and the test-selected r_mean the authors report. Finished runs are reused, so th
 ``--workers N`` N runs go at a time, each in a process of its own with its log in ``<run>/run.log``, seed 0 of
 every variant and size first (an interrupted table then has one seed of every row soonest). Several
 invocations of one command share its runs (each run is locked while it runs, and each expert while it trains),
-so a second terminal can join.
+so a second terminal can join. ``--reuse TABLE.json`` takes the seeds a previous table holds (e.g. a
+``--finished_only`` one, whose run folders are gone) from it instead of running them again.
 Writes ``benchmarks/results/methods.{json,md}`` and ``methods_r_mean_vs_pairs.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import textwrap
 from pathlib import Path
 
@@ -47,6 +49,40 @@ from compare_methods import (  # noqa: E402
 )
 
 CORESETS = ("random", "herding", "kcenter")
+
+
+def reusable_rows(paths: list[str]) -> dict[tuple[str, str], dict]:
+    """The distilled rows of previous tables (their ``.json``), keyed by (pairs, row name): each row's seeds, its
+    per-seed test scores, the summary of its test-selected scores (the tables keep no per-seed list of those),
+    its protocol, and the s / iteration and iterations of its runs that had timings (in seed order when all did)."""
+    rows: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        table = json.loads(Path(path).read_text())
+        for pairs, by_row in table["protocol"].items():  # distilled rows only: coresets / full have no protocol
+            for name, protocol in by_row.items():
+                seeds = table.get("seeds_per_row", {}).get(pairs, {}).get(name, table["seeds"])
+                if (pairs, name) in rows:
+                    raise SystemExit(f"--reuse: {name} at {pairs} pairs is in two of the tables {paths}; "
+                                     "give each row from one table")
+                timed = {k: table[key].get(pairs, {}).get(name, [])
+                         for k, key in (("seconds", "seconds_per_iteration"), ("iterations", "iterations"))}
+                rows[(pairs, name)] = {
+                    "seeds": list(seeds), "test": table["per_seed"][pairs][name], "protocol": protocol,
+                    "on_test": table["test_selected_on_test"][pairs][name], "source": str(path),
+                    **timed, "timed_per_seed": all(len(v) == len(seeds) for v in timed.values())}
+    return rows
+
+
+def pooled(summary: dict, n: int, rows: list[dict]) -> dict:
+    """The mean and population std of every metric over ``n`` seeds known only by their ``summary`` and ``rows``."""
+    out = {}
+    for k, stat in summary.items():
+        values = [r[k] for r in rows]
+        total = n + len(values)
+        mean = (n * stat["mean"] + sum(values)) / total
+        square = (n * (stat["std"] ** 2 + stat["mean"] ** 2) + sum(v * v for v in values)) / total
+        out[k] = {"mean": float(mean), "std": float(max(square - mean * mean, 0.0) ** 0.5)}
+    return out
 
 
 def plot(table: dict, path: Path, title: str = "fashion-scenes") -> None:
@@ -110,6 +146,12 @@ def main() -> None:
                         help="Assemble the table from the runs that have finished (their results.json), starting and "
                              "waiting for none: each row over the seeds it has (column 'seeds'), a row without one "
                              "left out. For a table whose runs are still going (or were stopped).")
+    parser.add_argument("--reuse", default="",
+                        help="Comma-separated previous tables (their .json, e.g. a --finished_only one) whose "
+                             "distilled seeds are taken from them instead of being run here: each (size, variant, "
+                             "seed) a table holds is not run again, and its row here pools them with this run's "
+                             "seeds (column 'seeds'). For runs whose folders are gone (another machine, a fresh "
+                             "one); the protocols must agree.")
     add_run_arguments(parser)
     args, passthrough = parser.parse_known_args()
     for name in filter(None, args.variants.split(",")):
@@ -129,38 +171,66 @@ def main() -> None:
     variants = list(filter(None, args.variants.split(",")))
     threads = worker_threads(args, passthrough)
 
+    reused = reusable_rows(list(filter(None, args.reuse.split(","))))
+    summaries_on_test: dict[str, dict[str, dict]] = {}  # rows pooled with reused seeds (known by their summary)
+
     def cell(name: str, pairs: int, seed: int) -> tuple[str, int, Path, list[str]]:
         return (name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}",
                 ["--num_pairs", str(pairs), *passthrough, *threads])
 
+    def to_run(name: str, pairs: int) -> list[int]:
+        return [s for s in seeds if s not in reused.get((str(pairs), name), {}).get("seeds", [])]
+
     if not args.finished_only:
-        run_in_workers([cell(n, p, s) for s in seeds for p in sizes for n in variants], args)
+        run_in_workers([cell(n, p, s) for s in seeds for p in sizes for n in variants if s in to_run(n, p)],
+                       args)
     finished: dict[str, dict[str, list[int]]] = {}
     for pairs in sizes:
         for name in variants:
-            cells = [cell(name, pairs, s) for s in seeds]
+            cells = [cell(name, pairs, s) for s in to_run(name, pairs)]
             if args.finished_only:
                 cells = [c for c in cells if (c[2] / "results.json").exists()]
-                if not cells:
-                    continue
-            finished.setdefault(str(pairs), {})[name] = [seed for _, seed, _, _ in cells]
+            names = [r for r in (name, f"{name}, shared protocol") if (str(pairs), r) in reused]
+            if not cells and not names:
+                continue
             runs = [run_variant(n, seed, out, args, extra) for n, seed, out, extra in cells]
-            chosen, scores = strongest(runs)
-            curves.setdefault(str(pairs), {})[name] = common_curve(runs)
-            protocol.setdefault(str(pairs), {})[name] = chosen
-            per_seed.setdefault(str(pairs), {})[name] = [s["test"] for s in scores]
-            on_test.setdefault(str(pairs), {})[name] = [s["test_selected_on_test"] for s in scores]
-            seconds.setdefault(str(pairs), {})[name] = [seconds_per_iteration(r["timings"]) for r in runs
-                                                       if r["timings"]]
-            iterations.setdefault(str(pairs), {})[name] = [r["timings"]["iterations"] for r in runs if r["timings"]]
-            shared = shared_rows(name, runs)  # LoRS / MTT-VL: the same sets under the shared frozen protocol too
-            if shared:
-                key = shared["name"]
-                per_seed[str(pairs)][key], on_test[str(pairs)][key] = shared["test"], shared["test_selected_on_test"]
-                protocol[str(pairs)][key] = "shared"
-                finished[str(pairs)][key] = finished[str(pairs)][name]
-                seconds[str(pairs)][key], iterations[str(pairs)][key] = seconds[str(pairs)][name], \
-                    iterations[str(pairs)][name]
+            here = [seed for _, seed, _, _ in cells]
+            rows: dict[str, dict] = {}
+            if runs:
+                chosen, scores = strongest(runs)
+                curves.setdefault(str(pairs), {})[name] = common_curve(runs)  # this work_dir's runs only
+                rows[name] = {"protocol": chosen, "test": [s["test"] for s in scores],
+                              "on_test": [s["test_selected_on_test"] for s in scores]}
+                shared = shared_rows(name, runs)  # LoRS / MTT-VL: the same sets under the shared frozen protocol
+                if shared:
+                    rows[shared["name"]] = {"protocol": "shared", "test": shared["test"],
+                                            "on_test": shared["test_selected_on_test"]}
+                for row in rows.values():
+                    row["seconds"] = [seconds_per_iteration(r["timings"]) for r in runs if r["timings"]]
+                    row["iterations"] = [r["timings"]["iterations"] for r in runs if r["timings"]]
+            for key in names:  # pooled with the reused seeds, in seed order
+                old = reused[(str(pairs), key)]
+                row = rows.setdefault(key, {"protocol": old["protocol"], "test": [], "on_test": [],
+                                            "seconds": [], "iterations": []})
+                if row["protocol"] != old["protocol"]:
+                    raise SystemExit(f"--reuse: {key} at {pairs} pairs is reported under the {old['protocol']} "
+                                     f"protocol in {old['source']} but under {row['protocol']} here; a row pools "
+                                     "seeds of one protocol")
+                order = sorted(range(len(old["seeds"]) + len(here)), key=lambda i: (old["seeds"] + here)[i])
+                row["test"] = [(old["test"] + row["test"])[i] for i in order]
+                for k in ("seconds", "iterations"):  # (of the runs with timings, as above)
+                    aligned = old["timed_per_seed"] and len(row[k]) == len(here)
+                    row[k] = [(old[k] + row[k])[i] for i in order] if aligned else old[k] + row[k]
+                summaries_on_test.setdefault(str(pairs), {})[key] = pooled(old["on_test"], len(old["seeds"]),
+                                                                         row["on_test"])
+            for key, row in rows.items():
+                protocol.setdefault(str(pairs), {})[key] = row["protocol"]
+                per_seed.setdefault(str(pairs), {})[key] = row["test"]
+                on_test.setdefault(str(pairs), {})[key] = row["on_test"]
+                seconds.setdefault(str(pairs), {})[key] = row["seconds"]
+                iterations.setdefault(str(pairs), {})[key] = row["iterations"]
+                finished.setdefault(str(pairs), {})[key] = sorted(reused.get((str(pairs), key), {}).get(
+                    "seeds", []) + here)
 
     baselines = [(c, p) for p in sizes for c in filter(None, args.coresets.split(","))]
     prepared = prepare_features(DataArguments()) if baselines or args.full else None
@@ -174,13 +244,14 @@ def main() -> None:
         print(f"{name} @ {pairs}: r_mean {summarize(per_seed[key][name])['r_mean']}", flush=True)
 
     table = {p: {m: summarize(rows) for m, rows in by_method.items()} for p, by_method in per_seed.items()}
-    table_on_test = {p: {m: summarize(rows) for m, rows in by_method.items()} for p, by_method in on_test.items()}
+    table_on_test = {p: {m: summaries_on_test.get(p, {}).get(m) or summarize(rows) for m, rows in by_method.items()}
+                     for p, by_method in on_test.items()}
     out = Path(args.output)
     write_json(out, {"seeds": seeds, "pairs": sizes, "passthrough": passthrough, "test": table,
                      "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
                      "iterations": iterations,
                      "protocol": protocol, "validation_curves": curves, "finished_only": args.finished_only,
-                     "seeds_per_row": finished})
+                     "seeds_per_row": finished, "reused_from": list(filter(None, args.reuse.split(",")))})
     steps = passthrough_value(passthrough, "--max_steps")
     minutes = passthrough_value(passthrough, "--max_time_minutes")
     budget = (f", {minutes} min of distillation per method" if minutes
@@ -191,9 +262,13 @@ def main() -> None:
     if args.finished_only:
         lines += ["Partial: the distilled rows are over the seeds that had finished (column 'seeds'; the others were "
                   "still to run), coresets and full data over all of them.", ""]
+    if args.reuse:
+        lines += [f"Reused: the seeds of each distilled row that {args.reuse} holds are taken from it (those runs' "
+                  "folders are not in this work_dir), pooled with the seeds run here (column 'seeds'); the "
+                  "in-training validation curves below are over this work_dir's runs only.", ""]
     sizes = [p for p in sizes if str(p) in table]  # (--finished_only: a size with no finished run has no rows)
     for pairs in sizes:
-        partial = " seeds |" if args.finished_only else ""
+        partial = " seeds |" if args.finished_only or args.reuse else ""
         lines += [f"## {pairs} pairs", "", "| method | protocol | " + " | ".join(METRICS) +
                   " | r_mean (test-selected) | s / iteration | iterations |" + partial,
                   "|---|---|" + "---|" * (len(METRICS) + 3 + bool(partial))]
@@ -206,7 +281,7 @@ def main() -> None:
             row = table_row(method, protocol.get(str(pairs), {}).get(method, "infonce"), cells, selected_on_test,
                             per_iteration)
             row += f" {sum(done) / len(done):.0f} |" if done else " — |"
-            if args.finished_only:
+            if partial:
                 row += f" {','.join(map(str, finished.get(str(pairs), {}).get(method, seeds)))} |"
             lines.append(row)
         lines.append("")

@@ -6,6 +6,9 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -231,3 +234,62 @@ def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tm
     row = next(line for line in text.splitlines() if line.startswith("| lors |"))
     assert row.endswith("| 8.0 ± 1.0 | 8.0 | 30.00 | 20 | 0,2 |")
     assert json.loads((tmp_path / "table.json").read_text())["seeds_per_row"] == {"199": {"lors": [0, 2]}}
+
+
+def _finished_run(out: Path, r_mean: float, on_test: float, shared: float | None = None, iterations: int = 20):
+    metrics = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+
+    def record(value: float, selected: float) -> dict:
+        return {"test": {k: {"mean": value, "std": 0.0} for k in metrics},
+                "test_selected_on_test": {k: {"mean": selected, "std": 0.0} for k in metrics},
+                "validation": {k: {"mean": value, "std": 0.0} for k in metrics}}
+
+    out.mkdir(parents=True)
+    results = record(r_mean, on_test)
+    if shared is not None:
+        results["shared_protocol"] = record(shared, shared)
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "timings.json").write_text(json.dumps({"distillation_s": 30.0 * iterations, "iterations": iterations}))
+
+
+def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs_none_of_them(tmp_path, monkeypatch):
+    methods = _load_script("methods")
+    sys.path.insert(0, str(BENCHMARKS))
+    common = ["--pairs", "199", "--variants", "lors", "--seeds", "0,1,2", "--coresets", "", "--no-full"]
+    try:
+        for seed, r_mean in ((0, 6.0), (1, 8.0)):  # the previous table's runs, on a machine since gone
+            _finished_run(tmp_path / "old" / "lors_199" / f"seed{seed}", r_mean, r_mean + 1, shared=4.0,
+                          iterations=20 + seed)
+        monkeypatch.setattr(sys, "argv", ["methods.py", "--finished_only", *common, "--work_dir",
+                                          str(tmp_path / "old"), "--output", str(tmp_path / "previous")])
+        methods.main()
+        _finished_run(tmp_path / "new" / "lors_199" / "seed2", 10.0, 13.0, shared=7.0, iterations=30)
+        started = []
+        monkeypatch.setattr(methods, "run_in_workers", lambda cells, args: started.extend(cells))
+        monkeypatch.setattr(sys, "argv", ["methods.py", *common, "--work_dir", str(tmp_path / "new"), "--reuse",
+                                          str(tmp_path / "previous.json"), "--output", str(tmp_path / "table")])
+        methods.main()
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert [(name, seed) for name, seed, _, _ in started] == [("lors", 2)]  # seeds 0, 1 are not run again
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert [s["r_mean"] for s in table["per_seed"]["199"]["lors"]] == [6.0, 8.0, 10.0]
+    assert table["test"]["199"]["lors"]["r_mean"]["mean"] == pytest.approx(8.0)
+    selected = table["test_selected_on_test"]["199"]["lors"]["r_mean"]  # 7, 9 (a summary only) and 13
+    assert selected["mean"] == pytest.approx(29 / 3) and selected["std"] == pytest.approx(np.std([7, 9, 13]))
+    assert table["iterations"]["199"]["lors"] == [20, 21, 30]
+    assert table["seeds_per_row"]["199"] == {"lors": [0, 1, 2], "lors, shared protocol": [0, 1, 2]}
+    assert table["test"]["199"]["lors, shared protocol"]["r_mean"]["mean"] == pytest.approx(5.0)
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| lors |"))
+    assert row.endswith("| 8.0 ± 1.6 | 9.7 | 30.00 | 24 | 0,1,2 |")
+    previous = json.loads((tmp_path / "previous.json").read_text())
+    previous["protocol"]["199"]["lors"] = "infonce"  # a row pools one protocol's seeds
+    (tmp_path / "infonce.json").write_text(json.dumps(previous))
+    monkeypatch.setattr(sys, "argv", ["methods.py", *common, "--work_dir", str(tmp_path / "new"), "--reuse",
+                                      str(tmp_path / "infonce.json"), "--output", str(tmp_path / "t2")])
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        with pytest.raises(SystemExit, match="pools seeds of one protocol"):
+            methods.main()
+    finally:
+        sys.path.remove(str(BENCHMARKS))
