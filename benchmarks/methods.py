@@ -51,14 +51,20 @@ from compare_methods import (  # noqa: E402
 CORESETS = ("random", "herding", "kcenter")
 
 
-def reusable_rows(paths: list[str]) -> dict[tuple[str, str], dict]:
-    """The distilled rows of previous tables (their ``.json``), keyed by (pairs, row name): each row's seeds, its
-    per-seed test scores, the summary of its test-selected scores (the tables keep no per-seed list of those),
-    its protocol, and the s / iteration and iterations of its runs that had timings (in seed order when all did)."""
+def reusable_rows(paths: list[str]) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, str], dict]]:
+    """The rows of previous tables (their ``.json``), keyed by (pairs, row name): the distilled ones, each with its
+    seeds, per-seed test scores, the summary of its test-selected scores (the tables keep no per-seed list of
+    those), protocol, and the s / iteration and iterations of its runs that had timings (in seed order when all
+    did); and the coresets' and full data's (per-seed test scores and that summary, over the table's seeds)."""
     rows: dict[tuple[str, str], dict] = {}
+    baselines: dict[tuple[str, str], dict] = {}
     for path in paths:
         table = json.loads(Path(path).read_text())
-        for pairs, by_row in table["protocol"].items():  # distilled rows only: coresets / full have no protocol
+        for pairs, by_row in table["per_seed"].items():
+            for name in set(by_row) - set(table["protocol"].get(pairs, {})):  # no protocol: a coreset or full data
+                baselines[(pairs, name)] = {"test": by_row[name], "seeds": table["seeds"],
+                                            "on_test": table["test_selected_on_test"][pairs][name]}
+        for pairs, by_row in table["protocol"].items():
             for name, protocol in by_row.items():
                 seeds = table.get("seeds_per_row", {}).get(pairs, {}).get(name, table["seeds"])
                 if (pairs, name) in rows:
@@ -70,7 +76,7 @@ def reusable_rows(paths: list[str]) -> dict[tuple[str, str], dict]:
                     "seeds": list(seeds), "test": table["per_seed"][pairs][name], "protocol": protocol,
                     "on_test": table["test_selected_on_test"][pairs][name], "source": str(path),
                     **timed, "timed_per_seed": all(len(v) == len(seeds) for v in timed.values())}
-    return rows
+    return rows, baselines
 
 
 def pooled(summary: dict, n: int, rows: list[dict]) -> dict:
@@ -151,7 +157,8 @@ def main() -> None:
                              "distilled seeds are taken from them instead of being run here: each (size, variant, "
                              "seed) a table holds is not run again, and its row here pools them with this run's "
                              "seeds (column 'seeds'). For runs whose folders are gone (another machine, a fresh "
-                             "one); the protocols must agree.")
+                             "one); the protocols must agree. Its coresets and full data are reused too when it "
+                             "ran them over the same --seeds.")
     add_run_arguments(parser)
     args, passthrough = parser.parse_known_args()
     for name in filter(None, args.variants.split(",")):
@@ -171,7 +178,7 @@ def main() -> None:
     variants = list(filter(None, args.variants.split(",")))
     threads = worker_threads(args, passthrough)
 
-    reused = reusable_rows(list(filter(None, args.reuse.split(","))))
+    reused, reused_baselines = reusable_rows(list(filter(None, args.reuse.split(","))))
     summaries_on_test: dict[str, dict[str, dict]] = {}  # rows pooled with reused seeds (known by their summary)
 
     def cell(name: str, pairs: int, seed: int) -> tuple[str, int, Path, list[str]]:
@@ -233,15 +240,23 @@ def main() -> None:
                     "seeds", []) + here)
 
     baselines = [(c, p) for p in sizes for c in filter(None, args.coresets.split(","))]
-    prepared = prepare_features(DataArguments()) if baselines or args.full else None
-    if args.full:
-        baselines.append(("full", prepared.features["train"].num_images))
+    baselines += [("full", sizes[0])] if args.full else []  # (full data is listed under the first size)
+    todo = []
     for name, pairs in baselines:
-        result = evaluate_baseline(name, prepared.features, pairs, embed_dim=512, seeds=seeds)
-        key = str(sizes[0]) if name == "full" else str(pairs)
+        old = reused_baselines.get((str(pairs), name))
+        if old is None or sorted(old["seeds"]) != sorted(seeds):  # reused only with the same selection seeds
+            todo.append((name, pairs))
+            continue
+        per_seed.setdefault(str(pairs), {})[name], on_test.setdefault(str(pairs), {})[name] = old["test"], []
+        summaries_on_test.setdefault(str(pairs), {})[name] = old["on_test"]
+    prepared = prepare_features(DataArguments()) if todo else None
+    for name, pairs in todo:
+        size = prepared.features["train"].num_images if name == "full" else pairs
+        result = evaluate_baseline(name, prepared.features, size, embed_dim=512, seeds=seeds)
+        key = str(pairs)
         per_seed.setdefault(key, {})[name] = [s.test for s in result.seeds]
         on_test.setdefault(key, {})[name] = [s.test_selected_on_test for s in result.seeds]
-        print(f"{name} @ {pairs}: r_mean {summarize(per_seed[key][name])['r_mean']}", flush=True)
+        print(f"{name} @ {size}: r_mean {summarize(per_seed[key][name])['r_mean']}", flush=True)
 
     table = {p: {m: summarize(rows) for m, rows in by_method.items()} for p, by_method in per_seed.items()}
     table_on_test = {p: {m: summaries_on_test.get(p, {}).get(m) or summarize(rows) for m, rows in by_method.items()}

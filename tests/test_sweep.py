@@ -282,6 +282,27 @@ def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs
     assert table["test"]["199"]["lors, shared protocol"]["r_mean"]["mean"] == pytest.approx(5.0)
     row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| lors |"))
     assert row.endswith("| 8.0 ± 1.6 | 9.7 | 30.00 | 24 | 0,1,2 |")
+    import repblend_hf.pipeline
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a reused coreset is not selected and trained again")
+
+    monkeypatch.setattr(repblend_hf.pipeline, "prepare_features", no_encoding)
+    summary = {k: {"mean": 5.0, "std": 0.5} for k in ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")}
+    table["per_seed"]["199"]["random"] = [{k: 5.0 + d for k in summary} for d in (-0.5, 0.0, 0.5)]
+    table["test_selected_on_test"]["199"]["random"] = summary
+    (tmp_path / "with_random.json").write_text(json.dumps(table))
+    monkeypatch.setattr(sys, "argv", ["methods.py", *common[:-3], "--coresets", "random", "--no-full", "--work_dir",
+                                      str(tmp_path / "none"), "--reuse", str(tmp_path / "with_random.json"),
+                                      "--output", str(tmp_path / "t3")])
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        methods.main()
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    reused = json.loads((tmp_path / "t3.json").read_text())
+    assert reused["test"]["199"]["random"]["r_mean"]["mean"] == pytest.approx(5.0)
+    assert reused["test"]["199"]["lors"] == table["test"]["199"]["lors"]  # every seed reused, none run
     previous = json.loads((tmp_path / "previous.json").read_text())
     previous["protocol"]["199"]["lors"] = "infonce"  # a row pools one protocol's seeds
     (tmp_path / "infonce.json").write_text(json.dumps(previous))
