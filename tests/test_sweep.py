@@ -314,3 +314,19 @@ def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs
             methods.main()
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def test_eta_probe_rescores_a_copy_of_the_set_at_another_eta_and_refuses_an_unfinished_run(tmp_path, monkeypatch):
+    probe = _load_script("eta_probe")
+    source = tmp_path / "run" / "synthetic_set"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text(json.dumps({"inner_lr_img": 0.03, "inner_lr_txt": 0.7, "num_pairs": 5}))
+    (source / "data.bin").write_bytes(b"pixels")
+    copy = probe.with_eta(source, tmp_path / "sets" / "init", 0.1, 0.1)
+    config = json.loads((copy / "config.json").read_text())
+    assert (config["inner_lr_img"], config["inner_lr_txt"], config["num_pairs"]) == (0.1, 0.1, 5)
+    assert json.loads((source / "config.json").read_text())["inner_lr_txt"] == 0.7  # the run's set is untouched
+    assert (copy / "data.bin").read_bytes() == b"pixels" and not (tmp_path / "sets" / "init.partial").exists()
+    monkeypatch.setattr(sys, "argv", ["eta_probe.py", "--run", str(tmp_path / "run"), "--seed", "0"])
+    with pytest.raises(SystemExit, match="not a finished distill run"):
+        probe.main()
