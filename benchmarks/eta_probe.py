@@ -89,10 +89,12 @@ def main() -> None:
         copy = with_eta(run / "synthetic_set", work / "sets" / "distilled_init_eta", args.init_eta, args.init_eta)
         jobs["distilled_init_eta"] = evaluation(copy, distilled_init)
     work.mkdir(parents=True, exist_ok=True)
-    running = {name: subprocess.Popen(cmd, stdout=open(work / f"{name}.log", "a"), stderr=subprocess.STDOUT)
-               for name, cmd in jobs.items()}
+    logs = {name: open(work / f"{name}.log", "a") for name in jobs}
+    running = {name: subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT) for name, cmd in jobs.items()}
     for name, process in running.items():  # the starting set and the first re-scoring side by side
-        if process.wait():
+        failed = process.wait()
+        logs[name].close()
+        if failed:
             raise SystemExit(f"{name} failed; see {work / f'{name}.log'}")
     start_learned = work / "start_learned_eta"
     if not (start_learned / "results.json").exists():

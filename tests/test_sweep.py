@@ -254,23 +254,20 @@ def _finished_run(out: Path, r_mean: float, on_test: float, shared: float | None
 
 def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs_none_of_them(tmp_path, monkeypatch):
     methods = _load_script("methods")
-    sys.path.insert(0, str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # where methods.py finds _common and compare_methods
     common = ["--pairs", "199", "--variants", "lors", "--seeds", "0,1,2", "--coresets", "", "--no-full"]
-    try:
-        for seed, r_mean in ((0, 6.0), (1, 8.0)):  # the previous table's runs, on a machine since gone
-            _finished_run(tmp_path / "old" / "lors_199" / f"seed{seed}", r_mean, r_mean + 1, shared=4.0,
-                          iterations=20 + seed)
-        monkeypatch.setattr(sys, "argv", ["methods.py", "--finished_only", *common, "--work_dir",
-                                          str(tmp_path / "old"), "--output", str(tmp_path / "previous")])
-        methods.main()
-        _finished_run(tmp_path / "new" / "lors_199" / "seed2", 10.0, 13.0, shared=7.0, iterations=30)
-        started = []
-        monkeypatch.setattr(methods, "run_in_workers", lambda cells, args: started.extend(cells))
-        monkeypatch.setattr(sys, "argv", ["methods.py", *common, "--work_dir", str(tmp_path / "new"), "--reuse",
-                                          str(tmp_path / "previous.json"), "--output", str(tmp_path / "table")])
-        methods.main()
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    for seed, r_mean in ((0, 6.0), (1, 8.0)):  # the previous table's runs, on a machine since gone
+        _finished_run(tmp_path / "old" / "lors_199" / f"seed{seed}", r_mean, r_mean + 1, shared=4.0,
+                      iterations=20 + seed)
+    monkeypatch.setattr(sys, "argv", ["methods.py", "--finished_only", *common, "--work_dir",
+                                      str(tmp_path / "old"), "--output", str(tmp_path / "previous")])
+    methods.main()
+    _finished_run(tmp_path / "new" / "lors_199" / "seed2", 10.0, 13.0, shared=7.0, iterations=30)
+    started = []
+    monkeypatch.setattr(methods, "run_in_workers", lambda cells, args: started.extend(cells))
+    monkeypatch.setattr(sys, "argv", ["methods.py", *common, "--work_dir", str(tmp_path / "new"), "--reuse",
+                                      str(tmp_path / "previous.json"), "--output", str(tmp_path / "table")])
+    methods.main()
     assert [(name, seed) for name, seed, _, _ in started] == [("lors", 2)]  # seeds 0, 1 are not run again
     table = json.loads((tmp_path / "table.json").read_text())
     assert [s["r_mean"] for s in table["per_seed"]["199"]["lors"]] == [6.0, 8.0, 10.0]
@@ -295,11 +292,7 @@ def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs
     monkeypatch.setattr(sys, "argv", ["methods.py", *common[:-3], "--coresets", "random", "--no-full", "--work_dir",
                                       str(tmp_path / "none"), "--reuse", str(tmp_path / "with_random.json"),
                                       "--output", str(tmp_path / "t3")])
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        methods.main()
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    methods.main()
     reused = json.loads((tmp_path / "t3.json").read_text())
     assert reused["test"]["199"]["random"]["r_mean"]["mean"] == pytest.approx(5.0)
     assert reused["test"]["199"]["lors"] == table["test"]["199"]["lors"]  # every seed reused, none run
@@ -308,12 +301,8 @@ def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs
     (tmp_path / "infonce.json").write_text(json.dumps(previous))
     monkeypatch.setattr(sys, "argv", ["methods.py", *common, "--work_dir", str(tmp_path / "new"), "--reuse",
                                       str(tmp_path / "infonce.json"), "--output", str(tmp_path / "t2")])
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        with pytest.raises(SystemExit, match="pools seeds of one protocol"):
-            methods.main()
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with pytest.raises(SystemExit, match="pools seeds of one protocol"):
+        methods.main()
 
 
 def test_eta_probe_rescores_a_copy_of_the_set_at_another_eta_and_refuses_an_unfinished_run(tmp_path, monkeypatch):
