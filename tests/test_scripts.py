@@ -83,6 +83,9 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
     assert (out / "checkpoint-6").exists()
     timings = json.loads((out / "timings.json").read_text())  # this process timed iterations 5-6 only
     assert (timings["iterations"], timings["resumed_from_iteration"]) == (6, 4), timings
+    # The machine behind the seconds: this one's CPU, its cores, torch's threads, no GPU in tests.
+    assert timings["machine"]["cpu"] and timings["machine"]["cpu_count"] == os.cpu_count(), timings["machine"]
+    assert timings["machine"]["torch_threads"] >= 1 and timings["machine"]["accelerator"] is None
     assert (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns == expert_mtime
     check = subprocess.run([sys.executable, "-c", (
         "import sys, torch; from datasets import load_dataset; from repblend_hf import SyntheticSet\n"
