@@ -180,6 +180,7 @@ def main() -> None:
 
     reused, reused_baselines = reusable_rows(list(filter(None, args.reuse.split(","))))
     summaries_on_test: dict[str, dict[str, dict]] = {}  # rows pooled with reused seeds (known by their summary)
+    machines: dict[str, int] = {}  # CPU model -> distillation runs of this work_dir on it
 
     def cell(name: str, pairs: int, seed: int) -> tuple[str, int, Path, list[str]]:
         return (name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}",
@@ -201,6 +202,9 @@ def main() -> None:
             if not cells and not names:
                 continue
             runs = [run_variant(n, seed, out, args, extra) for n, seed, out, extra in cells]
+            for r in runs:  # which CPUs the s / iteration column comes from (timings.json, older runs: unrecorded)
+                cpu = ((r["timings"] or {}).get("machine") or {}).get("cpu") or "unrecorded"
+                machines[cpu] = machines.get(cpu, 0) + 1
             here = [seed for _, seed, _, _ in cells]
             rows: dict[str, dict] = {}
             if runs:
@@ -266,7 +270,8 @@ def main() -> None:
                      "test_selected_on_test": table_on_test, "per_seed": per_seed, "seconds_per_iteration": seconds,
                      "iterations": iterations,
                      "protocol": protocol, "validation_curves": curves, "finished_only": args.finished_only,
-                     "seeds_per_row": finished, "reused_from": list(filter(None, args.reuse.split(",")))})
+                     "seeds_per_row": finished, "reused_from": list(filter(None, args.reuse.split(","))),
+                     "machines": machines})
     steps = passthrough_value(passthrough, "--max_steps")
     minutes = passthrough_value(passthrough, "--max_time_minutes")
     budget = (f", {minutes} min of distillation per method" if minutes
@@ -277,6 +282,9 @@ def main() -> None:
     if args.finished_only:
         lines += ["Partial: the distilled rows are over the seeds that had finished (column 'seeds'; the others were "
                   "still to run), coresets and full data over all of them.", ""]
+    if machines:
+        lines += ["Machines (this work_dir's distillation runs, from their timings.json): " + "; ".join(
+            f"{cpu} ({n} run{'s' * (n != 1)})" for cpu, n in sorted(machines.items())) + ".", ""]
     if args.reuse:
         lines += [f"Reused: the seeds of each distilled row that {args.reuse} holds are taken from it (those runs' "
                   "folders are not in this work_dir), pooled with the seeds run here (column 'seeds'); the "
