@@ -203,7 +203,8 @@ def main() -> None:
                 continue
             runs = [run_variant(n, seed, out, args, extra) for n, seed, out, extra in cells]
             for r in runs:  # which CPUs the s / iteration column comes from (timings.json, older runs: unrecorded)
-                cpu = ((r["timings"] or {}).get("machine") or {}).get("cpu") or "unrecorded"
+                machine = (r["timings"] or {}).get("machine") or {}
+                cpu = f"{machine['cpu']}, {machine.get('cpu_capability')}" if machine.get("cpu") else "unrecorded"
                 machines[cpu] = machines.get(cpu, 0) + 1
             here = [seed for _, seed, _, _ in cells]
             rows: dict[str, dict] = {}

@@ -86,6 +86,7 @@ def test_distill_script_end_to_end_resume_and_push(tiny_karpathy_dir, tiny_text_
     # The machine behind the seconds: this one's CPU, its cores, torch's threads, no GPU in tests.
     assert timings["machine"]["cpu"] and timings["machine"]["cpu_count"] == os.cpu_count(), timings["machine"]
     assert timings["machine"]["torch_threads"] >= 1 and timings["machine"]["accelerator"] is None
+    assert timings["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (out / "experts" / "expert_000.safetensors").stat().st_mtime_ns == expert_mtime
     check = subprocess.run([sys.executable, "-c", (
         "import sys, torch; from datasets import load_dataset; from repblend_hf import SyntheticSet\n"

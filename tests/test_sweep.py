@@ -219,7 +219,8 @@ def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tm
         split = {k: {"mean": r_mean, "std": 0.0} for k in metrics}
         (out / "results.json").write_text(json.dumps({"test": split, "test_selected_on_test": split,
                                                       "validation": split}))
-        machine = {"machine": {"cpu": "Test CPU 9000", "cpu_count": 2}} if seed == 0 else {}  # seed 2: older run
+        # Seed 2 ran before timings.json listed the machine.
+        machine = {"machine": {"cpu": "Test CPU 9000", "cpu_capability": "AVX2"}} if seed == 0 else {}
         (out / "timings.json").write_text(json.dumps({"distillation_s": 600.0, "iterations": 20, **machine}))
     (tmp_path / "work" / "lors_199" / "seed1").mkdir()  # (starting it would fail: no data, no experts here)
     monkeypatch.setattr(sys, "argv", ["methods.py", "--finished_only", "--pairs", "199,499", "--variants", "lors",
@@ -235,8 +236,8 @@ def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tm
     row = next(line for line in text.splitlines() if line.startswith("| lors |"))
     assert row.endswith("| 8.0 ± 1.0 | 8.0 | 30.00 | 20 | 0,2 |")
     assert json.loads((tmp_path / "table.json").read_text())["seeds_per_row"] == {"199": {"lors": [0, 2]}}
-    assert json.loads((tmp_path / "table.json").read_text())["machines"] == {"Test CPU 9000": 1, "unrecorded": 1}
-    assert "Machines (this work_dir's distillation runs, from their timings.json): Test CPU 9000 (1 run); " \
+    assert json.loads((tmp_path / "table.json").read_text())["machines"] == {"Test CPU 9000, AVX2": 1, "unrecorded": 1}
+    assert "Machines (this work_dir's distillation runs, from their timings.json): Test CPU 9000, AVX2 (1 run); " \
            "unrecorded (1 run)." in text
 
 

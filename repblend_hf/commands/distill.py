@@ -241,8 +241,9 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
 
 def machine() -> dict:
     """What ran this process, for ``timings.json``: the CPU model (``/proc/cpuinfo``, else ``platform``), its
-    logical cores, torch's intra-op threads and the accelerator, if any. Seconds per iteration mean little without
-    it: the same run takes 15 s an iteration on one x86 server and 30 s on another."""
+    logical cores, the instruction set torch's CPU kernels use (``AVX2``, ``AVX512``; virtual machines often name
+    the model only "Intel(R) Xeon(R) Processor"), torch's intra-op threads and the accelerator, if any. Seconds
+    per iteration mean little without it: the same run takes 15 s an iteration on one x86 server, 30 s on another."""
     cpu = ""
     try:
         with open("/proc/cpuinfo") as info:
@@ -250,7 +251,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
             "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
