@@ -133,6 +133,8 @@ def _run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extr
     record = json.loads(done.read_text())
     run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None,
            "curve": validation_curve(out)}
+    settings = record.get("settings") or {}  # the own protocol's learned η (encoder, text head), where it has one
+    run["eta"] = {k: settings[k] for k in ("encoder_lr", "text_head_lr") if settings.get(k) is not None}
     if record.get("shared_protocol"):  # LoRS / MTT-VL: the same set under the frozen-encoder protocol too
         run["shared"] = _scores(record["shared_protocol"])
     if args.infonce_protocol:

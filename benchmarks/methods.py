@@ -54,8 +54,9 @@ CORESETS = ("random", "herding", "kcenter")
 def reusable_rows(paths: list[str]) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, str], dict]]:
     """The rows of previous tables (their ``.json``), keyed by (pairs, row name): the distilled ones, each with its
     seeds, per-seed test scores, the summary of its test-selected scores (the tables keep no per-seed list of
-    those), protocol, and the s / iteration and iterations of its runs that had timings (in seed order when all
-    did); and the coresets' and full data's (per-seed test scores and that summary, over the table's seeds)."""
+    those), protocol, the s / iteration and iterations of its runs that had timings (in seed order when all did)
+    and its own protocol's learned η by seed (where the table lists it); and the coresets' and full data's
+    (per-seed test scores and that summary, over the table's seeds)."""
     rows: dict[tuple[str, str], dict] = {}
     baselines: dict[tuple[str, str], dict] = {}
     for path in paths:
@@ -75,7 +76,8 @@ def reusable_rows(paths: list[str]) -> tuple[dict[tuple[str, str], dict], dict[t
                 rows[(pairs, name)] = {
                     "seeds": list(seeds), "test": table["per_seed"][pairs][name], "protocol": protocol,
                     "on_test": table["test_selected_on_test"][pairs][name], "source": str(path),
-                    **timed, "timed_per_seed": all(len(v) == len(seeds) for v in timed.values())}
+                    **timed, "timed_per_seed": all(len(v) == len(seeds) for v in timed.values()),
+                    "learned_eta": table.get("learned_eta", {}).get(pairs, {}).get(name, {})}
     return rows, baselines
 
 
@@ -181,6 +183,7 @@ def main() -> None:
     reused, reused_baselines = reusable_rows(list(filter(None, args.reuse.split(","))))
     summaries_on_test: dict[str, dict[str, dict]] = {}  # rows pooled with reused seeds (known by their summary)
     machines: dict[str, int] = {}  # CPU model -> distillation runs of this work_dir on it
+    etas: dict[str, dict[str, dict[int, dict]]] = {}  # the own protocol's learned η per run of this work_dir
 
     def cell(name: str, pairs: int, seed: int) -> tuple[str, int, Path, list[str]]:
         return (name, seed, Path(args.work_dir) / f"{name}_{pairs}" / f"seed{seed}",
@@ -202,6 +205,10 @@ def main() -> None:
             if not cells and not names:
                 continue
             runs = [run_variant(n, seed, out, args, extra) for n, seed, out, extra in cells]
+            for (_, seed, _, _), r in zip(cells, runs):
+                if r.get("eta"):
+                    etas.setdefault(str(pairs), {}).setdefault(name, {})[seed] = {
+                        **r["eta"], "test_r_mean": r["own"]["test"]["r_mean"]}
             for r in runs:  # which CPUs the s / iteration column comes from (timings.json, older runs: unrecorded)
                 machine = (r["timings"] or {}).get("machine") or {}
                 cpu = f"{machine['cpu']}, {machine.get('cpu_capability')}" if machine.get("cpu") else "unrecorded"
@@ -233,6 +240,8 @@ def main() -> None:
                 for k in ("seconds", "iterations"):  # (of the runs with timings, as above)
                     aligned = old["timed_per_seed"] and len(row[k]) == len(here)
                     row[k] = [(old[k] + row[k])[i] for i in order] if aligned else old[k] + row[k]
+                for seed, eta in old["learned_eta"].items():
+                    etas.setdefault(str(pairs), {}).setdefault(key, {})[int(seed)] = eta
                 summaries_on_test.setdefault(str(pairs), {})[key] = pooled(old["on_test"], len(old["seeds"]),
                                                                          row["on_test"])
             for key, row in rows.items():
@@ -272,7 +281,7 @@ def main() -> None:
                      "iterations": iterations,
                      "protocol": protocol, "validation_curves": curves, "finished_only": args.finished_only,
                      "seeds_per_row": finished, "reused_from": list(filter(None, args.reuse.split(","))),
-                     "machines": machines})
+                     "machines": machines, "learned_eta": etas})
     steps = passthrough_value(passthrough, "--max_steps")
     minutes = passthrough_value(passthrough, "--max_time_minutes")
     budget = (f", {minutes} min of distillation per method" if minutes
@@ -323,6 +332,19 @@ def main() -> None:
         for method, curve in by_method.items():
             lines.append(f"| {method} | " + " | ".join(
                 f"{curve[k]['mean']:.1f} ± {curve[k]['std']:.1f}" if k in curve else "" for k in evaluated) + " |")
+        lines.append("")
+    if etas:
+        lines += ["## The own protocol's learned η", "",
+                  "The encoder and text-head learning rates each set is fine-tuned with under its own protocol "
+                  "(`results.json`, settings; distilled with the set from η's init), per seed (a reused seed's from "
+                  "its table).", "",
+                  "| pairs | method | seed | encoder η | text-head η | test r_mean (own) |",
+                  "|---|---|---|---|---|---|"]
+        for pairs, by_method in etas.items():
+            for method, by_seed in by_method.items():
+                for seed, eta in sorted(by_seed.items()):
+                    lines.append(f"| {pairs} | {method} | {seed} | {eta.get('encoder_lr', float('nan')):.3f} | "
+                                 f"{eta.get('text_head_lr', float('nan')):.3f} | {eta['test_r_mean']:.1f} |")
         lines.append("")
     write_markdown(out, lines)
 

@@ -217,8 +217,9 @@ def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tm
         out = tmp_path / "work" / "lors_199" / f"seed{seed}"
         out.mkdir(parents=True)
         split = {k: {"mean": r_mean, "std": 0.0} for k in metrics}
+        eta = {"settings": {"encoder_lr": 0.05, "text_head_lr": 0.7}} if seed == 0 else {}  # (seed 2: frozen)
         (out / "results.json").write_text(json.dumps({"test": split, "test_selected_on_test": split,
-                                                      "validation": split}))
+                                                      "validation": split, **eta}))
         # Seed 2 ran before timings.json listed the machine.
         machine = {"machine": {"cpu": "Test CPU 9000", "cpu_capability": "AVX2"}} if seed == 0 else {}
         (out / "timings.json").write_text(json.dumps({"distillation_s": 600.0, "iterations": 20, **machine}))
@@ -237,11 +238,15 @@ def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tm
     assert row.endswith("| 8.0 ± 1.0 | 8.0 | 30.00 | 20 | 0,2 |")
     assert json.loads((tmp_path / "table.json").read_text())["seeds_per_row"] == {"199": {"lors": [0, 2]}}
     assert json.loads((tmp_path / "table.json").read_text())["machines"] == {"Test CPU 9000, AVX2": 1, "unrecorded": 1}
+    assert json.loads((tmp_path / "table.json").read_text())["learned_eta"] == {
+        "199": {"lors": {"0": {"encoder_lr": 0.05, "text_head_lr": 0.7, "test_r_mean": 7.0}}}}
+    assert "| 199 | lors | 0 | 0.050 | 0.700 | 7.0 |" in text  # the learned η beside the score it gave
     assert "Machines (this work_dir's distillation runs, from their timings.json): Test CPU 9000, AVX2 (1 run); " \
            "unrecorded (1 run)." in text
 
 
-def _finished_run(out: Path, r_mean: float, on_test: float, shared: float | None = None, iterations: int = 20):
+def _finished_run(out: Path, r_mean: float, on_test: float, shared: float | None = None, iterations: int = 20,
+                  encoder_lr: float | None = None):
     metrics = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 
     def record(value: float, selected: float) -> dict:
@@ -253,6 +258,8 @@ def _finished_run(out: Path, r_mean: float, on_test: float, shared: float | None
     results = record(r_mean, on_test)
     if shared is not None:
         results["shared_protocol"] = record(shared, shared)
+    if encoder_lr is not None:
+        results["settings"] = {"encoder_lr": encoder_lr, "text_head_lr": 0.5}
     (out / "results.json").write_text(json.dumps(results))
     (out / "timings.json").write_text(json.dumps({"distillation_s": 30.0 * iterations, "iterations": iterations}))
 
@@ -263,11 +270,11 @@ def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs
     common = ["--pairs", "199", "--variants", "lors", "--seeds", "0,1,2", "--coresets", "", "--no-full"]
     for seed, r_mean in ((0, 6.0), (1, 8.0)):  # the previous table's runs, on a machine since gone
         _finished_run(tmp_path / "old" / "lors_199" / f"seed{seed}", r_mean, r_mean + 1, shared=4.0,
-                      iterations=20 + seed)
+                      iterations=20 + seed, encoder_lr=0.01 * (seed + 1))
     monkeypatch.setattr(sys, "argv", ["methods.py", "--finished_only", *common, "--work_dir",
                                       str(tmp_path / "old"), "--output", str(tmp_path / "previous")])
     methods.main()
-    _finished_run(tmp_path / "new" / "lors_199" / "seed2", 10.0, 13.0, shared=7.0, iterations=30)
+    _finished_run(tmp_path / "new" / "lors_199" / "seed2", 10.0, 13.0, shared=7.0, iterations=30, encoder_lr=0.03)
     started = []
     monkeypatch.setattr(methods, "run_in_workers", lambda cells, args: started.extend(cells))
     monkeypatch.setattr(sys, "argv", ["methods.py", *common, "--work_dir", str(tmp_path / "new"), "--reuse",
@@ -280,6 +287,8 @@ def test_methods_reuse_pools_a_previous_tables_seeds_with_the_runs_here_and_runs
     selected = table["test_selected_on_test"]["199"]["lors"]["r_mean"]  # 7, 9 (a summary only) and 13
     assert selected["mean"] == pytest.approx(29 / 3) and selected["std"] == pytest.approx(np.std([7, 9, 13]))
     assert table["iterations"]["199"]["lors"] == [20, 21, 30]
+    assert {seed: eta["encoder_lr"] for seed, eta in table["learned_eta"]["199"]["lors"].items()} == {
+        "0": 0.01, "1": 0.02, "2": 0.03}  # the reused seeds' η come with them
     assert table["seeds_per_row"]["199"] == {"lors": [0, 1, 2], "lors, shared protocol": [0, 1, 2]}
     assert table["test"]["199"]["lors, shared protocol"]["r_mean"]["mean"] == pytest.approx(5.0)
     row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| lors |"))
