@@ -211,7 +211,8 @@ def main() -> None:
                         **r["eta"], "test_r_mean": r["own"]["test"]["r_mean"]}
             for r in runs:  # which CPUs the s / iteration column comes from (timings.json, older runs: unrecorded)
                 machine = (r["timings"] or {}).get("machine") or {}
-                cpu = f"{machine['cpu']}, {machine.get('cpu_capability')}" if machine.get("cpu") else "unrecorded"
+                cpu = (f"{machine['cpu']}, {machine.get('cpu_capability') or 'instruction set unrecorded'}"
+                       if machine.get("cpu") else "unrecorded")
                 machines[cpu] = machines.get(cpu, 0) + 1
             here = [seed for _, seed, _, _ in cells]
             rows: dict[str, dict] = {}
