@@ -217,7 +217,7 @@ def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tm
         out = tmp_path / "work" / "lors_199" / f"seed{seed}"
         out.mkdir(parents=True)
         split = {k: {"mean": r_mean, "std": 0.0} for k in metrics}
-        eta = {"settings": {"encoder_lr": 0.05, "text_head_lr": 0.7}} if seed == 0 else {}  # (seed 2: frozen)
+        eta = {"settings": {"encoder_lr": 0.05, "text_head_lr": 0.7}} if seed == 0 else {}  # seed 2: no learned η
         (out / "results.json").write_text(json.dumps({"test": split, "test_selected_on_test": split,
                                                       "validation": split, **eta}))
         # Seed 2 ran before timings.json listed the machine.
