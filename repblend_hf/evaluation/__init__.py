@@ -19,23 +19,18 @@ inputs are the set as a :class:`PixelPairSet` and the real splits as :class:`Ima
 encoder's eval transform, and the cached caption features).
 
 Modules: :mod:`.pairs` (the inputs), :mod:`.recipe` (the protocol's settings), :mod:`.heads` (training fresh
-heads, scoring a split), :mod:`.protocol` (over seeds, results, diagnostics on a set itself) and :mod:`.finetune`
-(the asymmetric methods' protocol); the metrics themselves are :mod:`repblend_hf.metrics`.
+heads, scoring a split), :mod:`.results` (what either protocol returns over seeds), :mod:`.protocol` (over seeds,
+diagnostics on a set itself) and :mod:`.finetune` (the asymmetric methods' protocol); the metrics themselves are
+:mod:`repblend_hf.metrics`.
 """
 
 from ..metrics import METRIC_NAMES, RECALL_KS, modality_diagnostics, retrieval_metrics
 from .finetune import FinetunedModel, embed_image_split, evaluate_finetuned, finetune_image_encoder
 from .heads import TrainedHeads, embed_split, score_split, train_heads
 from .pairs import ImageSplit, PairSet, PixelPairSet
-from .protocol import (
-    FINETUNE_ENCODER,
-    FROZEN_ENCODER,
-    EvaluationResult,
-    ReferenceDiagnostics,
-    SeedResult,
-    evaluate_pairs,
-)
+from .protocol import ReferenceDiagnostics, evaluate_pairs
 from .recipe import EvaluationProtocol
+from .results import FINETUNE_ENCODER, FROZEN_ENCODER, EvaluationResult, SeedResult
 
 __all__ = [
     "RECALL_KS",

@@ -21,8 +21,8 @@ from ..metrics import METRIC_NAMES, modality_diagnostics, retrieval_metrics
 from ..modeling import RetrievalHeads, similarity_logits
 from .heads import _LOSSES, _batch_loss, _resolve_lrs, _resolve_schedule
 from .pairs import ImageSplit, PixelPairSet
-from .protocol import FINETUNE_ENCODER, EvaluationResult, _seed_result
 from .recipe import EvaluationProtocol, resolve_protocol
+from .results import FINETUNE_ENCODER, EvaluationResult, seed_result
 
 
 @dataclass
@@ -264,5 +264,5 @@ def evaluate_finetuned(
             callback=test_callback, encode_batch_size=encode_batch_size, seed=seed, device=device, progress=progress,
         )
         settings["embed_dim"] = trained.heads.text_head.fc.out_features  # resolved (the encoder's width by default)
-        results.append(_seed_result(seed, trained))
+        results.append(seed_result(seed, trained))
     return EvaluationResult(seeds=results, settings=settings)

@@ -1,12 +1,14 @@
-"""The protocol over seeds (:func:`evaluate_pairs`), its results, and modality collapse measured on a set itself."""
+"""The protocol over seeds (:func:`evaluate_pairs`) and modality collapse measured on a set itself.
+
+Its results are the shapes of :mod:`.results`, shared with the fine-tune protocol (:mod:`.finetune`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -16,67 +18,7 @@ from ..modeling import RetrievalHeads
 from .heads import TrainedHeads, _split_metrics, train_heads
 from .pairs import PairSet
 from .recipe import EvaluationProtocol, resolve_protocol
-
-if TYPE_CHECKING:
-    from .finetune import FinetunedModel
-
-#: ``EvaluationResult.settings["protocol"]`` of :func:`evaluate_pairs`: fresh heads on frozen-encoder features.
-FROZEN_ENCODER = "frozen_encoder"
-#: ``EvaluationResult.settings["protocol"]`` of :func:`evaluate_finetuned`: the image encoder is fine-tuned.
-FINETUNE_ENCODER = "finetune_encoder"
-
-
-@dataclass
-class SeedResult:
-    """One seed of :func:`evaluate_pairs`.
-
-    ``validation`` / ``test`` / ``diagnostics`` are at ``selected_epoch`` (best validation r_mean);
-    ``test_selected_on_test`` is the best test r_mean over the evaluated epochs (what the released
-    code reports; optimistic) at ``test_selected_epoch``. ``history`` has every evaluated epoch.
-    """
-
-    seed: int
-    selected_epoch: int
-    validation: dict[str, float]
-    test: dict[str, float]
-    diagnostics: dict[str, float]
-    test_selected_epoch: int
-    test_selected_on_test: dict[str, float]
-    history: list[dict[str, Any]]
-    train_loss: list[float]
-    diverged_epoch: int | None = None
-
-
-def _mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    return {key: {"mean": float(np.mean([r[key] for r in rows])), "std": float(np.std([r[key] for r in rows]))}
-            for key in rows[0]}
-
-
-@dataclass
-class EvaluationResult:
-    """Per-seed results of :func:`evaluate_pairs` and the settings they were made with."""
-
-    seeds: list[SeedResult]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
-        """Mean and std over seeds: ``{"validation" | "test" | "test_selected_on_test" | "diagnostics":
-        {name: {"mean", "std"}}}``.
-
-        ``std`` is the population standard deviation (``numpy.std``, ddof=0), the spread of these
-        seeds rather than an estimate for unseen ones; multiply by ``sqrt(n / (n - 1))`` for the
-        sample std.
-        """
-        return {
-            "validation": _mean_std([s.validation for s in self.seeds]),
-            "test": _mean_std([s.test for s in self.seeds]),
-            "test_selected_on_test": _mean_std([s.test_selected_on_test for s in self.seeds]),
-            "diagnostics": _mean_std([s.diagnostics for s in self.seeds]),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything as JSON-serialisable Python values (per-seed results, settings, summary)."""
-        return {"summary": self.summary(), "settings": self.settings, "seeds": [asdict(s) for s in self.seeds]}
+from .results import FROZEN_ENCODER, EvaluationResult, seed_result
 
 
 def evaluate_pairs(
@@ -126,24 +68,10 @@ def evaluate_pairs(
     for seed in tqdm(seeds, desc="seeds", leave=False, disable=not progress):
         trained = train_heads(train, protocol, embed_dim=embed_dim, validation=validation, callback=test_callback,
                               seed=seed, device=device, progress=progress)
-        results.append(_seed_result(seed, trained))
+        results.append(seed_result(seed, trained))
         if on_trained is not None:
             on_trained(seed, trained)
     return EvaluationResult(seeds=results, settings=settings)
-
-
-def _seed_result(seed: int, trained: TrainedHeads | FinetunedModel) -> SeedResult:
-    """One seed's result from a training run whose history holds validation, test and diagnostics entries."""
-    if not trained.history:
-        raise ValueError("eval_epochs is empty; nothing was evaluated")
-    selected = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
-    on_test = max(trained.history, key=lambda h: h["test"]["r_mean"])  # first maximum on ties
-    return SeedResult(
-        seed=seed, selected_epoch=trained.best_epoch, validation=selected["validation"],
-        test=selected["test"], diagnostics=selected["diagnostics"], test_selected_epoch=on_test["epoch"],
-        test_selected_on_test=on_test["test"], history=trained.history, train_loss=trained.train_loss,
-        diverged_epoch=trained.diverged_epoch,
-    )
 
 
 @dataclass
