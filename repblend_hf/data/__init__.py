@@ -7,7 +7,8 @@ with Karpathy-style JSON, or any dataset ``datasets.load_dataset`` reads plus a 
 """
 
 from .fashion_scenes import FASHION_SCENES
-from .loading import HUB_LAYOUTS, KARPATHY_JSON_FILES, HubLayout, load_image_text_dataset
+from .karpathy_json import KARPATHY_JSON_FILES
+from .loading import HUB_LAYOUTS, HubLayout, load_image_text_dataset
 from .schema import SCHEMA_FEATURES, SPLITS
 
 __all__ = [

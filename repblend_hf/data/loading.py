@@ -25,15 +25,8 @@ tries them:
      (``yerevann/coco-karpathy`` has the same annotations but only image URLs;
      ``HuggingFaceM4/COCO`` is a loading script.)
 
-3. A local folder with Karpathy / BLIP-style JSON annotations (:data:`KARPATHY_JSON_FILES`):
-   ``train.json`` is a list of ``{"image", "caption", "image_id"}`` rows, one per caption;
-   ``val.json`` / ``test.json`` are lists of ``{"image", "caption": [...]}``, one per image. Rows are
-   grouped by image path; paths are relative to the folder or to ``image_root``; a missing
-   ``image_id`` is the image file name without extension. Images stay on disk (only their paths
-   are stored) and are checked whole (a truncated file fails, naming its path) once, when the split
-   is first built. The cache key covers the annotation file and every image file (size and mtime),
-   so replacing an image rebuilds the split and, through its fingerprint, the features. Annotation
-   files must be UTF-8 JSON; empty captions are refused with their row.
+3. A local folder with Karpathy / BLIP-style JSON annotations (:data:`KARPATHY_JSON_FILES`), read by
+   :mod:`.karpathy_json` (the file layout, the image checks and the cache key are described there).
 4. Anything else ``datasets.load_dataset`` reads (a Hub id or a local folder of data files), with
    ``column_mapping`` renaming its columns to the schema, e.g. ``{"img": "image", "sentences":
    "captions"}``. Dotted names reach into struct columns (``"sentences.raw"``). A caption column
@@ -48,19 +41,16 @@ columns are added next to the memory-mapped images, and grouping is a ``select``
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .fashion_scenes import FASHION_SCENES, build_cached_split, load_fashion_scenes
-from .images import check_image_file
-from .schema import SCHEMA_COLUMNS, SCHEMA_FEATURES, SPLITS
+from .fashion_scenes import FASHION_SCENES, load_fashion_scenes
+from .karpathy_json import KARPATHY_JSON_FILES, find_json_files, load_karpathy_json
+from .schema import SCHEMA_COLUMNS, SPLITS, as_caption_list
 
 __all__ = [
     "FASHION_SCENES",
@@ -72,15 +62,6 @@ __all__ = [
 ]
 
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-# Part of the cache key of JSON-folder builds: bump when _generate_json_rows changes.
-_JSON_LOADER_VERSION = "karpathy-json-v2"
-
-# Accepted annotation file names per split, plain first, then the BLIP names.
-KARPATHY_JSON_FILES: dict[str, tuple[str, ...]] = {
-    "train": ("train.json", "flickr30k_train.json", "coco_karpathy_train.json"),
-    "validation": ("val.json", "validation.json", "flickr30k_val.json", "coco_karpathy_val.json"),
-    "test": ("test.json", "flickr30k_test.json", "coco_karpathy_test.json"),
-}
 
 
 @dataclass(frozen=True)
@@ -160,10 +141,10 @@ def load_image_text_dataset(
         layout = HUB_LAYOUTS[layout_name]
         source = layout.repo_id if name_or_path == layout_name else name_or_path
         return _load_hub_layout(source, layout, layout_name, column_mapping, cache_dir, kwargs)
-    if os.path.isdir(name_or_path) and _find_json_files(name_or_path):
+    if os.path.isdir(name_or_path) and find_json_files(name_or_path):
         if column_mapping is not None:
             raise ValueError("column_mapping does not apply to Karpathy JSON folders (their keys are fixed)")
-        return _load_karpathy_json(name_or_path, image_root, cache_dir, **kwargs)
+        return load_karpathy_json(name_or_path, image_root, cache_dir, **kwargs)
     return _load_generic(name_or_path, column_mapping, cache_dir, kwargs)
 
 
@@ -311,7 +292,7 @@ def _conform(
         ids = [str(value) for value in _read_column(ds, id_source, "image_id", where)]
     else:  # no id column: the row number is the id
         ids = [f"{split}-{i}" for i in range(len(ds))]
-    captions = [_as_caption_list(value, where, caption_source, i) for i, value in enumerate(captions)]
+    captions = [as_caption_list(value, where, caption_source, i) for i, value in enumerate(captions)]
     rows = list(range(len(ds))) if rows is None else rows
     if group_by_image:
         first: dict[str, int] = {}
@@ -338,144 +319,3 @@ def _conform(
     if rows != list(range(len(ds))):
         out = out.select(rows)
     return out
-
-
-def _as_caption_list(value, where: str, column: str, row: int) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        if not all(v.strip() for v in value):  # an empty caption would be encoded and trained on as a real one
-            raise ValueError(
-                f"{where}: row {row} of caption column {column!r} has an empty caption ({list(value)!r}); fill it in "
-                "or drop it from the row"
-            )
-        return list(value)
-    raise ValueError(
-        f"{where}: row {row} of caption column {column!r} is {value!r}; expected a string or a list of strings"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Karpathy / BLIP JSON folders
-# --------------------------------------------------------------------------------------------
-
-
-def _find_json_files(directory: str) -> dict[str, list[str]]:
-    """Per split, the accepted annotation files present in ``directory``."""
-    found = {
-        split: [f for f in names if os.path.isfile(os.path.join(directory, f))]
-        for split, names in KARPATHY_JSON_FILES.items()
-    }
-    return {split: files for split, files in found.items() if files}
-
-
-def _load_karpathy_json(
-    directory: str, image_root: str | None, cache_dir: str | None, **unexpected
-) -> datasets.DatasetDict:
-    if unexpected:
-        raise TypeError(f"Unexpected keyword arguments for a Karpathy JSON folder: {sorted(unexpected)}")
-    found = _find_json_files(directory)
-    for split in SPLITS:
-        if split not in found:
-            raise ValueError(
-                f"{directory!r} has Karpathy-style annotations for {sorted(found)} but none for the {split} split; "
-                f"expected one of {list(KARPATHY_JSON_FILES[split])}"
-            )
-        if len(found[split]) > 1:
-            raise ValueError(f"{directory!r} has several {split} annotation files {found[split]}; keep one")
-    root = os.path.abspath(image_root if image_root is not None else directory)
-    out = {}
-    for split in SPLITS:
-        path = os.path.abspath(os.path.join(directory, found[split][0]))
-        stat = os.stat(path)
-        order, _ = _group_annotations(path)
-        gen_kwargs = {
-            "annotation_file": path,
-            "image_root": root,
-            # The cache key (and with it the features' fingerprint) follows the annotation file and every image
-            # file through their sizes and mtimes, as datasets' folder builders do: replacing an image rebuilds.
-            "stamp": (stat.st_size, stat.st_mtime_ns),
-            "images_stamp": _images_stamp(path, root, order),
-            "version": _JSON_LOADER_VERSION,
-        }
-        out[split] = build_cached_split(_generate_json_rows, gen_kwargs, SCHEMA_FEATURES, cache_dir, split)
-    return datasets.DatasetDict(out)
-
-
-def _image_path(key: str, image_root: str) -> str:
-    return key if os.path.isabs(key) else os.path.join(image_root, key)
-
-
-def _images_stamp(annotation_file: str, image_root: str, keys: list[str]) -> str:
-    """A hash of every listed image file's path, size and mtime (a missing file raises, naming it)."""
-    digest = hashlib.sha256()
-    for key in keys:
-        path = _image_path(key, image_root)
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"Image file {path} listed in {annotation_file} does not exist; image paths are resolved against "
-                f"{image_root} (set image_root= to the folder they are relative to)"
-            ) from None
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _read_json(annotation_file: str):
-    """The parsed annotation file; a decoding or syntax error names the file and where in it."""
-    try:
-        with open(annotation_file, encoding="utf-8") as f:
-            return json.load(f)
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{annotation_file} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 (JSON files must "
-            "be UTF-8)"
-        ) from err
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{annotation_file} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; fix the file "
-            "(a Karpathy annotation file is a JSON list of {'image', 'caption'} objects)"
-        ) from err
-
-
-def _group_annotations(annotation_file: str) -> tuple[list[str], dict[str, dict]]:
-    """Image keys in first-seen order, and per key its ``image_id`` and captions (rows of one image merged)."""
-    entries = _read_json(annotation_file)
-    if not isinstance(entries, list):
-        raise ValueError(f"{annotation_file}: expected a JSON list of {{'image', 'caption'}} objects")
-    order: list[str] = []
-    grouped: dict[str, dict] = {}
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-            raise ValueError(f"{annotation_file}: entry {i} needs keys 'image' and 'caption', got {entry!r}")
-        captions = _as_caption_list(entry["caption"], annotation_file, "caption", i)
-        key = entry["image"]
-        if key not in grouped:
-            order.append(key)
-            image_id = entry.get("image_id")
-            if image_id is None:
-                image_id = os.path.splitext(os.path.basename(key))[0]
-            grouped[key] = {"image_id": str(image_id), "captions": []}
-        grouped[key]["captions"].extend(captions)
-    return order, grouped
-
-
-def _generate_json_rows(
-    annotation_file: str, image_root: str, stamp, images_stamp: str, version: str
-) -> Iterator[dict]:
-    """One row per image of a Karpathy / BLIP annotation file, each image file checked whole as it is listed."""
-    del stamp, images_stamp, version  # only part of the cache key
-    order, grouped = _group_annotations(annotation_file)
-    for key in order:
-        path = _image_path(key, image_root)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"Image file {path} listed in {annotation_file} does not exist; image paths are resolved against "
-                f"{image_root} (set image_root= to the folder they are relative to)"
-            )
-        try:
-            check_image_file(path)
-        except ValueError as err:
-            raise ValueError(f"{err} (listed in {annotation_file})") from err.__cause__
-        yield {"image": {"path": path, "bytes": None}, **grouped[key]}
