@@ -69,7 +69,9 @@ def framework_versions() -> dict[str, str]:
 
 @contextlib.contextmanager
 def _template_path(name: str):
-    # importlib.resources, so the templates are found inside an installed wheel (package data) as well.
+    # The templates' one home is the top-level hub_cards/; repblend_hf/hub_cards is a link to it, so a checkout (and
+    # an editable install) reads them there and a wheel carries them as package data. importlib.resources finds them
+    # either way.
     with importlib.resources.as_file(importlib.resources.files("repblend_hf") / "hub_cards" / name) as path:
         yield str(path)
 

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -485,15 +486,32 @@ def test_trajectories_card():
     assert 'ExpertTrajectories.from_hub("someone/experts")' in text and "arXiv:2505.14705" in text
 
 
+def test_card_templates_live_at_the_top_level_and_the_package_reads_them_there():
+    """``hub_cards/`` is the templates' one home (DESIGN.md's layout); ``repblend_hf/hub_cards`` links to it, so the
+    cards rendered in a checkout or an editable install come from the top-level files."""
+    from repblend_hf.hub import _template_path
+
+    home = REPO_ROOT / "hub_cards"
+    assert sorted(p.name for p in home.glob("*.md")) == ["synthetic_set.md", "trajectories.md"]
+    link = REPO_ROOT / "repblend_hf" / "hub_cards"
+    assert link.is_symlink() and link.resolve() == home
+    for name in ("synthetic_set.md", "trajectories.md"):
+        with _template_path(name) as path:
+            assert Path(path).resolve() == home / name
+
+
 def test_card_templates_ship_in_the_wheel(tmp_path):
     """setup.cfg's package_data puts hub_cards/*.md and configs/*.yaml in the wheel, and its entry_points the
-    console scripts (built from a copy, not the shared checkout)."""
+    console scripts (built from a copy of the checkout's layout, links kept, not the shared checkout). The wheel,
+    installed into a folder of its own, renders both cards from the templates it carries."""
     pytest.importorskip("pip")
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "setup.cfg", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
-    shutil.copytree(REPO_ROOT / "repblend_hf", source / "repblend_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO_ROOT / "hub_cards", source / "hub_cards", ignore=ignore)
+    shutil.copytree(REPO_ROOT / "repblend_hf", source / "repblend_hf", symlinks=True, ignore=ignore)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -501,6 +519,8 @@ def test_card_templates_ship_in_the_wheel(tmp_path):
     archive = zipfile.ZipFile(wheel)
     names = set(archive.namelist())
     assert {"repblend_hf/hub_cards/synthetic_set.md", "repblend_hf/hub_cards/trajectories.md"} <= names
+    for name in ("synthetic_set.md", "trajectories.md"):  # the files themselves, not a link
+        assert archive.read(f"repblend_hf/hub_cards/{name}") == (REPO_ROOT / "hub_cards" / name).read_bytes()
     # The commands and the embedded default's config ship too, with their console scripts.
     assert {"repblend_hf/commands/distill.py", "repblend_hf/commands/evaluate.py",
             "repblend_hf/configs/fashion_scenes_99.yaml"} <= names
@@ -509,6 +529,32 @@ def test_card_templates_ship_in_the_wheel(tmp_path):
                for line in archive.read(entry_points).decode().splitlines() if "=" in line}
     assert scripts == {"repblend-distill": "repblend_hf.commands.distill:cli",
                        "repblend-evaluate": "repblend_hf.commands.evaluate:cli"}
+
+    # Installed from the wheel (ahead of the editable install on the path), with no checkout in reach.
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                           str(target), str(wheel)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    render = (
+        "import pathlib, repblend_hf\n"
+        "from repblend_hf.hub import _template_path\n"
+        "from repblend_hf.commands.distill import DEFAULT_CONFIG\n"
+        f"assert pathlib.Path(repblend_hf.__file__).is_relative_to({str(target)!r}), repblend_hf.__file__\n"
+        "for name in ('synthetic_set.md', 'trajectories.md'):\n"
+        "    with _template_path(name) as path:\n"
+        f"        assert pathlib.Path(path).is_relative_to({str(target)!r}), path\n"
+        "        print(name, len(pathlib.Path(path).read_text()))\n"
+        "from repblend_hf.hub import TrajectoriesCardData, render_trajectories_card\n"
+        "meta = {'format_version': 1, 'branch_sizes': {'image': 8, 'text': 4}, 'num_epochs': 2}\n"
+        "print(render_trajectories_card(TrajectoriesCardData('someone/experts', meta, [0])))\n"
+        "assert DEFAULT_CONFIG.is_file(), DEFAULT_CONFIG\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", render], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "synthetic_set.md" in proc.stdout and "trajectories.md" in proc.stdout
+    assert 'ExpertTrajectories.from_hub("someone/experts")' in proc.stdout  # the card, rendered from the wheel
 
 
 def test_evaluate_script_reads_a_folder_or_a_hub_repo_id(monkeypatch, tmp_path):
