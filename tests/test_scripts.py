@@ -243,7 +243,7 @@ def test_every_shipped_config_parses(config, tmp_path):
         assert args.branch_normalization == "joint"
     if config.stem == "fashion_scenes_99":
         assert data_args.dataset == "fashion-scenes" and set_args.num_pairs == 99
-        assert set_args.embed_dim == 1280  # heads as wide as EfficientNet-Lite0's features (README, "Results")
+        assert set_args.embed_dim == 1280  # heads as wide as EfficientNet-Lite0's features (docs/results.md)
 
 
 def _console_scripts() -> dict[str, str]:
@@ -274,7 +274,11 @@ def test_the_default_config_ships_in_the_package_and_the_example_reads_the_same_
     from repblend_hf.commands.distill import DEFAULT_CONFIG
 
     assert DEFAULT_CONFIG.is_file() and ROOT / "repblend_hf" in DEFAULT_CONFIG.parents
-    assert (ROOT / "examples" / "configs" / "fashion_scenes_99.yaml").resolve() == DEFAULT_CONFIG
+    example = ROOT / "examples" / "configs" / "fashion_scenes_99.yaml"
+    assert example.is_symlink() and example.resolve() == DEFAULT_CONFIG  # one copy: the example links to it
+    # and no other config is a second copy of one: every file of examples/configs/ differs from every other
+    texts = [p.read_text() for p in (ROOT / "examples" / "configs").glob("*.yaml") if not p.is_symlink()]
+    assert len(set(texts)) == len(texts) and DEFAULT_CONFIG.read_text() not in texts
 
 
 def test_cli_returns_none_so_the_console_script_exits_0(monkeypatch):
