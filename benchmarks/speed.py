@@ -268,14 +268,14 @@ def measure(spec: dict) -> dict:
 def aten_grouped_double_backward():
     """The student's encoder convolutions without the library's grouped_conv routing (variant ``lors_aten``; also
     ``grouped_conv.py``'s ``aten`` path)."""
-    import repblend_hf.distillation as distillation
+    import repblend_hf.inner_loop as inner_loop
 
-    routed = distillation.grouped_conv_double_backward
-    distillation.grouped_conv_double_backward = contextlib.nullcontext
+    routed = inner_loop.grouped_conv_double_backward
+    inner_loop.grouped_conv_double_backward = contextlib.nullcontext
     try:
         yield
     finally:
-        distillation.grouped_conv_double_backward = routed
+        inner_loop.grouped_conv_double_backward = routed
 
 
 def _measure(spec: dict) -> dict:
@@ -586,7 +586,8 @@ def write_random_trajectories(directory: Path, image_encoder, text_dim: int, emb
     import torch
 
     from repblend_hf.modeling import RetrievalHeads, branch_sizes, flatten_parameters
-    from repblend_hf.trajectories import ExpertTrajectories, TrajectoryWriter
+    from repblend_hf.trajectories import ExpertTrajectories
+    from repblend_hf.trajectory_writer import TrajectoryWriter
 
     if ExpertTrajectories.completed_experts(directory):
         return directory

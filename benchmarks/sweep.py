@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="append", required=True,
                         help="Space-separated name=v1,v2 lists; every combination is run. Repeat --grid to run the "
-                             "union of several grids.")
+                             "union of several grids. A value a:b passes a list (--name a b): stage_pairs=99:100.")
     parser.add_argument("--name", required=True, help="Results go to benchmarks/results/NAME.{json,md}.")
     parser.add_argument("--work_dir", default=None, help="Where the runs live (default outputs/NAME).")
     parser.add_argument("--report_only", action="store_true",
@@ -93,12 +93,12 @@ def main() -> None:
     points, keys = grid_points(args.grid)
     rows = []
     for point in points:
-        name = "_".join(f"{k}{Path(v).name if '/' in v else v}" for k, v in point.items())
+        name = "_".join(f"{k}{Path(v).name if '/' in v else v.replace(':', '-')}" for k, v in point.items())
         out = work / name
         if not (out / "results.json").exists():
             if args.report_only:
                 continue
-            flags = [x for k, v in point.items() for x in (f"--{k}", v)]
+            flags = [x for k, v in point.items() for x in (f"--{k}", *v.split(":"))]  # a:b is a list, --k a b
             command = [*shlex.split(args.launcher), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                        "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
                        *passthrough, *flags]

@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 from .configuration import RepBlendConfig
 from .similarity import build_similarity
+from .stages import plan_stages, stage_epochs
 from .synthetic import SyntheticSet
 from .trajectories import ExpertTrajectories, expert_filename
 
@@ -309,6 +310,7 @@ def check_distill_run(data_args, set_args, args) -> str | None:
             f"the latest segment ends at epoch max_start_epoch - 1 + expert_epochs = {args.max_start_epoch - 1} + "
             f"{args.expert_epochs} = {latest}, beyond the {epochs} epochs the experts are trained for; lower "
             "--max_start_epoch or --expert_epochs, or raise --expert_train_epochs")
+    stages = _check_stages(p, set_args, args, epochs)
     p.check(set_args.eval_seeds >= 1, f"eval_seeds must be >= 1, got {set_args.eval_seeds}; the final table needs at "
                                       "least one evaluation seed")
     p.check(set_args.full_data_seeds >= 1 or "full" not in set_args.baselines.split(","),
@@ -340,11 +342,22 @@ def check_distill_run(data_args, set_args, args) -> str | None:
 
     out = Path(args.output_dir)
     trajectory_dir = Path(set_args.trajectory_dir or out / "experts")
-    try:
-        check_output_dir(out, resume_from_checkpoint=args.resume_from_checkpoint,
-                         overwrite_output_dir=getattr(args, "overwrite_output_dir", False), remove_stale=False)
-    except ValueError as err:
-        p.messages.append(str(err))
+    stage_dirs = [out / f"stage_{k + 1}" for k in range(len(stages))] if len(stages) > 1 else []
+    for directory in [out, *stage_dirs]:
+        try:
+            check_output_dir(directory, resume_from_checkpoint=args.resume_from_checkpoint,
+                             overwrite_output_dir=getattr(args, "overwrite_output_dir", False), remove_stale=False)
+        except ValueError as err:
+            p.messages.append(str(err))
+    finished = [d / "synthetic_set" for d in stage_dirs if (d / "synthetic_set").is_dir()]
+    if finished and args.resume_from_checkpoint is None and not getattr(args, "overwrite_output_dir", False):
+        names = ", ".join(map(str, finished))
+        p.messages.append(f"--output_dir {out} holds the finished stages of an earlier run ({names}); pass "
+                          "--resume_from_checkpoint latest to continue that run, or --overwrite_output_dir true to "
+                          "start over and delete them (or choose another --output_dir)")
+    if stage_dirs and args.resume_from_checkpoint not in (None, "latest"):
+        p.messages.append(f"a run in stages resumes each stage from its own folder: pass --resume_from_checkpoint "
+                          f"latest, not {args.resume_from_checkpoint}")
     if trajectory_dir.exists() and not trajectory_dir.is_dir():
         p.messages.append(f"--trajectory_dir {trajectory_dir} is a file, not a directory; pass a directory")
     elif trajectory_dir.is_dir():
@@ -353,7 +366,7 @@ def check_distill_run(data_args, set_args, args) -> str | None:
         except ValueError as err:
             p.messages.append(str(err))
     resume = None
-    if not p.messages:
+    if not p.messages and not stage_dirs:
         try:
             resume = check_resume(out, args.resume_from_checkpoint)
         except ValueError as err:
@@ -371,9 +384,39 @@ def check_distill_run(data_args, set_args, args) -> str | None:
     if args.resume_from_checkpoint is None and getattr(args, "overwrite_output_dir", False):
         state = PartialState()
         if state.is_main_process:
-            check_output_dir(out, overwrite_output_dir=True)
+            for directory in [out, *stage_dirs]:
+                check_output_dir(directory, overwrite_output_dir=True)
+            for path in finished:
+                logger.warning("--overwrite_output_dir: deleting %s of an earlier run", path)
+                shutil.rmtree(path)
         state.wait_for_everyone()
     return resume
+
+
+def _check_stages(p: _Problems, set_args, args, expert_train_epochs: int) -> list:
+    """The run's stages (``--stage_pairs`` and the per-stage options), each problem added to ``p``."""
+    try:
+        stages = plan_stages(set_args.num_pairs, getattr(set_args, "stage_pairs", None), max_steps=args.max_steps,
+                             max_start_epoch=args.max_start_epoch, stage_steps=args.stage_steps,
+                             stage_min_start_epoch=args.stage_min_start_epoch,
+                             stage_max_start_epoch=args.stage_max_start_epoch, shortcut_epoch=args.shortcut_epoch)
+    except ValueError as err:
+        p.messages.append(str(err))
+        return []
+    if len(stages) > 1:
+        p.check(args.matching == "symmetric",
+                "--stage_pairs distils a set in stages for the symmetric student (RepBlend's heads); the asymmetric "
+                "methods (LoRS / MTT-VL) evaluate by fine-tuning the encoder, which has no staged protocol here: drop "
+                "--stage_pairs or use --method repblend")
+    for stage in stages:
+        if stage.index == 0 or args.stage_targets == "experts":
+            needed = stage_epochs(stage, args.expert_epochs)
+            p.check(expert_train_epochs < 1 or needed <= expert_train_epochs,
+                    f"stage {stage.index + 1} needs experts of {needed} epochs (its latest start "
+                    f"{stage.max_start_epoch - 1} + expert_epochs {args.expert_epochs}, or its shortcut_epoch), "
+                    f"beyond the {expert_train_epochs} epochs the experts are trained for; raise "
+                    "--expert_train_epochs or lower the stage's window")
+    return stages
 
 
 def check_distill_data(dataset, set_args) -> None:

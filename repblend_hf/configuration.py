@@ -51,6 +51,12 @@ class RepBlendConfig(PretrainedConfig):
     ``blend_beta`` (0: no blending), ``distill_loss``, ``meta_gradient``, ``branch_normalization``,
     ``syn_steps``, ``expert_epochs``, ``max_start_epoch`` and ``iterations``; None where nothing recorded it
     (a hand-made set, a coreset, a set saved before they were recorded).
+
+    A set distilled in stages (:mod:`repblend_hf.stages`) lists them in ``stages``, in order, one dict each: its
+    ``num_pairs`` (the set's rows, stage after stage; they add up to ``num_pairs``), its learned ``inner_lr_img`` /
+    ``inner_lr_txt`` (those of the last stage are also the set's ``inner_lr_*``) and how it was distilled
+    (``iterations``, ``min_start_epoch``, ``max_start_epoch``, ``targets``, ``shortcut_epoch``). Evaluation trains on
+    the stages in order (``SyntheticSet.stage_schedule``). None: a set of one stage.
     """
 
     model_type = "repblend"
@@ -82,6 +88,7 @@ class RepBlendConfig(PretrainedConfig):
     expert_epochs: int | None = None
     max_start_epoch: int | None = None
     iterations: int | None = None
+    stages: list[dict] | None = None
     source_dataset: str | None = None
     repblend_version: str | None = None
 
@@ -116,6 +123,8 @@ class RepBlendConfig(PretrainedConfig):
              f"{self.inner_lr_img}, {self.inner_lr_txt}"),
             (self.blend_beta is None or self.blend_beta >= 0, f"blend_beta must be >= 0, got {self.blend_beta}"),
         ]
+        if self.stages is not None:
+            checks += self._stage_checks()
         nonfinite = [k for k in ("temperature", "sim_alpha", "inner_lr_img", "inner_lr_txt")
                      if not math.isfinite(getattr(self, k))]
         checks.append((not nonfinite, f"{', '.join(nonfinite)} must be finite, got "
@@ -125,6 +134,20 @@ class RepBlendConfig(PretrainedConfig):
                 raise ValueError(message)
         if self.repblend_version is None:
             self.repblend_version = __version__
+
+    def _stage_checks(self) -> list[tuple[bool, str]]:
+        stages = self.stages
+        if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
+            return [(False, f"stages must be a non-empty list of dicts (one per stage) or None, got {stages!r}")]
+        sizes = [st.get("num_pairs") for st in stages]
+        checks = [(all(isinstance(n, int) and n > 0 for n in sizes) and sum(sizes) == self.num_pairs,
+                   f"the stages' num_pairs {sizes} must be positive and add up to num_pairs={self.num_pairs}")]
+        for k, st in enumerate(stages):
+            lrs = (st.get("inner_lr_img"), st.get("inner_lr_txt"))
+            checks.append((all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lrs),
+                           f"stage {k + 1}'s inner_lr_img / inner_lr_txt (its learned η) must be finite numbers > 0, "
+                           f"got {lrs}"))
+        return checks
 
     def record_distillation(self, args: Any, iterations: int | None = None) -> RepBlendConfig:
         """Record how the set is made: the method and its settings from ``args`` (a ``DistillationArguments``).

@@ -24,6 +24,7 @@ __all__ = [
     "head_apply",
     "split_parameters",
     "branch_sizes",
+    "branch_tensor_sizes",
     "similarity_logits",
 ]
 
@@ -105,6 +106,15 @@ def branch_sizes(heads: RetrievalHeads, image_encoder: nn.Module | None = None) 
     sizes = {b: sum(p.numel() for p in h.parameters()) for b, h in heads.branches().items()}
     if image_encoder is not None:
         sizes["image"] += sum(p.numel() for p in image_encoder.parameters())
+    return sizes
+
+
+def branch_tensor_sizes(heads: RetrievalHeads, image_encoder: nn.Module | None = None) -> dict[str, list[int]]:
+    """The sizes of each matched branch's parameter tensors in the order of its flat vector (:func:`branch_sizes`
+    split per tensor): what per-layer trajectory operations such as PTM-ST's shortcut targets need."""
+    sizes = {b: [p.numel() for p in h.parameters()] for b, h in heads.branches().items()}
+    if image_encoder is not None:
+        sizes["image"] = [p.numel() for p in image_encoder.parameters()] + sizes["image"]
     return sizes
 
 

@@ -68,6 +68,14 @@ class SoftSimilarity(nn.Module):
         """The parameters that belong to synthetic pair ``i`` as detached 1-D tensors, keyed by name."""
         raise NotImplementedError
 
+    def earlier_pairs(self, name: str, n: int) -> tuple[slice, ...]:
+        """The index of parameter ``name``'s entries that are functions of the first ``n`` pairs alone.
+
+        What a set distilled in stages freezes of its earlier stages' pairs, and copies when it grows
+        (:mod:`repblend_hf.stages`): per-pair factors are rows (the default), a full matrix its top-left block.
+        """
+        return (slice(0, n),)
+
     def load_row_factors(self, rows: Sequence[dict[str, torch.Tensor]]) -> None:
         """Restore the parameters from the per-pair factors of :meth:`row_factors`, one dict per pair.
 
@@ -168,6 +176,11 @@ class FullSimilarity(SoftSimilarity):
     def row_factors(self, i: int) -> dict[str, torch.Tensor]:
         """``{"matrix": S_i}``: row ``i`` of ``S`` (shape [N]), detached."""
         return {"matrix": self.matrix.detach()[i].clone()}
+
+    def earlier_pairs(self, name: str, n: int) -> tuple[slice, ...]:
+        """``S[:n, :n]``: the entries between two of the first ``n`` pairs (S between an earlier and a later pair
+        belongs to the later one's stage)."""
+        return (slice(0, n), slice(0, n))
 
 
 class IdentitySimilarity(SoftSimilarity):

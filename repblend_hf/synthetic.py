@@ -11,6 +11,7 @@ nearest real caption.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -138,11 +139,61 @@ class SyntheticSet(nn.Module):
                 "similarity": list(self.similarity.parameters()), "lrs": [self.log_lr_img, self.log_lr_txt]}
 
     def sync_config(self) -> RepBlendConfig:
-        """Write the current learned learning rates into ``config`` and return it."""
+        """Write the current learned learning rates into ``config`` (and its last stage's) and return it."""
         lrs = {k: v.detach() for k, v in self.inner_lrs().items()}
         self.config.inner_lr_img = float(lrs["image"])
         self.config.inner_lr_txt = float(lrs["text"])
+        if self.config.stages:
+            self.config.stages[-1].update(inner_lr_img=self.config.inner_lr_img, inner_lr_txt=self.config.inner_lr_txt)
         return self.config
+
+    @torch.no_grad()
+    def pair_set(self, encode=None, lr_min: float = 0.0, lr_max: float = math.inf, *, with_similarity: bool = True):
+        """The set as the evaluation protocol's :class:`~repblend_hf.evaluation.PairSet` (on the CPU): image-encoder
+        features, text embeddings, S (unless ``with_similarity`` is False: identity targets), the learned η clamped
+        to ``[lr_min, lr_max]`` and, for a set distilled in stages, its :meth:`stage_schedule`.
+
+        A pixel set's images go through ``encode`` (a frozen encoder, or an ``EncoderPass.encode``) in chunks of 256;
+        a feature-space set's images are its features.
+        """
+        from .evaluation.pairs import PairSet
+
+        images = self.images.detach()
+        if self.config.synthetic_space == "features":
+            feats = images
+        elif encode is None:
+            raise ValueError("a pixel set's images must go through the image encoder: pass encode=")
+        else:
+            feats = torch.cat([encode(chunk) for chunk in images.split(256)])
+        lrs = self.inner_lrs(lr_min, lr_max)
+        similarity = self.similarity().detach().cpu() if with_similarity else None
+        return PairSet(feats.cpu(), self.text_embeddings.detach().cpu(), similarity, lr_img=float(lrs["image"]),
+                       lr_txt=float(lrs["text"]), stages=self.stage_schedule(lr_min, lr_max))
+
+    def stage_schedule(self, lr_min: float = 0.0, lr_max: float = math.inf) -> list[tuple[int, float, float]] | None:
+        """What evaluation trains on, stage by stage: ``(end, η_img, η_txt)`` per stage of ``config.stages`` (None for
+        a set of one stage), the last stage's η the live one (:meth:`inner_lrs` clamped to ``[lr_min, lr_max]``).
+
+        :class:`~repblend_hf.evaluation.PairSet`'s ``stages``: each stage trains on the pairs ``[:end]``.
+        """
+        if not self.config.stages:
+            return None
+        lrs = {b: v.detach() for b, v in self.inner_lrs(lr_min, lr_max).items()}
+        schedule, end = [], 0
+        for k, stage in enumerate(self.config.stages):
+            end += stage["num_pairs"]
+            last = k == len(self.config.stages) - 1
+            schedule.append((end, float(lrs["image"]) if last else stage["inner_lr_img"],
+                             float(lrs["text"]) if last else stage["inner_lr_txt"]))
+        return schedule
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the set's tensors (names and float32 values): the same set gives the same string anywhere."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def check_finite(self, action: str = "use") -> None:
         """Raise ``ValueError`` naming the tensors that hold NaN / inf (a non-finite set is never saved or used)."""

@@ -225,6 +225,32 @@ class DistillationArguments(TrainingArguments):
                 "pass over the pairs they touch; their matching losses are averaged. More signal per encoder pass: "
                 "2 reached a higher validation r_mean than 1 or 4 in the same training time in each of 3 seeds "
                 "(benchmarks/results/segments.md)."})
+    stage_steps: list[int] | None = field(default=None, metadata={
+        "help": "A set distilled in stages (--stage_pairs): outer iterations of each stage, one value per stage or "
+                "one for all (default: max_steps each). Each stage is a run of its own in OUTPUT_DIR/stage_K, "
+                "resumable."})
+    stage_min_start_epoch: list[int] | None = field(default=None, metadata={
+        "help": "Stages: the first start epoch each stage's segments may draw (default 0). PTM-ST's Flickr-500 "
+                "matches starts {0, 1} in its first stage and {1, 2} in its second: --stage_min_start_epoch 0 1 "
+                "--stage_max_start_epoch 2 3."})
+    stage_max_start_epoch: list[int] | None = field(default=None, metadata={
+        "help": "Stages: one past the last start epoch of each stage's segments (default max_start_epoch)."})
+    stage_targets: str = field(default="experts", metadata={
+        "help": "Stages: what a later stage matches. 'experts': the experts trained from scratch, in its window "
+                "(PTM-ST). 'conditioned': experts that start from heads trained on the earlier stages by the "
+                "evaluation protocol and then train on real data (PDD), trained for the stage in OUTPUT_DIR/stage_K/"
+                "experts.", "choices": ["experts", "conditioned"]})
+    stage_inner_pairs: str = field(default="union", metadata={
+        "help": "Stages: the pairs a stage's inner loop trains on. 'union': every pair so far, the earlier stages' "
+                "frozen (PDD); 'stage': the stage's own new pairs (PTM-ST).", "choices": ["union", "stage"]})
+    shortcut_epoch: list[int] | None = field(default=None, metadata={
+        "help": "Shortcut targets (PTM-ST convexify.py): replace each expert's trajectory by the straight line from "
+                "epoch 0 to this epoch, each parameter tensor placed by its cumulative step length; one value per "
+                "stage or one for all (PTM-ST's Flickr-500: 6 then 8). Default: the trajectories as trained."})
+    start_epoch_warmup: float = field(default=0.0, metadata={
+        "help": "A growing start-epoch window (DATM's sequential generation): the upper bound of the start epoch "
+                "rises linearly from min + 1 to max_start_epoch over this share of the (stage's) iterations. 0: "
+                "fixed."})
     nonfinite_patience: int = field(default=3, metadata={
         "help": "After this many consecutive iterations with a non-finite matching loss or gradient (each one "
                 "skipped, nothing applied) the lrs of the offending groups are multiplied by nonfinite_lr_factor."})
@@ -292,6 +318,15 @@ class DistillationArguments(TrainingArguments):
                f"encoder_chunk_size must be -1 (auto), 0 (one call) or > 0, got {self.encoder_chunk_size}")
         _check(self.segments_per_iteration > 0,
                f"segments_per_iteration must be > 0, got {self.segments_per_iteration}")
+        _check(0 <= self.start_epoch_warmup <= 1,
+               f"start_epoch_warmup must be a share of the iterations in [0, 1], got {self.start_epoch_warmup}")
+        _check(self.stage_targets in ("experts", "conditioned"),
+               f"stage_targets must be 'experts' or 'conditioned', got {self.stage_targets!r}")
+        _check(self.stage_inner_pairs in ("union", "stage"),
+               f"stage_inner_pairs must be 'union' or 'stage', got {self.stage_inner_pairs!r}")
+        _check(self.stage_targets != "conditioned" or self.matching == "symmetric",
+               "stage_targets='conditioned' trains the experts' heads on cached features; asymmetric (LoRS / MTT-VL) "
+               "experts fine-tune the encoder: use stage_targets='experts' with matching='asymmetric'")
         _check(self.nonfinite_patience > 0, f"nonfinite_patience must be > 0, got {self.nonfinite_patience}")
         _check(0 < self.nonfinite_lr_factor < 1,
                f"nonfinite_lr_factor must be in (0, 1), got {self.nonfinite_lr_factor}")

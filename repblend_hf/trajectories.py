@@ -62,7 +62,6 @@ __all__ = [
     "expert_filename",
     "TrajectorySegment",
     "ExpertTrajectories",
-    "TrajectoryWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,8 +92,8 @@ class ExpertTrajectories:
     METHOD.md, "Expert trajectories" (MTT buffers; RepBlend stores both heads, LoRS / MTT-VL the
     image encoder and the text head). Build one with ``ExpertTrajectories(metadata)`` and
     :meth:`add_expert`, then :meth:`save`; or write experts epoch by epoch with
-    :class:`TrajectoryWriter`; read a directory back with :meth:`load` (lazy: experts stay on disk
-    and only sampled snapshots are read). ``metadata`` needs ``branch_sizes`` and ``num_epochs``
+    :class:`~repblend_hf.trajectory_writer.TrajectoryWriter`; read a directory back with :meth:`load` (lazy:
+    experts stay on disk and only sampled snapshots are read). ``metadata`` needs ``branch_sizes`` and ``num_epochs``
     (see the module docstring); everything else in it is kept as given.
     """
 
@@ -241,16 +240,23 @@ class ExpertTrajectories:
         max_start_epoch: int,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        min_start_epoch: int = 0,
     ) -> TrajectorySegment:
-        """Sample an expert uniformly, ``start ~ U{0 .. max_start_epoch − 1}`` and ``target = start + expert_epochs``.
+        """Sample an expert uniformly, ``start ~ U{min_start_epoch .. max_start_epoch − 1}`` and ``target = start +
+        expert_epochs``.
 
-        METHOD.md, "Distillation loop", step 1 (MTT). Randomness comes only from ``generator`` (a CPU
-        generator; torch's default one when ``None``). Only the two sampled snapshots are read; they
-        are returned on ``device`` (default: CPU).
+        METHOD.md, "Distillation loop", step 1 (MTT); ``min_start_epoch`` > 0 is a later window (PTM-ST's stages, the
+        released Flickr-500 ``min_start_epoch``). Randomness comes only from ``generator`` (a CPU generator; torch's
+        default one when ``None``). Only the two sampled snapshots are read; they are returned on ``device``
+        (default: CPU).
         """
         for name, value in (("expert_epochs", expert_epochs), ("max_start_epoch", max_start_epoch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(min_start_epoch, bool) or not isinstance(min_start_epoch, int) or not (
+                0 <= min_start_epoch < max_start_epoch):
+            raise ValueError(f"min_start_epoch must be an int in 0..max_start_epoch - 1 = {max_start_epoch - 1}, got "
+                             f"{min_start_epoch!r}")
         if max_start_epoch - 1 + expert_epochs > self.num_epochs:
             raise ValueError(f"the latest start epoch (max_start_epoch - 1 = {max_start_epoch - 1}) plus "
                              f"expert_epochs ({expert_epochs}) exceeds the {self.num_epochs} epochs of these "
@@ -263,7 +269,8 @@ class ExpertTrajectories:
                              "expert_*.safetensors files")
         indices = self.expert_indices
         expert_index = indices[int(torch.randint(len(indices), (1,), generator=generator).item())]
-        start = int(torch.randint(max_start_epoch, (1,), generator=generator).item())
+        window = max_start_epoch - min_start_epoch
+        start = min_start_epoch + int(torch.randint(window, (1,), generator=generator).item())
         target = start + expert_epochs
         start_params, target_params = self._read_epochs(expert_index, [start, target])
         if device is not None:
@@ -396,67 +403,3 @@ class ExpertTrajectories:
             raise ValueError(f"{repo_id} holds no repblend_hf expert trajectories: no {TRAJECTORIES_METADATA_NAME}; "
                              "push them with ExpertTrajectories.push_to_hub")
         return cls.load(local)
-
-
-class TrajectoryWriter:
-    """Records experts epoch by epoch and writes each one atomically when its last epoch arrives.
-
-    METHOD.md, "Expert trajectories". An expert trainer calls ``record(expert_idx, epoch,
-    {branch: flat})`` for epochs 0 (before training), 1, ..., T in order; after epoch T the expert's
-    snapshots go to ``expert_XXX.safetensors`` (temporary file, then ``os.replace``) and leave RAM.
-    Until then they are held in memory only, so a killed run leaves no file for an unfinished expert
-    and a resumed run (same directory, same metadata) skips :attr:`completed` experts. Several
-    processes may write different experts into the same directory.
-    """
-
-    def __init__(self, directory: str | os.PathLike, metadata: Mapping[str, Any]):
-        self.directory = Path(directory)
-        self._layout = ExpertTrajectories(metadata)  # validates the metadata; holds no expert
-        self.metadata = _prepare_directory(self.directory, self._layout.metadata)
-        self._pending: dict[int, list[dict[str, torch.Tensor]]] = {}
-
-    @property
-    def completed(self) -> list[int]:
-        """Indices of the experts already written to the directory (by this or an earlier run)."""
-        return ExpertTrajectories.completed_experts(self.directory)
-
-    @property
-    def pending(self) -> dict[int, int]:
-        """Experts being recorded: ``{expert_idx: number of snapshots recorded so far}``."""
-        return {i: len(s) for i, s in self._pending.items()}
-
-    def record(self, expert_idx: int, epoch: int, snapshots: Mapping[str, torch.Tensor]) -> Path | None:
-        """Record one expert's flat parameters ``{branch: [P_branch]}`` after ``epoch`` (0 = before training).
-
-        METHOD.md, "Expert trajectories". Epochs must arrive in order 0..T. Returns the file written
-        when ``epoch`` is the last one (T), else ``None``.
-        """
-        if isinstance(expert_idx, bool) or not isinstance(expert_idx, int) or expert_idx < 0:
-            raise ValueError(f"expert_idx must be an int >= 0, got {expert_idx!r}")
-        if (self.directory / expert_filename(expert_idx)).exists():
-            raise ValueError(f"expert {expert_idx} is already complete in {self.directory}; skip the experts in "
-                             "TrajectoryWriter.completed when resuming, or use a new output directory")
-        expected_epoch = len(self._pending.get(expert_idx, []))
-        if epoch != expected_epoch:
-            raise ValueError(f"expert {expert_idx}: got epoch {epoch} but expected epoch {expected_epoch}; record "
-                             f"epochs 0 (before training) .. {self._layout.num_epochs} in order")
-        if set(snapshots) != set(self._layout.branches):
-            raise ValueError(f"snapshots name branches {sorted(snapshots)} but the trajectories store "
-                             f"{list(self._layout.branches)}; pass one flat vector per branch of branch_sizes")
-        row = {}
-        for branch, size in self._layout.branch_sizes.items():
-            flat = snapshots[branch]
-            if flat.ndim != 1 or flat.numel() != size:
-                raise ValueError(f"branch {branch!r} must be a flat vector of {size} parameters, got shape "
-                                 f"{tuple(flat.shape)}; pass flatten_parameters(head) or fix branch_sizes")
-            row[branch] = flat.detach().to("cpu", torch.float32).clone()
-        self._pending.setdefault(expert_idx, []).append(row)
-        if epoch < self._layout.num_epochs:
-            return None
-        rows = self._pending.pop(expert_idx)
-        stacked = {b: torch.stack([r[b] for r in rows]) for b in self._layout.branches}
-        return _write_expert_file(self.directory, expert_idx, stacked, self._layout.num_epochs)
-
-    def discard(self, expert_idx: int) -> None:
-        """Drop the unfinished snapshots of ``expert_idx`` (e.g. to restart it from epoch 0)."""
-        self._pending.pop(expert_idx, None)

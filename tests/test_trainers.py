@@ -346,7 +346,7 @@ def _asymmetric_set(encoder, seed=0, image_head=False, **config):
 
 def test_asymmetric_student_is_the_encoder_and_the_text_head(encoder, pixel_split, asymmetric_experts, tmp_path):
     """The released LoRS / MTT-VL layout: image branch = the encoder's parameters exactly, no image head anywhere."""
-    from repblend_hf.distillation import _Student
+    from repblend_hf.inner_loop import _Student
     from repblend_hf.modeling import RetrievalHeads, branch_sizes, flatten_parameters
     from repblend_hf.trainers import ExpertModel
 
@@ -680,8 +680,8 @@ def test_lors_pixel_gradient_is_the_same_through_the_grouped_convolutions(encode
     has no per-group loop): the same meta-gradient as ATen's own double backward."""
     import contextlib
 
-    import repblend_hf.distillation as module
     import repblend_hf.grouped_conv as grouped
+    import repblend_hf.inner_loop as module
 
     groups, original = [], grouped.grouped_conv2d
     monkeypatch.setattr(grouped, "grouped_conv2d", lambda *a: groups.append(a[-1]) or original(*a))

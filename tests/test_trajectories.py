@@ -10,9 +10,9 @@ from safetensors import safe_open
 from repblend_hf.trajectories import (
     TRAJECTORIES_FORMAT_VERSION,
     ExpertTrajectories,
-    TrajectoryWriter,
     expert_filename,
 )
+from repblend_hf.trajectory_writer import TrajectoryWriter
 
 T = 4
 SIZES = {"image": 6, "text": 3}

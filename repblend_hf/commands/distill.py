@@ -19,6 +19,7 @@ embedded default's settings (``repblend_hf/configs/fashion_scenes_99.yaml``, als
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -36,7 +37,9 @@ from transformers import HfArgumentParser
 
 from ..checks import check_distill_data, check_distill_run
 from ..configuration import RepBlendConfig
+from ..distillation import student_heads
 from ..evaluation import EvaluationProtocol, evaluate_pairs
+from ..modeling import branch_tensor_sizes
 from ..pipeline import (
     DataArguments,
     evaluate_baseline,
@@ -52,9 +55,19 @@ from ..pipeline import (
     write_results,
 )
 from ..plotting import plot_similarity, plot_synthetic_grid, plot_training_curves
+from ..stages import (
+    Stage,
+    as_first_stages,
+    grow_synthetic_set,
+    plan_stages,
+    shortcut_trajectories,
+    stage_config,
+    stage_epochs,
+)
 from ..synthetic import SyntheticSet
-from ..trainers import DistillationTrainer, train_experts
+from ..trainers import DistillationTrainer, train_conditioned_experts, train_experts
 from ..training_args import DistillationArguments, ExpertTrainingArguments
+from ..trajectories import ExpertTrajectories
 
 __all__ = ["DEFAULT_CONFIG", "SetArguments", "cli", "distill", "hub_dataset_repo", "main"]
 
@@ -83,11 +96,22 @@ class SetArguments:
     init_transform: str = field(default="train", metadata={
         "help": "How the real images that initialise the set are prepared: 'train' (one random augmented view, as the "
                 "released code's training set gives them) or 'eval' (resized only)."})
+    stage_pairs: list[int] | None = field(default=None, metadata={
+        "help": "Distil the set in stages of these many new pairs (adding up to num_pairs), e.g. 99 100 for 199 "
+                "pairs: each stage learns its own η and matches its own targets (--stage_targets, "
+                "--stage_min_start_epoch, --stage_max_start_epoch, --shortcut_epoch); evaluation trains on the "
+                "stages in order (PDD, PTM-ST; repblend_hf.stages). Default: one stage."})
+    initial_stages: str | None = field(default=None, metadata={
+        "help": "Grow a saved distilled set (a folder or a Hub dataset repo id): its pairs are this run's first "
+                "stages, kept as they are, and only the later stages are distilled, e.g. a 99-pair set with "
+                "--num_pairs 199 --stage_pairs 99 100. It must be made with this run's encoders, space, heads and "
+                "similarity."})
     num_experts: int = field(default=8, metadata={"help": "Expert trajectories (paper: 20)."})
     expert_train_epochs: int | None = field(default=None, metadata={
         "help": "Epochs per expert (paper: 10). An epoch is one pass over the (image, caption) pairs. Default: "
                 "max_start_epoch - 1 + expert_epochs, the last epoch distillation samples (later ones are never "
-                "used); set it to share experts between runs with other segments."})
+                "used; with stages, the latest of the stages that match these experts, or the shortcut's epoch); set "
+                "it to share experts between runs with other segments."})
     expert_learning_rate: float = field(default=0.1, metadata={"help": "Experts' SGD learning rate (paper: 0.1)."})
     expert_batch_size: int = field(default=128, metadata={"help": "Experts' batch size (paper: 128)."})
     expert_seed: int = field(default=0, metadata={
@@ -138,8 +162,10 @@ def hub_dataset_repo(set_args: SetArguments, args: DistillationArguments) -> str
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
     """Run every stage (module docstring); returns ``{"records": [...], "timings": {...}}`` on the main process."""
-    if set_args.expert_train_epochs is None:  # only the epochs the segments can reach
-        set_args.expert_train_epochs = args.max_start_epoch - 1 + args.expert_epochs
+    stages = run_stages(set_args, args)  # one stage unless --stage_pairs
+    if set_args.expert_train_epochs is None:  # only the epochs the segments of the experts' stages can reach
+        set_args.expert_train_epochs = max(stage_epochs(st, args.expert_epochs) for st in stages
+                                           if st.index == 0 or args.stage_targets == "experts")
     check_distill_run(data_args, set_args, args)  # everything that can fail is judged before the long work
     out = Path(args.output_dir)
     push_repo = hub_dataset_repo(set_args, args)  # pushed at the end, from the main process only
@@ -186,9 +212,12 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     if set_args.synthetic_space == "features":
         views = train.augmented_image_features
         init_features = views if set_args.init_transform == "train" and views is not None else train.image_features
-    synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
-                                       train.caption_offsets(), prepared.image_encoder, seed=args.seed,
-                                       init_transform=set_args.init_transform, image_features=init_features)
+
+    def initial_set(stage_config: RepBlendConfig) -> SyntheticSet:  # random real pairs, drawn from --seed
+        return SyntheticSet.from_real(stage_config, prepared.dataset["train"]["image"], train.caption_features,
+                                      train.caption_offsets(), prepared.image_encoder, seed=args.seed,
+                                      init_transform=set_args.init_transform, image_features=init_features)
+
     # The full-data baseline does not depend on the set: it runs now, and its seed 0's final heads are the reference
     # model of the set-level diagnostics (the same training as reference_diagnostics would run a second time).
     t0, full, finals = time.time(), None, {}
@@ -203,30 +232,64 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     bounds = None
     if set_args.synthetic_space == "features" and set_args.feature_range == "real":
         bounds = (train.image_features.min(0).values, train.image_features.max(0).values)
-    trainer = DistillationTrainer(synthetic, args, trajectories, prepared.image_encoder, validation=validation,
-                                  reference=reference, feature_bounds=bounds)
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        resume = last_complete_checkpoint(out)
-        logger.info("resuming from %s", resume or "scratch (no checkpoint yet)")
-    # Iterations done before this process started: distillation_s covers only the ones after them.
-    resumed_state = Path(resume) / "trainer_state.json" if isinstance(resume, str) else None
-    resumed_from = 0
-    if resumed_state is not None and resumed_state.is_file():
-        resumed_from = json.loads(resumed_state.read_text())["global_step"]
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume)
-    distill_seconds = time.time() - t0
+
+    # Distillation, stage by stage (one stage unless --stage_pairs): each stage's set grows from the previous one.
+    previous, distill_seconds, resumed_from, iterations = None, 0.0, 0, 0
+    if set_args.initial_stages:
+        previous = as_first_stages(load_set(set_args.initial_stages), config, stages, set_args.initial_stages)
+    for stage in stages:
+        staged = len(stages) > 1
+        stage_dir = out / f"stage_{stage.index + 1}" if staged else out
+        finished = stage_dir / "synthetic_set"
+        if previous is not None and stage.end <= previous.num_pairs:
+            continue  # one of the --initial_stages
+        if staged and stage is not stages[-1] and (finished / "config.json").is_file():
+            previous = SyntheticSet.from_pretrained(finished)  # done in an earlier run: its set is all that is needed
+            iterations += previous.config.stages[-1]["iterations"]
+            resumed_from += previous.config.stages[-1]["iterations"]
+            continue
+        t0 = time.time()
+        stage_trajectories = _stage_targets(stage, config, trajectories, previous, train, prepared, expert_args,
+                                            args, stage_dir)
+        experts_seconds += time.time() - t0
+        synthetic = initial_set(stage_config(config, stage, args, previous) if staged else config)
+        if previous is not None:
+            grow_synthetic_set(previous, synthetic)
+        stage_args = (dataclasses.replace(args, output_dir=str(stage_dir), max_steps=stage.max_steps) if staged
+                      else args)
+        trainer = DistillationTrainer(synthetic, stage_args, stage_trajectories, prepared.image_encoder,
+                                      validation=validation, reference=reference, feature_bounds=bounds,
+                                      stage=stage)
+        resume = args.resume_from_checkpoint
+        if resume == "latest":
+            resume = last_complete_checkpoint(stage_dir)
+            logger.info("resuming from %s", resume or "scratch (no checkpoint yet)")
+        # Iterations done before this process started: distillation_s covers only the ones after them.
+        resumed_state = Path(resume) / "trainer_state.json" if isinstance(resume, str) else None
+        if resumed_state is not None and resumed_state.is_file():
+            resumed_from += json.loads(resumed_state.read_text())["global_step"]
+        t0 = time.time()
+        trainer.train(resume_from_checkpoint=resume)
+        distill_seconds += time.time() - t0
+        iterations += trainer.state.global_step
+        if staged:
+            synthetic.config.stages[-1]["iterations"] = trainer.state.global_step
+        if staged and stage is not stages[-1]:
+            if trainer.is_world_process_zero():
+                synthetic.save_pretrained(finished)  # the next stage grows from it; a resumed run starts there
+            trainer.accelerator.wait_for_everyone()
+            previous = synthetic
     checksums = trainer.replica_checksums()
     if len(set(checksums)) > 1:
         raise RuntimeError(f"the synthetic set differs between processes after training ({checksums}); "
                            "please report this with the command you ran")
     summary = {}
     if trainer.is_world_process_zero():
-        summary = _finish(trainer, prepared, data_args, set_args, args, config, synthetic, push_repo, full, {
+        summary = _finish(trainer, prepared, data_args, set_args, args, synthetic.config, synthetic, push_repo, full, {
             "features_s": round(features_seconds, 1), **prepared.seconds, "experts_s": round(experts_seconds, 1),
             "full_data_baseline_s": round(full_seconds, 1),
             "distillation_s": round(distill_seconds, 1), "resumed_from_iteration": resumed_from,
+            "stage_iterations": iterations if len(stages) > 1 else None,
             "processes": state.num_processes,
             "replica_checksums": checksums, "machine": machine()}, started)
     # A clean end for every process (without it about 1 multi-process launch in 10 aborts at exit).
@@ -237,6 +300,43 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def load_set(path: str) -> SyntheticSet:
+    """A saved distilled set: a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id."""
+    return SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
+
+
+def run_stages(set_args: SetArguments, args: DistillationArguments) -> list[Stage]:
+    """The stages of a run (:func:`~repblend_hf.stages.plan_stages` of its arguments): one unless --stage_pairs."""
+    return plan_stages(set_args.num_pairs, set_args.stage_pairs, max_steps=args.max_steps,
+                       max_start_epoch=args.max_start_epoch, stage_steps=args.stage_steps,
+                       stage_min_start_epoch=args.stage_min_start_epoch,
+                       stage_max_start_epoch=args.stage_max_start_epoch, shortcut_epoch=args.shortcut_epoch)
+
+
+def _stage_targets(stage: Stage, config: RepBlendConfig, trajectories: ExpertTrajectories,
+                   previous: SyntheticSet | None, train, prepared, expert_args: ExpertTrainingArguments,
+                   args: DistillationArguments, stage_dir: Path) -> ExpertTrajectories:
+    """The trajectories a stage matches: the experts, or (``--stage_targets conditioned``, after the first stage)
+    experts that start from heads trained on the earlier stages; straightened by ``--shortcut_epoch``."""
+    if stage.index > 0 and args.stage_targets == "conditioned":
+        pairs = previous.pair_set(prepared.image_encoder, args.lr_min, args.lr_max,
+                                  with_similarity=args.distill_loss == "wbce")
+        protocol = EvaluationProtocol(loss=args.distill_loss, epochs=args.eval_head_epochs,
+                                      temperature=previous.config.temperature)
+        run_args = dataclasses.replace(expert_args, output_dir=str(stage_dir / "expert_runs"),
+                                       num_train_epochs=stage_epochs(stage, args.expert_epochs))
+        provenance = {k: v for k, v in trajectories.metadata.items()
+                      if k in ("dataset", "image_encoder", "text_encoder", "image_size")}
+        trajectories = train_conditioned_experts(train, pairs, protocol, run_args, str(stage_dir / "experts"),
+                                                 metadata={**provenance, "conditioned_on": previous.fingerprint(),
+                                                           "conditioned_stages": len(previous.config.stages)})
+    if stage.shortcut_epoch is not None:
+        encoder = prepared.image_encoder.model if config.matching == "asymmetric" else None
+        trajectories = shortcut_trajectories(trajectories, stage.shortcut_epoch,
+                                             branch_tensor_sizes(student_heads(config), encoder))
+    return trajectories
 
 
 def machine() -> dict:
@@ -328,7 +428,9 @@ def _finish(trainer, prepared, data_args, set_args, args, config, synthetic, pus
                                        previews=previews,
                                        grid_image=out / "synthetic_images.png")
         logger.info("pushed the distilled set to %s (revision %s)", push_repo, commit.oid)
-    timings = {**timings, "total_s": round(time.time() - started, 1), "iterations": trainer.state.global_step,
+    # A set distilled in stages: its iterations are those of every stage (the trainer saw the last one's alone).
+    iterations = timings.pop("stage_iterations", None) or trainer.state.global_step
+    timings = {**timings, "total_s": round(time.time() - started, 1), "iterations": iterations,
                "encoder_passes": trainer.encoder_passes}
     (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     print(table)

@@ -168,6 +168,11 @@ def train_heads(
     learned ``lr_img`` / ``lr_txt``. They are multiplied by 0.1 from epoch ``decay_epoch`` on
     (default ``epochs // 2 + 1``, epoch 51 of 100; larger than ``epochs`` disables the decay).
 
+    A :class:`PairSet` with ``stages`` (a set distilled in stages) is trained on each stage in order, ``epochs``
+    epochs each on the pairs so far at that stage's η (the decay and the evaluations repeat within each stage; the
+    optimiser, its momentum included, carries over, as PDD's evaluation does); epochs are then counted through
+    the stages (stage 2's epoch 20 is epoch ``epochs + 20``).
+
     Epochs are counted from 1; "evaluation at epoch e" is after e completed epochs, 0 being the
     freshly initialised heads (default ``eval_epochs``: 0, 20, …, 100 — six evenly spaced). The
     released code trains ``epochs + 1`` epochs numbered from 0 and evaluates after its epoch
@@ -195,7 +200,12 @@ def train_heads(
     lr_img, lr_txt, decay_epoch, eval_epochs = _resolve_schedule(train, protocol)
     device = torch.device(train.image_features.device if device is None else device)
 
-    sampler = _PairSampler(train, device, protocol.use_augmented_views)
+    # One phase per stage of a set distilled in stages (each on the pairs so far, at its own η, the optimiser's
+    # momentum carried over: PDD's evaluate_mtt.py); one phase otherwise.
+    stage_sets = train.stage_sets() if isinstance(train, PairSet) else [train]
+    phases = [(_PairSampler(part, device, protocol.use_augmented_views),
+               *_resolve_lrs(part, protocol.lr, protocol.lr_img, protocol.lr_txt)) for part in stage_sets]
+    sampler = phases[-1][0]
     image_dim = sampler.images.shape[-1]
     text_dim = sampler.texts.shape[-1]
     generator = torch.Generator().manual_seed(seed)
@@ -208,11 +218,11 @@ def train_heads(
              {"params": heads.text_head.parameters(), "lr": lr_txt}],
             lr=lr_img, momentum=protocol.momentum, weight_decay=protocol.weight_decay,
         )
-        base_lrs = [lr_img, lr_txt]
 
         history: list[dict[str, Any]] = []
         train_loss: list[float] = []
-        best_score, best_epoch, best_state = float("-inf"), epochs, None
+        total_epochs = epochs * len(phases)
+        best_score, best_epoch, best_state = float("-inf"), total_epochs, None
         diverged_epoch = None
 
         def evaluate(epoch: int) -> None:
@@ -230,9 +240,12 @@ def train_heads(
 
         if 0 in eval_epochs:
             evaluate(0)
-        for epoch in tqdm(range(1, epochs + 1), desc="train heads", leave=False, disable=not progress):
+        schedule = [(stage, local) for stage in range(len(phases)) for local in range(1, epochs + 1)]
+        for epoch, (stage, local) in enumerate(tqdm(schedule, desc="train heads", leave=False,
+                                                     disable=not progress), start=1):
+            sampler, *base_lrs = phases[stage]
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * (0.1 if epoch >= decay_epoch else 1.0)
+                group["lr"] = base * (0.1 if local >= decay_epoch else 1.0)
             if diverged_epoch is None:
                 heads.train()
                 total, count = 0.0, 0
@@ -248,16 +261,16 @@ def train_heads(
                 if not np.isfinite(train_loss[-1]):
                     diverged_epoch = epoch
                     warnings.warn(f"head training diverged at epoch {epoch} (loss {train_loss[-1]}); lr_img="
-                                  f"{lr_img}, lr_txt={lr_txt} are too large. Training stops; later evaluations "
-                                  "score 0.", RuntimeWarning, stacklevel=2)
-            if epoch in eval_epochs:
+                                  f"{base_lrs[0]}, lr_txt={base_lrs[1]} are too large. Training stops; later "
+                                  "evaluations score 0.", RuntimeWarning, stacklevel=2)
+            if local in eval_epochs:
                 evaluate(epoch)
 
     final_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
     if best_state is not None:
         heads.load_state_dict(best_state)
     heads.eval()
-    return TrainedHeads(heads=heads, best_epoch=best_epoch if validation is not None else epochs,
+    return TrainedHeads(heads=heads, best_epoch=best_epoch if validation is not None else total_epochs,
                         history=history, train_loss=train_loss, diverged_epoch=diverged_epoch,
                         final_state=final_state)
 

@@ -44,6 +44,11 @@ class PairSet:
     learned inner learning rates η) or a coreset (S = None, i.e. identity targets). ``image_features``
     are image-*encoder* features ``[N, d_img]`` (synthetic images already passed through the frozen
     encoder), ``text_features`` are text embeddings ``[N, d_txt]``.
+
+    A set distilled in stages (:mod:`repblend_hf.stages`) has ``stages``: one ``(end, lr_img, lr_txt)`` per stage,
+    the pairs ``[:end]`` it trains on (the union of the stages so far) and that stage's learned η; the last stage
+    ends at N. :func:`~repblend_hf.evaluation.train_heads` then trains on them in order (:meth:`stage_sets`), and
+    ``lr_img`` / ``lr_txt`` are the last stage's.
     """
 
     image_features: torch.Tensor
@@ -51,6 +56,7 @@ class PairSet:
     similarity: torch.Tensor | None = None
     lr_img: float | None = None
     lr_txt: float | None = None
+    stages: list[tuple[int, float, float]] | None = None
 
     def __post_init__(self):
         # Detached: evaluation must not accumulate gradients into a SyntheticSet's parameters.
@@ -82,6 +88,27 @@ class PairSet:
                 if not np.isfinite(value):
                     raise ValueError(f"{name} must be finite, got {value}; a learned η of inf cannot train the heads")
                 setattr(self, name, value)
+        if self.stages is not None:
+            self._check_stages(n)
+
+    def _check_stages(self, n: int) -> None:
+        stages = [(int(end), float(a), float(b)) for end, a, b in self.stages]
+        ends = [end for end, _, _ in stages]
+        if not stages or ends[-1] != n or any(e <= 0 for e in ends) or ends != sorted(set(ends)):
+            raise ValueError(f"PairSet.stages must end at increasing pair counts, the last one N={n}, got ends {ends}")
+        for k, (_, a, b) in enumerate(stages):
+            _check_lrs(f"PairSet.stages[{k}]", a, b)
+        self.stages = stages
+        self.lr_img, self.lr_txt = stages[-1][1], stages[-1][2]
+
+    def stage_sets(self) -> list[PairSet]:
+        """One set per stage: the pairs it trains on (``[:end]``, S's block of them) with its learned η; one entry,
+        this set, when it has no stages."""
+        if self.stages is None:
+            return [self]
+        s = self.similarity
+        return [PairSet(self.image_features[:end], self.text_features[:end], None if s is None else s[:end, :end],
+                        lr_img=a, lr_txt=b) for end, a, b in self.stages]
 
     def __len__(self) -> int:
         return self.image_features.shape[0]

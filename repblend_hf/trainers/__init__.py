@@ -1,6 +1,7 @@
 """Trainers: ``transformers.Trainer`` subclasses for the expert and distillation stages."""
 
 from .distillation_trainer import DistillationTrainer, NonFiniteError
-from .expert_trainer import ExpertModel, ExpertTrainer, train_experts
+from .expert_trainer import ExpertModel, ExpertTrainer, train_conditioned_experts, train_experts
 
-__all__ = ["DistillationTrainer", "NonFiniteError", "ExpertModel", "ExpertTrainer", "train_experts"]
+__all__ = ["DistillationTrainer", "NonFiniteError", "ExpertModel", "ExpertTrainer", "train_experts",
+           "train_conditioned_experts"]

@@ -11,7 +11,6 @@ distillation teacher. Non-finite values are kept out of the set by :class:`~.cal
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -36,6 +35,7 @@ from ..evaluation import (
 )
 from ..features import FeatureSplit
 from ..modeling import branch_sizes
+from ..stages import Stage
 from ..synthetic import SyntheticSet
 from ..training_args import DistillationArguments
 from ..trajectories import ExpertTrajectories
@@ -130,13 +130,19 @@ class DistillationTrainer(Trainer):
             (``eval_real_subset_*``).
         feature_bounds: ``(low, high)`` for a feature-space set: its image features are projected into that
             box after every optimiser step (:class:`FeatureRangeProjection`).
+        stage: for a set distilled in stages (:mod:`repblend_hf.stages`), the stage this trainer distils: its
+            window of start epochs, its new pairs (the earlier ones frozen) and its own randomness; ``args.max_steps``
+            is the stage's iterations and ``trajectories`` the ones made for the stage. Evaluation trains on every
+            stage so far (``config.stages``).
     """
 
     def __init__(self, model: SyntheticSet, args: DistillationArguments, trajectories: ExpertTrajectories,
                  image_encoder: nn.Module, validation: FeatureSplit | None = None,
                  reference: ReferenceDiagnostics | None = None,
-                 feature_bounds: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+                 feature_bounds: tuple[torch.Tensor, torch.Tensor] | None = None, stage: Stage | None = None,
+                 **kwargs):
         self.image_encoder = image_encoder
+        self.stage = stage
         self.trajectories = trajectories
         self.validation = validation
         self.reference = reference
@@ -218,9 +224,10 @@ class DistillationTrainer(Trainer):
         """One outer iteration (:func:`~repblend_hf.distillation.outer_iteration`): a scalar whose value is the
         matching loss and whose gradient is the meta-gradient of every tensor of the set."""
         args = self.args
-        generator = iteration_generator(args.seed, self.state.global_step, args.process_index)
+        stage_index = self.stage.index if self.stage is not None else 0
+        generator = iteration_generator(args.seed, self.state.global_step, args.process_index, stage_index)
         result = outer_iteration(self._synthetic, self.heads, self.trajectories, self.encoder_pass, args, generator,
-                                 temperature=self._inner_temperature)
+                                 temperature=self._inner_temperature, stage=self.stage, step=self.state.global_step)
         gradients, loss, self._bad_groups = result.gradients, result.loss, result.nonfinite_groups
         self._metrics["nonfinite_skipped"].append(float(bool(self._bad_groups)))
         if self._bad_groups:
@@ -330,11 +337,7 @@ class DistillationTrainer(Trainer):
 
     def replica_checksums(self) -> list[str]:
         """SHA-256 of the synthetic set's tensors on every process (all equal when data-parallel works)."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self._synthetic.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return gather_object([digest.hexdigest()])
+        return gather_object([self._synthetic.fingerprint()])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the iteration metrics averaged since the last log and over the processes (TRL's ``_metrics`` pattern).
@@ -371,19 +374,10 @@ class DistillationTrainer(Trainer):
 
     # ----- evaluation -------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def synthetic_pairs(self) -> PairSet:
-        """The current set as features: encoder features of the synthetic images, texts, S and η."""
-        syn = self._synthetic
-        if syn.config.synthetic_space == "features":
-            feats = syn.images.detach()
-        else:
-            feats = torch.cat([self.encoder_pass.encode(c) for c in syn.images.detach().split(256)])
-        lrs = syn.inner_lrs(self.args.lr_min, self.args.lr_max)
-        similarity = syn.similarity().detach() if self.args.distill_loss == "wbce" else None
-        return PairSet(feats.cpu(), syn.text_embeddings.detach().cpu(),
-                       None if similarity is None else similarity.cpu(),
-                       lr_img=float(lrs["image"]), lr_txt=float(lrs["text"]))
+        """The current set as features: encoder features of the synthetic images, texts, S and η (and its stages)."""
+        return self._synthetic.pair_set(self.encoder_pass.encode, self.args.lr_min, self.args.lr_max,
+                                        with_similarity=self.args.distill_loss == "wbce")
 
     @torch.no_grad()
     def synthetic_pixel_pairs(self) -> PixelPairSet:

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -31,13 +31,15 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
 from ..data.images import to_rgb
+from ..evaluation import EvaluationProtocol, PairSet, train_heads
 from ..features import FeatureSplit
 from ..losses import info_nce
 from ..modeling import RetrievalHeads, branch_sizes, flatten_parameters, similarity_logits
 from ..training_args import ExpertTrainingArguments
-from ..trajectories import ExpertTrajectories, TrajectoryWriter
+from ..trajectories import ExpertTrajectories
+from ..trajectory_writer import TrajectoryWriter
 
-__all__ = ["ExpertModel", "ExpertTrainer", "train_experts", "EPOCH_DEFINITION"]
+__all__ = ["ExpertModel", "ExpertTrainer", "train_experts", "train_conditioned_experts", "EPOCH_DEFINITION"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +189,8 @@ class ExpertTrainer(Trainer):
 
 
 def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory_dir: str, *,
-                  image_encoder=None, images=None, metadata: dict | None = None) -> ExpertTrajectories:
+                  image_encoder=None, images=None, metadata: dict | None = None,
+                  initial_state: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> ExpertTrajectories:
     """Train ``args.num_experts`` experts into ``trajectory_dir``, skipping those already complete.
 
     METHOD.md, "Expert trajectories". Expert ``e`` uses seed ``args.seed + e``. Symmetric experts
@@ -201,6 +204,10 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
     takes B / P pairs of each batch of B = ``args.per_device_train_batch_size`` and the InfoNCE is
     computed over the gathered batch of B, so an expert is the same function of its data as in one
     process. The main process writes the trajectories; every process returns them.
+
+    ``initial_state(e)`` (symmetric experts) gives expert ``e``'s heads their state at epoch 0 (a ``RetrievalHeads``
+    state dict) instead of a fresh initialisation: the conditioned experts of a set distilled in stages
+    (:func:`train_conditioned_experts`). It is called only for the experts still to train.
     """
     state = PartialState()
     if args.per_device_train_batch_size % state.num_processes:
@@ -242,6 +249,8 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         torch.manual_seed(expert_args.seed)
         model = ExpertModel(RetrievalHeads(*dims, image_head=image_head), args.temperature,
                             _trainable_copy(trained_encoder))
+        if initial_state is not None:
+            model.heads.load_state_dict(initial_state(e))
         if args.matching == "asymmetric":
             dataset = _PixelPairs(train, images, image_encoder.train_transform)
         else:
@@ -249,6 +258,31 @@ def train_experts(train: FeatureSplit, args: ExpertTrainingArguments, trajectory
         ExpertTrainer(model, expert_args, dataset, writer, e).train()
     state.wait_for_everyone()  # every expert is on disk before any process reads them
     return ExpertTrajectories.load(trajectory_dir)
+
+
+def train_conditioned_experts(train: FeatureSplit, pairs: PairSet, protocol: EvaluationProtocol,
+                              args: ExpertTrainingArguments, trajectory_dir: str, *,
+                              metadata: dict | None = None) -> ExpertTrajectories:
+    """The conditioned experts of a later stage (PDD): each starts from heads trained on the earlier stages.
+
+    PDD (``VITA-Group/ProgressiveDD``, ``distill_mtt.py``): at the end of a stage, for every expert a network is
+    trained on the synthetic set so far by the evaluation protocol and then trained on the real data, its snapshots
+    saved per epoch; the next stage matches those trajectories, so the student's start is what evaluation reaches
+    after the earlier stages. Here expert ``e``'s epoch 0 is the final state of :func:`~repblend_hf.evaluation.
+    train_heads` on ``pairs`` (the earlier stages, trained in order with their η) under ``protocol`` and seed
+    ``args.seed + e``; epochs 1.. are :func:`train_experts` on ``train`` (symmetric experts only). ``metadata``
+    should name the set (e.g. a fingerprint of ``pairs``) so that experts of another set are never reused.
+    """
+    if args.matching != "symmetric":
+        raise ValueError("conditioned experts train heads on cached features (matching='symmetric'); asymmetric "
+                         "experts fine-tune the image encoder from pixels and cannot start from a head state")
+
+    def initial_state(e: int) -> dict[str, torch.Tensor]:
+        trained = train_heads(pairs, protocol, embed_dim=args.embed_dim, seed=args.seed + e)
+        return trained.final_state
+
+    return train_experts(train, args, trajectory_dir, metadata={**(metadata or {}), "conditioned": True},
+                         initial_state=initial_state)
 
 
 def _claimed(directory: Path, todo: list[int], state: PartialState) -> Iterator[int]:
