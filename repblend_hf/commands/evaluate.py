@@ -122,8 +122,10 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, p
         feats = encode_set_images(synthetic.images, config.image_encoder, encoder)
     # With a learned S the set's own protocol is wBCE against it; --loss infonce trains with identity targets.
     has_s = synthetic.config.similarity != "none" and overrides.get("loss") != "infonce"
+    # A set distilled in stages trains on them in order, each with its η (config.stages).
     pairs = PairSet(feats, synthetic.text_embeddings.detach(), synthetic.similarity().detach() if has_s else None,
-                    lr_img=synthetic.config.inner_lr_img, lr_txt=synthetic.config.inner_lr_txt)
+                    lr_img=synthetic.config.inner_lr_img, lr_txt=synthetic.config.inner_lr_txt,
+                    stages=synthetic.stage_schedule())
     protocol = EvaluationProtocol(**{"loss": "wbce" if has_s else "infonce", **overrides},
                                   temperature=synthetic.config.temperature)
     result = evaluate_pairs(pairs, prepared.features["validation"], prepared.features["test"], protocol, seeds=seeds,
