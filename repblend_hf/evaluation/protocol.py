@@ -57,6 +57,8 @@ def evaluate_pairs(
         "train_kind": "pairs" if isinstance(train, PairSet) else "full_split",
         "protocol": FROZEN_ENCODER,
     }
+    if isinstance(train, PairSet) and train.stages:  # a set distilled in stages, trained stage by stage
+        settings["stages"] = [list(stage) for stage in train.stages]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
 
