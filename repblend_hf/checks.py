@@ -311,6 +311,10 @@ def check_distill_run(data_args, set_args, args) -> str | None:
             f"{args.expert_epochs} = {latest}, beyond the {epochs} epochs the experts are trained for; lower "
             "--max_start_epoch or --expert_epochs, or raise --expert_train_epochs")
     stages = _check_stages(p, set_args, args, epochs)
+    init_epoch = getattr(args, "similarity_init_epoch", None)
+    p.check(init_epoch is None or 0 <= init_epoch <= epochs,
+            f"similarity_init_epoch ({init_epoch}) must be one of the experts' epochs 0..{epochs}; lower it or raise "
+            "--expert_train_epochs")
     p.check(set_args.eval_seeds >= 1, f"eval_seeds must be >= 1, got {set_args.eval_seeds}; the final table needs at "
                                       "least one evaluation seed")
     p.check(set_args.full_data_seeds >= 1 or "full" not in set_args.baselines.split(","),

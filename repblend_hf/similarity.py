@@ -39,6 +39,12 @@ def _check_num_pairs(num_pairs: int) -> None:
                          "synthetic pairs N")
 
 
+def _square(matrix: torch.Tensor, n: int) -> torch.Tensor:
+    if tuple(matrix.shape) != (n, n) or not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"an initial similarity must be a finite [{n}, {n}] matrix, got shape {tuple(matrix.shape)}")
+    return matrix
+
+
 class SoftSimilarity(nn.Module):
     """Common interface of the soft similarity kinds: ``S_I`` for a mini-batch, per-row factors.
 
@@ -67,6 +73,16 @@ class SoftSimilarity(nn.Module):
     def row_factors(self, i: int) -> dict[str, torch.Tensor]:
         """The parameters that belong to synthetic pair ``i`` as detached 1-D tensors, keyed by name."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def initialise_(self, matrix: torch.Tensor) -> SoftSimilarity:
+        """Set the parameters so that ``S`` is (the kind's best approximation of) ``matrix`` [N, N]; returns self.
+
+        A starting S other than the identity (DATM initialises its soft labels from a late expert:
+        :func:`repblend_hf.stages.similarity_from_expert`).
+        """
+        raise ValueError(f"the {self.kind!r} similarity has no parameters to initialise; use the 'lowrank' or "
+                         "'full' similarity")
 
     def earlier_pairs(self, name: str, n: int) -> tuple[slice, ...]:
         """The index of parameter ``name``'s entries that are functions of the first ``n`` pairs alone.
@@ -141,6 +157,20 @@ class LowRankSimilarity(SoftSimilarity):
             diag, left, right = self.diag[indices], self.left[indices], self.right[indices]
         return torch.diag(diag) + self.scale * (left @ right.t())
 
+    @torch.no_grad()
+    def initialise_(self, matrix: torch.Tensor) -> LowRankSimilarity:
+        """``a`` = the diagonal and ``(α/r) L Rᵀ`` = the best rank-r approximation of the off-diagonal part of
+        ``matrix`` (truncated SVD, split evenly between L and R), ``a`` then corrected so that S's diagonal is
+        ``matrix``'s exactly."""
+        matrix = _square(matrix, self.num_pairs).to(self.diag)
+        off = matrix - torch.diag(torch.diagonal(matrix))
+        u, sigma, vh = torch.linalg.svd(off)
+        root = (sigma[: self.rank] / self.scale).sqrt()
+        self.left.copy_(u[:, : self.rank] * root)
+        self.right.copy_(vh[: self.rank].t() * root)
+        self.diag.copy_(torch.diagonal(matrix) - self.scale * (self.left * self.right).sum(1))
+        return self
+
     def row_factors(self, i: int) -> dict[str, torch.Tensor]:
         """``{"diag": a_i (shape [1]), "left": L_i (shape [r]), "right": R_i (shape [r])}``, detached."""
         return {
@@ -176,6 +206,12 @@ class FullSimilarity(SoftSimilarity):
     def row_factors(self, i: int) -> dict[str, torch.Tensor]:
         """``{"matrix": S_i}``: row ``i`` of ``S`` (shape [N]), detached."""
         return {"matrix": self.matrix.detach()[i].clone()}
+
+    @torch.no_grad()
+    def initialise_(self, matrix: torch.Tensor) -> FullSimilarity:
+        """``S = matrix``."""
+        self.matrix.copy_(_square(matrix, self.num_pairs))
+        return self
 
     def earlier_pairs(self, name: str, n: int) -> tuple[slice, ...]:
         """``S[:n, :n]``: the entries between two of the first ``n`` pairs (S between an earlier and a later pair

@@ -18,6 +18,8 @@ are options of ``repblend-distill``; each is a function here, used by the traine
   from epoch 0 to epoch K, placed by its cumulative step length (:func:`shortcut_trajectory`).
 - **A growing start-epoch window** (DATM, ``NUS-HPC-AI-Lab/DATM``, "sequential generation"): the upper bound of the
   start epoch rises linearly over the first part of the iterations (:func:`start_epoch_bound`).
+- **S from a late expert** (DATM initialises its soft labels from a late expert's outputs): the learned similarity
+  starts from what the experts at a late epoch see between the initial pairs (:func:`similarity_from_expert`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import torch
 from torch import nn
 
 from .configuration import RepBlendConfig
+from .modeling import RetrievalHeads, unflatten_parameters
 from .synthetic import SyntheticSet
 from .trajectories import ExpertTrajectories
 
 __all__ = ["Stage", "plan_stages", "stage_epochs", "stage_config", "as_first_stages", "freeze_earlier_pairs",
            "grow_synthetic_set",
-           "shortcut_trajectory", "shortcut_trajectories", "start_epoch_bound", "STAGE_TARGETS", "STAGE_INNER_PAIRS"]
+           "shortcut_trajectory", "shortcut_trajectories", "start_epoch_bound", "relative_similarity",
+           "similarity_from_expert", "STAGE_TARGETS", "STAGE_INNER_PAIRS"]
 
 #: What a later stage's segments come from: the experts trained from scratch ("experts", PTM-ST) or experts that
 #: start from heads trained on the earlier stages ("conditioned", PDD).
@@ -281,3 +285,41 @@ def start_epoch_bound(step: int, max_steps: int, min_start_epoch: int, max_start
     ramp = max(1.0, warmup * max_steps)
     grown = min_start_epoch + 1 + (max_start_epoch - min_start_epoch - 1) * min(1.0, step / ramp)
     return min(max_start_epoch, int(grown))
+
+
+def relative_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: float) -> torch.Tensor:
+    """How well caption j describes image i compared with i's own caption, and the same from the text's side.
+
+    ``S_ij = min(1, ½ (exp(ℓ_ij − ℓ_ii) + exp(ℓ_ij − ℓ_jj)))`` with ``ℓ`` the cosine logits at ``temperature`` and
+    ``S_ii = 1``: a pair the model cannot tell from the true one gets a target near 1, an unrelated one near 0. DATM
+    takes a late expert's softmax outputs as soft labels for its cross-entropy; the weighted BCE here scores each
+    entry through a sigmoid, so the expert's belief enters as a likelihood relative to the true pair instead.
+    """
+    a = torch.nn.functional.normalize(image_embeds, dim=-1)
+    b = torch.nn.functional.normalize(text_embeds, dim=-1)
+    logits = a @ b.t() / temperature
+    own = torch.diagonal(logits)
+    relative = 0.5 * ((logits - own[:, None]).exp() + (logits - own[None, :]).exp())
+    return relative.clamp(max=1.0).fill_diagonal_(1.0)
+
+
+@torch.no_grad()
+def similarity_from_expert(pairs, trajectories: ExpertTrajectories, epoch: int,
+                           config: RepBlendConfig) -> torch.Tensor:
+    """The starting S of a set's pairs: :func:`relative_similarity` under the experts at ``epoch``, averaged.
+
+    DATM (``NUS-HPC-AI-Lab/DATM``) initialises the learnable soft labels from a late expert; here the analogue of
+    soft labels is the learned similarity. ``pairs`` is the set as a :class:`~repblend_hf.evaluation.PairSet`
+    (image-encoder features and text embeddings); the experts are symmetric (two heads, ``config``'s layout).
+    """
+    if config.matching != "symmetric":
+        raise ValueError("similarity_init='expert' reads the two heads of symmetric experts; asymmetric experts "
+                         "train the image encoder: use similarity_init='identity'")
+    heads = RetrievalHeads(config.image_dim, config.text_dim, config.embed_dim).eval()
+    total = 0.0
+    for index in trajectories.expert_indices:
+        snapshot = trajectories.snapshot(index, epoch)
+        for branch, head in heads.branches().items():
+            head.load_state_dict(unflatten_parameters(head, snapshot[branch]))
+        total = total + relative_similarity(*heads(pairs.image_features, pairs.text_features), config.temperature)
+    return total / len(trajectories.expert_indices)

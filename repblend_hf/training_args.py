@@ -251,6 +251,13 @@ class DistillationArguments(TrainingArguments):
         "help": "A growing start-epoch window (DATM's sequential generation): the upper bound of the start epoch "
                 "rises linearly from min + 1 to max_start_epoch over this share of the (stage's) iterations. 0: "
                 "fixed."})
+    similarity_init: str = field(default="identity", metadata={
+        "help": "The learned similarity's start: 'identity' (S = I, LoRS) or 'expert': what the experts at "
+                "similarity_init_epoch see between the initial pairs (repblend_hf.stages.relative_similarity; DATM "
+                "starts its soft labels from a late expert). Applies to the first stage's pairs.",
+        "choices": ["identity", "expert"]})
+    similarity_init_epoch: int | None = field(default=None, metadata={
+        "help": "similarity_init='expert': the experts' epoch to read (default: their last)."})
     nonfinite_patience: int = field(default=3, metadata={
         "help": "After this many consecutive iterations with a non-finite matching loss or gradient (each one "
                 "skipped, nothing applied) the lrs of the offending groups are multiplied by nonfinite_lr_factor."})
@@ -327,6 +334,11 @@ class DistillationArguments(TrainingArguments):
         _check(self.stage_targets != "conditioned" or self.matching == "symmetric",
                "stage_targets='conditioned' trains the experts' heads on cached features; asymmetric (LoRS / MTT-VL) "
                "experts fine-tune the encoder: use stage_targets='experts' with matching='asymmetric'")
+        _check(self.similarity_init in ("identity", "expert"),
+               f"similarity_init must be 'identity' or 'expert', got {self.similarity_init!r}")
+        _check(self.similarity_init == "identity" or (self.similarity != "none" and self.matching == "symmetric"),
+               "similarity_init='expert' starts a learned similarity from symmetric experts' heads: it needs "
+               "similarity 'lowrank' or 'full' and matching 'symmetric'")
         _check(self.nonfinite_patience > 0, f"nonfinite_patience must be > 0, got {self.nonfinite_patience}")
         _check(0 < self.nonfinite_lr_factor < 1,
                f"nonfinite_lr_factor must be in (0, 1), got {self.nonfinite_lr_factor}")

@@ -9,7 +9,7 @@ from repblend_hf.distillation import outer_iteration
 from repblend_hf.encoders import load_image_encoder
 from repblend_hf.evaluation import EvaluationProtocol, PairSet, train_heads
 from repblend_hf.features import FeatureSplit
-from repblend_hf.modeling import RetrievalHeads, branch_tensor_sizes, flatten_parameters
+from repblend_hf.modeling import RetrievalHeads, branch_tensor_sizes, flatten_parameters, unflatten_parameters
 from repblend_hf.stages import (
     Stage,
     as_first_stages,
@@ -340,3 +340,47 @@ def test_conditioned_experts_start_where_evaluation_on_the_earlier_stages_ends(r
         assert not torch.equal(conditioned.snapshot(e, 2)["image"], start["image"])  # then trained on real data
     sizes = branch_tensor_sizes(RetrievalHeads(real.image_features.shape[1], TEXT_DIM, EMBED))
     assert sum(sizes["image"]) == conditioned.branch_sizes["image"]
+
+
+# ----- the similarity from a late expert -----------------------------------------------------------------------------
+
+
+def test_relative_similarity_is_one_for_the_true_pair_and_for_an_indistinguishable_one():
+    from repblend_hf.stages import relative_similarity
+
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # images 0 and 1 look the same
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    s = relative_similarity(image, text, temperature=0.07)
+    torch.testing.assert_close(torch.diagonal(s), torch.ones(3))
+    assert s[0, 1] == pytest.approx(1.0) and s[0, 2] < 1e-5 and bool((s <= 1).all())
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "full"])
+def test_a_similarity_starts_from_a_given_matrix(kind):
+    from repblend_hf.similarity import build_similarity
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.eye(6) + 0.3 * torch.rand(6, 6, generator=g) @ torch.rand(6, 6, generator=g) / 6
+    sim = build_similarity(kind, 6, rank=6, alpha=2.0).initialise_(target)
+    torch.testing.assert_close(sim(), target, rtol=1e-4, atol=1e-5)  # rank 6 of 6: exact
+    low = build_similarity("lowrank", 6, rank=1, alpha=1.0).initialise_(target)
+    torch.testing.assert_close(torch.diagonal(low()), torch.diagonal(target))  # the diagonal is kept exactly
+    with pytest.raises(ValueError, match="no parameters to initialise"):
+        build_similarity("none", 6).initialise_(target)
+
+
+def test_similarity_from_expert_reads_every_expert_at_the_epoch(encoder, experts, real):
+    from repblend_hf.stages import relative_similarity, similarity_from_expert
+
+    syn = _set(encoder, 5)
+    pairs = syn.pair_set()
+    s = similarity_from_expert(pairs, experts, 4, syn.config)
+    heads = RetrievalHeads(encoder.feature_dim, TEXT_DIM, EMBED).eval()
+    expected = 0
+    for e in experts.expert_indices:
+        for branch, head in heads.branches().items():
+            head.load_state_dict(unflatten_parameters(head, experts.snapshot(e, 4)[branch]))
+        with torch.no_grad():
+            expected = expected + relative_similarity(*heads(pairs.image_features, pairs.text_features), 0.07)
+    torch.testing.assert_close(s, expected / 2)
+    assert not torch.allclose(s, torch.eye(5))  # trained experts see some pairs as alike

@@ -61,6 +61,7 @@ from ..stages import (
     grow_synthetic_set,
     plan_stages,
     shortcut_trajectories,
+    similarity_from_expert,
     stage_config,
     stage_epochs,
 )
@@ -253,6 +254,10 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                                             args, stage_dir)
         experts_seconds += time.time() - t0
         synthetic = initial_set(stage_config(config, stage, args, previous) if staged else config)
+        if args.similarity_init == "expert" and previous is None:  # the first stage's S from the late experts
+            epoch = trajectories.num_epochs if args.similarity_init_epoch is None else args.similarity_init_epoch
+            synthetic.similarity.initialise_(similarity_from_expert(
+                synthetic.pair_set(prepared.image_encoder), trajectories, epoch, synthetic.config))
         if previous is not None:
             grow_synthetic_set(previous, synthetic)
         stage_args = (dataclasses.replace(args, output_dir=str(stage_dir), max_steps=stage.max_steps) if staged
