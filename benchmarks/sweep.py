@@ -44,6 +44,16 @@ def grid_points(grids: list[str]) -> tuple[list[dict[str, str]], list[str]]:
     return points, keys
 
 
+def point_arguments(point: dict[str, str], passthrough: list[str]) -> list[str]:
+    """The arguments of one grid point's run: the passed ones, then the point's (which win).
+
+    A value ``a:b`` is a list (``--name a b``); ``{seed}`` in a passed argument is the point's seed, e.g.
+    ``--initial_stages runs/seed{seed}/synthetic_set``.
+    """
+    passed = [a.replace("{seed}", point["seed"]) for a in passthrough] if "seed" in point else list(passthrough)
+    return passed + [x for k, v in point.items() for x in (f"--{k}", *v.split(":"))]
+
+
 def summarise(out: Path) -> dict:
     """What a finished run says: final / best validation r_mean, test r_mean, η, set diagnostics, time."""
     record = json.loads((out / "results.json").read_text())
@@ -98,10 +108,9 @@ def main() -> None:
         if not (out / "results.json").exists():
             if args.report_only:
                 continue
-            flags = [x for k, v in point.items() for x in (f"--{k}", *v.split(":"))]  # a:b is a list, --k a b
             command = [*shlex.split(args.launcher), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                        "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
-                       *passthrough, *flags]
+                       *point_arguments(point, passthrough)]
             print(f"[sweep] {shlex.join(command)}", flush=True)
             started = time.time()
             out.mkdir(parents=True, exist_ok=True)

@@ -333,3 +333,11 @@ def test_eta_probe_rescores_a_copy_of_the_set_at_another_eta_and_refuses_an_unfi
     monkeypatch.setattr(sys, "argv", ["eta_probe.py", "--run", str(tmp_path / "run"), "--seed", "0"])
     with pytest.raises(SystemExit, match="not a finished distill run"):
         probe.main()
+
+
+def test_a_point_passes_lists_and_its_seed_into_the_passed_arguments():
+    args = sweep.point_arguments({"seed": "2", "stage_pairs": "99:100"},
+                                 ["--initial_stages", "runs/seed{seed}/synthetic_set", "--max_steps", "5"])
+    assert args == ["--initial_stages", "runs/seed2/synthetic_set", "--max_steps", "5", "--seed", "2",
+                    "--stage_pairs", "99", "100"]
+    assert sweep.point_arguments({"lr_img": "10"}, ["--x", "{seed}"]) == ["--x", "{seed}", "--lr_img", "10"]
