@@ -384,3 +384,19 @@ def test_similarity_from_expert_reads_every_expert_at_the_epoch(encoder, experts
             expected = expected + relative_similarity(*heads(pairs.image_features, pairs.text_features), 0.07)
     torch.testing.assert_close(s, expected / 2)
     assert not torch.allclose(s, torch.eye(5))  # trained experts see some pairs as alike
+
+
+def test_the_card_of_a_set_in_stages_lists_each_stage():
+    from repblend_hf.hub import SyntheticSetCardData, render_synthetic_set_card
+
+    stages = [{"num_pairs": 4, "inner_lr_img": 0.2, "inner_lr_txt": 0.3, "min_start_epoch": 0, "max_start_epoch": 1,
+               "targets": "experts", "shortcut_epoch": None, "iterations": 10},
+              {"num_pairs": 3, "inner_lr_img": 0.5, "inner_lr_txt": 0.1, "min_start_epoch": 1, "max_start_epoch": 3,
+               "targets": "conditioned", "shortcut_epoch": 6, "iterations": 12}]
+    config = _feature_set(7, stages=stages).config.to_dict()
+    card = str(render_synthetic_set_card(SyntheticSetCardData("me/set", config)))
+    assert "distilled in **2 stages**" in card
+    assert "| 1 | 0–3 | 0.2 | 0.3 | 0–0 | experts | 10 |" in card
+    assert "| 2 | 4–6 | 0.5 | 0.1 | 1–2 | conditioned, shortcut to epoch 6 | 12 |" in card
+    single = str(render_synthetic_set_card(SyntheticSetCardData("me/set", _feature_set(7).config.to_dict())))
+    assert "stages**" not in single
