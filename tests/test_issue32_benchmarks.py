@@ -1,0 +1,133 @@
+"""benchmarks/cross_architecture.py, equivalence.py and long_run.py on tiny inputs (no authors' code, no real
+encoders): the tables they write, resuming, and skipping what is absent."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repblend_hf import RepBlendConfig, SyntheticSet
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _load_script(name: str):
+    """A benchmark script loaded as Python runs it: with its folder on sys.path, where its ``_common`` lives."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path_factory):
+    """A finished run folder as a distillation leaves it: synthetic_set/ (real pairs, test_convnext), results.json."""
+    from repblend_hf.pipeline import DataArguments, prepare_features
+
+    args = DataArguments(dataset=str(tiny_karpathy_dir), image_encoder="test_convnext", pretrained_image_encoder=False,
+                         text_encoder=str(tiny_text_encoder_dir), text_pooling="mean", image_size=32, num_views=1,
+                         encode_batch_size=16)
+    prepared = prepare_features(args)
+    train = prepared.features["train"]
+    config = RepBlendConfig(image_encoder="test_convnext", image_size=32, image_dim=prepared.image_encoder.feature_dim,
+                            text_dim=prepared.text_encoder.feature_dim, embed_dim=8, num_pairs=8, similarity="none")
+    synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
+                                       train.caption_offsets(), prepared.image_encoder, seed=0)
+    run = tmp_path_factory.mktemp("run") / "seed0"
+    synthetic.save_pretrained(run / "synthetic_set")
+    (run / "results.json").write_text("{}")
+    return run
+
+
+def test_cross_architecture_table_resumes_and_marks_what_is_missing(tiny_run, tiny_karpathy_dir,
+                                                                    tiny_text_encoder_dir, tmp_path):
+    out = tmp_path / "table"
+    argv = [sys.executable, str(BENCHMARKS / "cross_architecture.py"), "--work_dir", str(tmp_path / "work"),
+            "--encoders", "test_convnext,test_efficientnet", "--distill_seeds", "0", "--no-distill",
+            "--lors_runs", str(tiny_run), "--baselines", "random", "--pairs", "8", "--eval_seeds", "2",
+            "--embed_dim", "8", "--output", str(out), "--dataset", str(tiny_karpathy_dir),
+            "--text_encoder", str(tiny_text_encoder_dir), "--text_pooling", "mean", "--pretrained_image_encoder",
+            "false", "--image_size", "32", "--num_views", "1", "--encode_batch_size", "16", "--epochs", "3"]
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
+    record = json.loads(out.with_suffix(".json").read_text())
+    table = record["table"]
+    assert set(table) == {"lors", "random"}  # the pixel default's seed 0 was never distilled here
+    assert set(table["lors"]) == {"test_convnext", "test_efficientnet"}
+    assert any("pixel_default seed0" in p for p in record["pending"])
+    cell = tmp_path / "work" / "evaluations" / "lors" / "seed0" / "test_efficientnet" / "results.json"
+    saved = json.loads(cell.read_text())
+    assert saved["settings"]["image_encoder"] == "test_efficientnet"
+    assert saved["settings"]["distilled_with"] == "test_convnext"
+    md = out.with_suffix(".md").read_text()
+    assert "| LoRS (Lite0) |" in md and "Not run yet" in md and out.with_suffix(".png").exists()
+    # A second run finds every evaluation on disk: nothing is evaluated again.
+    before = cell.stat().st_mtime_ns
+    second = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
+    assert cell.stat().st_mtime_ns == before and "examples/evaluate.py" not in second.stdout
+
+
+def test_cross_architecture_margin_says_whether_two_std_are_cleared():
+    cross = _load_script("cross_architecture")
+    table = {"pixel_default": {"e": {"runs": {"seed0": 20.0, "seed1": 22.0}, "eval_std": {}}},
+             "herding": {"e": {"runs": {"seeds": 10.0}, "eval_std": {"seeds": 1.0}}},
+             "random": {"e": {"runs": {"seeds": 19.0}, "eval_std": {"seeds": 0.5}}}}
+    lines = cross.margins(table, ["e"])
+    assert "herding +11.0 (2 std = 2.0: beats it by more than 2 std)" in lines[0]
+    assert "random +2.0 (2 std = 2.0: does not beat it by 2 std)" in lines[0]
+
+
+def test_equivalence_rebuilds_the_authors_draws():
+    equivalence = _load_script("equivalence")
+    case = {"num_pairs": 6, "mini_batch_size": 4, "syn_steps": 3}
+    perms = [torch.tensor([5, 4, 3, 2, 1, 0]), torch.tensor([1, 0, 2, 3]), torch.tensor([0, 1, 2, 3, 4, 5]),
+             torch.tensor([3, 2, 1, 0]), torch.tensor([2, 3, 4, 5, 0, 1]), torch.tensor([0, 2, 1, 3])]
+    record = {"tensors": {f"randperm.{i}": p for i, p in enumerate(perms)}, "randperm_sizes": [len(p) for p in perms],
+              "beta": [0.1, 0.2, 0.3], "start_epoch": [1]}
+    start, batches, blends = equivalence.authors_draws("repblend", case, record)
+    # 4 of 6 taken, then too few left: a fresh permutation per step (RepBlend / LoRS walk; MTT-VL takes a prefix).
+    assert start == 1 and [b.tolist() for b in batches] == [[5, 4, 3, 2], [0, 1, 2, 3], [2, 3, 4, 5]]
+    assert [b.lam for b in blends] == [0.1, 0.2, 0.3] and blends[1].perm.tolist() == [3, 2, 1, 0]
+    _, batches, blends = equivalence.authors_draws("mtt_vl", case, record)
+    assert [b.tolist() for b in batches] == [[5, 4, 3, 2], [0, 1, 2, 3], [2, 3, 4, 5]]
+    assert all(b.lam == 1.0 for b in blends)
+
+
+def test_equivalence_library_side_is_deterministic_and_its_control_can_fail():
+    """The library side of a case run twice gives the same gradients; with the mini-batches in another order it
+    does not (the report's 'control' column: a comparison that agrees could have failed)."""
+    equivalence = _load_script("equivalence")
+    case, tensors = equivalence.make_case("repblend", 0)
+    again, _ = equivalence.make_case("repblend", 0)
+    assert case == again
+    g = torch.Generator().manual_seed(0)
+    n, mbs = case["num_pairs"], case["mini_batch_size"]
+    batches = [torch.randperm(n, generator=g)[:mbs] for _ in range(case["syn_steps"])]
+    from repblend_hf.blending import sample_blend
+
+    blends = [sample_blend(mbs, 1.0, g) for _ in batches]
+    one = equivalence.run_library("repblend", case, tensors, 0, batches, blends)
+    two = equivalence.run_library("repblend", case, tensors, 0, batches, blends)
+    rotated = equivalence.run_library("repblend", case, tensors, 0, batches[1:] + batches[:1], blends[1:] + blends[:1])
+    for name in ("images", "texts", "similarity.left", "eta_img"):
+        assert equivalence.relative(two[name], one[name])["max_abs_rel"] == 0.0
+    assert equivalence.worst(equivalence.differences(rotated, {k: one[k] for k in ("images", "texts")})) > 1e-2
+
+
+def test_equivalence_skips_methods_without_a_checkout(tmp_path):
+    out = tmp_path / "eq"
+    subprocess.run([sys.executable, str(BENCHMARKS / "equivalence.py"), "--seeds", "0", "--inner_steps", "2",
+                    "--repblend", str(tmp_path / "nowhere"), "--output", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert set(record["skipped"]) == {"repblend", "lors", "mtt_vl"} and not record["methods"]
+    assert "not found" in record["skipped"]["repblend"] and "no checkout given" in record["skipped"]["lors"]
+    assert "repblend skipped" in out.with_suffix(".md").read_text()
