@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import command, markdown_table, write_json, write_markdown
+from _common import command, markdown_table, save_figure, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -201,11 +201,7 @@ def plot(table: dict, rows: dict, encoders: list[str], path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(encoders))])
     ax.set_xticklabels([e.replace("tf_efficientnet_", "EfficientNet-") for e in encoders])
     ax.set_ylabel("test r_mean (mean ± std)")
-    ax.set_title("fashion-scenes, 99 pairs: distilled with Lite0, evaluated under each encoder", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, "fashion-scenes, 99 pairs: distilled with Lite0, evaluated under each encoder", path)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import command, markdown_table, write_json, write_markdown
+from _common import command, markdown_table, save_figure, write_json, write_markdown
 
 HERE = Path(__file__).resolve().parent
 RUNS = ("lors=outputs/long_run/lors_99/seed0,mtt_vl=outputs/long_run/mtt_vl_99/seed0,"
@@ -75,11 +75,7 @@ def plot(curves: dict[str, dict[int, float]], lines: dict[str, dict], until: int
                    label=f"{name} (real pairs)")
     ax.set_xlabel("distillation iteration")
     ax.set_ylabel("validation r_mean (fresh heads, frozen encoder)")
-    ax.set_title("fashion-scenes, 99 pairs: in-training validation at equal iterations", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, "fashion-scenes, 99 pairs: in-training validation at equal iterations", path)
 
 
 def main() -> None:

@@ -71,21 +71,25 @@ def test_set_images_under_another_encoder_are_its_features_of_the_renormalised_p
         assert not torch.allclose(feats, encoder(pixels), atol=1e-4)  # without re-normalising it would differ
 
 
-@pytest.fixture(scope="module")
-def tiny_set_dir(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path_factory):
-    """Real training pairs as a pixel set made with test_convnext (as a distilled set would be saved)."""
-    args = DataArguments(dataset=str(tiny_karpathy_dir), image_encoder="test_convnext", pretrained_image_encoder=False,
-                         text_encoder=str(tiny_text_encoder_dir), text_pooling="mean", image_size=32, num_views=1,
+def save_tiny_pixel_set(karpathy_dir, text_dir, out, num_pairs: int = 12):
+    """Real training pairs of the tiny fixtures as a pixel set made with test_convnext, saved as a distilled set is."""
+    args = DataArguments(dataset=str(karpathy_dir), image_encoder="test_convnext", pretrained_image_encoder=False,
+                         text_encoder=str(text_dir), text_pooling="mean", image_size=32, num_views=1,
                          encode_batch_size=16)
     prepared = prepare_features(args)
     train = prepared.features["train"]
     config = _config(image_dim=prepared.image_encoder.feature_dim, text_dim=prepared.text_encoder.feature_dim,
-                     num_pairs=12)
+                     num_pairs=num_pairs)
     synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
                                        train.caption_offsets(), prepared.image_encoder, seed=0)
-    out = tmp_path_factory.mktemp("cross-architecture") / "set"
     synthetic.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_set_dir(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path_factory):
+    return save_tiny_pixel_set(tiny_karpathy_dir, tiny_text_encoder_dir,
+                               tmp_path_factory.mktemp("cross-architecture") / "set")
 
 
 def _argv(karpathy, text, *extra):

@@ -9,41 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from repblend_hf import RepBlendConfig, SyntheticSet
+from test_cross_architecture import save_tiny_pixel_set
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def _load_script(name: str):
-    """A benchmark script loaded as Python runs it: with its folder on sys.path, where its ``_common`` lives."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+@pytest.fixture
+def scripts(monkeypatch):
+    """Import a benchmark script as Python runs it: with benchmarks/ (where its ``_common`` lives) on sys.path."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path_factory):
     """A finished run folder as a distillation leaves it: synthetic_set/ (real pairs, test_convnext), results.json."""
-    from repblend_hf.pipeline import DataArguments, prepare_features
-
-    args = DataArguments(dataset=str(tiny_karpathy_dir), image_encoder="test_convnext", pretrained_image_encoder=False,
-                         text_encoder=str(tiny_text_encoder_dir), text_pooling="mean", image_size=32, num_views=1,
-                         encode_batch_size=16)
-    prepared = prepare_features(args)
-    train = prepared.features["train"]
-    config = RepBlendConfig(image_encoder="test_convnext", image_size=32, image_dim=prepared.image_encoder.feature_dim,
-                            text_dim=prepared.text_encoder.feature_dim, embed_dim=8, num_pairs=8, similarity="none")
-    synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
-                                       train.caption_offsets(), prepared.image_encoder, seed=0)
     run = tmp_path_factory.mktemp("run") / "seed0"
-    synthetic.save_pretrained(run / "synthetic_set")
+    save_tiny_pixel_set(tiny_karpathy_dir, tiny_text_encoder_dir, run / "synthetic_set", num_pairs=8)
     (run / "results.json").write_text("{}")
     return run
 
@@ -75,8 +58,8 @@ def test_cross_architecture_table_resumes_and_marks_what_is_missing(tiny_run, ti
     assert cell.stat().st_mtime_ns == before and "examples/evaluate.py" not in second.stdout
 
 
-def test_cross_architecture_margin_says_whether_two_std_are_cleared():
-    cross = _load_script("cross_architecture")
+def test_cross_architecture_margin_says_whether_two_std_are_cleared(scripts):
+    cross = scripts("cross_architecture")
     table = {"pixel_default": {"e": {"runs": {"seed0": 20.0, "seed1": 22.0}, "eval_std": {}}},
              "herding": {"e": {"runs": {"seeds": 10.0}, "eval_std": {"seeds": 1.0}}},
              "random": {"e": {"runs": {"seeds": 19.0}, "eval_std": {"seeds": 0.5}}}}
@@ -85,8 +68,8 @@ def test_cross_architecture_margin_says_whether_two_std_are_cleared():
     assert "random +2.0 (2 std = 2.0: does not beat it by 2 std)" in lines[0]
 
 
-def test_equivalence_rebuilds_the_authors_draws():
-    equivalence = _load_script("equivalence")
+def test_equivalence_rebuilds_the_authors_draws(scripts):
+    equivalence = scripts("equivalence")
     case = {"num_pairs": 6, "mini_batch_size": 4, "syn_steps": 3}
     perms = [torch.tensor([5, 4, 3, 2, 1, 0]), torch.tensor([1, 0, 2, 3]), torch.tensor([0, 1, 2, 3, 4, 5]),
              torch.tensor([3, 2, 1, 0]), torch.tensor([2, 3, 4, 5, 0, 1]), torch.tensor([0, 2, 1, 3])]
@@ -101,10 +84,10 @@ def test_equivalence_rebuilds_the_authors_draws():
     assert all(b.lam == 1.0 for b in blends)
 
 
-def test_equivalence_library_side_is_deterministic_and_its_control_can_fail():
+def test_equivalence_library_side_is_deterministic_and_its_control_can_fail(scripts):
     """The library side of a case run twice gives the same gradients; with the mini-batches in another order it
     does not (the report's 'control' column: a comparison that agrees could have failed)."""
-    equivalence = _load_script("equivalence")
+    equivalence = scripts("equivalence")
     case, tensors = equivalence.make_case("repblend", 0)
     again, _ = equivalence.make_case("repblend", 0)
     assert case == again
