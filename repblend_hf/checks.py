@@ -399,6 +399,8 @@ def check_distill_run(data_args, set_args, args) -> str | None:
 
 def _check_stages(p: _Problems, set_args, args, expert_train_epochs: int) -> list:
     """The run's stages (``--stage_pairs`` and the per-stage options), each problem added to ``p``."""
+    if not isinstance(set_args.num_pairs, int) or set_args.num_pairs < 1:
+        return []  # already reported
     try:
         stages = plan_stages(set_args.num_pairs, getattr(set_args, "stage_pairs", None), max_steps=args.max_steps,
                              max_start_epoch=args.max_start_epoch, stage_steps=args.stage_steps,

@@ -163,11 +163,15 @@ def hub_dataset_repo(set_args: SetArguments, args: DistillationArguments) -> str
 
 def distill(data_args: DataArguments, set_args: SetArguments, args: DistillationArguments) -> dict:
     """Run every stage (module docstring); returns ``{"records": [...], "timings": {...}}`` on the main process."""
-    stages = run_stages(set_args, args)  # one stage unless --stage_pairs
     if set_args.expert_train_epochs is None:  # only the epochs the segments of the experts' stages can reach
-        set_args.expert_train_epochs = max(stage_epochs(st, args.expert_epochs) for st in stages
-                                           if st.index == 0 or args.stage_targets == "experts")
+        try:
+            planned = run_stages(set_args, args)
+            set_args.expert_train_epochs = max(stage_epochs(st, args.expert_epochs) for st in planned
+                                               if st.index == 0 or args.stage_targets == "experts")
+        except ValueError:  # stages that cannot be planned: check_distill_run says why
+            set_args.expert_train_epochs = args.max_start_epoch - 1 + args.expert_epochs
     check_distill_run(data_args, set_args, args)  # everything that can fail is judged before the long work
+    stages = run_stages(set_args, args)  # one stage unless --stage_pairs
     out = Path(args.output_dir)
     push_repo = hub_dataset_repo(set_args, args)  # pushed at the end, from the main process only
     started = time.time()
