@@ -352,6 +352,11 @@ BEFORE_ANY_WORK = [
     (["--fp16", "true"], r"fp16 needs a GPU, but this run is on the CPU"),
     (["--eval_seeds", "0", "--num_pairs", "0"], r"2 problems with the arguments:\n  - num_pairs.*\n  - eval_seeds"),
     (["--dataset_kwargs", "{not json"], r"--dataset_kwargs is not valid JSON"),
+    (["--stage_pairs", "4", "5"], r"stage_pairs \[4, 5\] must be positive and add up to num_pairs=8"),
+    (["--stage_pairs", "4", "4", "--stage_max_start_epoch", "1", "3"],
+     r"stage 2 needs experts of 3 epochs .* beyond the 2 epochs the experts are trained for"),
+    (["--stage_pairs", "4", "4", "--resume_from_checkpoint", "somewhere/checkpoint-2"],
+     r"a run in stages resumes each stage from its own folder: pass --resume_from_checkpoint latest"),
 ]
 
 
