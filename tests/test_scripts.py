@@ -213,6 +213,47 @@ def test_distill_run_check_names_the_embed_dim_of_the_asymmetric_student(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_set_in_stages_grows_a_saved_set_resumes_and_evaluates_from_its_config(tiny_karpathy_dir,
+                                                                                 tiny_text_encoder_dir, tmp_path):
+    """A 4-pair set, then grown by 4 more pairs against conditioned experts (PDD) with a shortcut target (PTM-ST);
+    the run resumed does nothing twice, and repblend-evaluate trains the saved set stage by stage from config.json."""
+    from repblend_hf import SyntheticSet
+
+    common = [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--config", "none", "--sim_rank", "2",
+              "--embed_dim", "8", "--num_experts", "2", "--expert_train_epochs", "3", "--max_steps", "2",
+              "--save_steps", "2", "--eval_strategy", "no", "--eval_head_epochs", "3", "--mini_batch_size", "4",
+              "--syn_steps", "2", "--lr_img", "1", "--lr_txt", "1", "--lr_sim", "0.1", "--lr_lr", "0.0001",
+              "--eval_seeds", "1", "--baselines", "", "--disable_tqdm", "true", "--synthetic_space", "features",
+              "--trajectory_dir", str(tmp_path / "experts")]
+    _launch("distill.py", [*common, "--num_pairs", "4", "--output_dir", str(tmp_path / "small")], tmp_path)
+    grown = tmp_path / "grown"
+    staged = [*common, "--num_pairs", "8", "--stage_pairs", "4", "4", "--initial_stages",
+              str(tmp_path / "small" / "synthetic_set"), "--stage_targets", "conditioned", "--shortcut_epoch", "3",
+              "--output_dir", str(grown)]
+    _launch("distill.py", staged, tmp_path)
+    small = SyntheticSet.from_pretrained(tmp_path / "small" / "synthetic_set")
+    whole = SyntheticSet.from_pretrained(grown / "synthetic_set")
+    assert torch.equal(whole.images[:4], small.images)  # the first stage is the saved set, unchanged
+    assert [st["num_pairs"] for st in whole.config.stages] == [4, 4]
+    assert whole.config.stages[1]["targets"] == "conditioned" and whole.config.stages[1]["iterations"] == 2
+    meta = json.loads((grown / "stage_2" / "experts" / "trajectories.json").read_text())
+    assert meta["conditioned_on"] == small.fingerprint() and meta["num_epochs"] == 3
+    timings = json.loads((grown / "timings.json").read_text())
+    assert timings["iterations"] == 2  # this run's stages; the saved set's iterations are in its own record
+
+    again = _launch("distill.py", [*staged, "--resume_from_checkpoint", "latest"], tmp_path)
+    assert "stage_2/checkpoint-2" in again.stderr and "training []" in again.stderr  # nothing trained twice
+    assert torch.equal(SyntheticSet.from_pretrained(grown / "synthetic_set").images, whole.images)
+
+    _launch("evaluate.py", [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--method", "distilled",
+                            "--distilled_set", str(grown / "synthetic_set"), "--seeds", "1", "--epochs", "3",
+                            "--output_dir", str(tmp_path / "ev")], tmp_path)
+    settings = json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]
+    assert [end for end, _, _ in settings["stages"]] == [4, 8]
+    assert settings["stages"][0][1] == pytest.approx(small.config.inner_lr_img)
+
+
 def test_evaluate_script_writes_the_results_schema(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):
     result = _launch("evaluate.py", [*_tiny_data_args(tiny_karpathy_dir, tiny_text_encoder_dir), "--method",
                                      "herding", "--pairs", "10", "--seeds", "2", "--embed_dim", "8", "--output_dir",
