@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--embed_dim", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu_threads", type=int, default=None)
+    parser.add_argument("--score_only", action="store_true",
+                        help="Score the experts already in --experts_dir (e.g. a staged run's conditioned experts, "
+                             "OUTPUT_DIR/stage_2/experts) without training any.")
     parser.add_argument("--output", default=str(HERE / "results" / "expert_ladder"))
     args = parser.parse_args()
 
@@ -39,6 +42,7 @@ def main() -> None:
     from repblend_hf.pipeline import DataArguments, prepare_features
     from repblend_hf.trainers import train_experts
     from repblend_hf.training_args import ExpertTrainingArguments
+    from repblend_hf.trajectories import ExpertTrajectories
 
     data_args = DataArguments(cpu_threads=args.cpu_threads)
     prepared = prepare_features(data_args)
@@ -47,9 +51,13 @@ def main() -> None:
         output_dir=str(Path(args.experts_dir) / "runs"), num_experts=args.num_experts, num_train_epochs=args.epochs,
         embed_dim=args.embed_dim, seed=args.seed, report_to="none", disable_tqdm=True, logging_steps=500)
     started = time.time()
-    trajectories = train_experts(train, expert_args, args.experts_dir, metadata={
-        "dataset": data_args.dataset, "image_encoder": data_args.image_encoder,
-        "text_encoder": data_args.text_encoder, "image_size": data_args.image_size})
+    if args.score_only:
+        trajectories = ExpertTrajectories.load(args.experts_dir)
+        args.embed_dim = trajectories.metadata["embed_dim"]
+    else:
+        trajectories = train_experts(train, expert_args, args.experts_dir, metadata={
+            "dataset": data_args.dataset, "image_encoder": data_args.image_encoder,
+            "text_encoder": data_args.text_encoder, "image_size": data_args.image_size})
     experts_seconds = time.time() - started
 
     heads = RetrievalHeads(train.image_features.shape[1], train.caption_features.shape[1], args.embed_dim).eval()
@@ -69,8 +77,10 @@ def main() -> None:
     steps_per_epoch = -(-train.num_captions // expert_args.per_device_train_batch_size)
     rows = {e: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "min": min(v), "max": max(v)}
             for e, v in ladder.items()}
-    record = {"command": "benchmarks/expert_ladder.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()
-                                                                   if k != "output" and v is not None),
+    flags = [f"--{k}" if v is True else f"--{k} {v}" for k, v in vars(args).items()
+             if k != "output" and v is not None and v is not False]
+    record = {"command": "benchmarks/expert_ladder.py " + " ".join(flags),
+              "conditioned": bool(trajectories.metadata.get("conditioned")),
               "experts_dir": args.experts_dir, "num_experts": len(trajectories), "epochs": trajectories.num_epochs,
               "epoch_definition": trajectories.metadata.get("epoch_definition"),
               "steps_per_epoch": steps_per_epoch, "pairs_per_epoch": train.num_captions,
@@ -86,6 +96,9 @@ def main() -> None:
              f"over the {train.num_captions:,} (image, caption) pairs ({steps_per_epoch} steps). Heads at each "
              "snapshot scored on the validation split (1,000 images, 5,000 captions). A segment "
              "`[start, start + expert_epochs]` ends at the target epoch: its row is the most the segment can teach.\n",
+             *(["Conditioned experts (a later stage's targets, PDD): epoch 0 is the heads trained on the earlier "
+                f"stages by the evaluation protocol (the set {trajectories.metadata.get('conditioned_on', '')[:12]}…"
+                "), then epochs of real data.\n"] if record["conditioned"] else []),
              *markdown_table(["epoch", "mean", "std", "min", "max"],
                              [(e, f"{r['mean']:.1f}", f"{r['std']:.1f}", f"{r['min']:.1f}", f"{r['max']:.1f}")
                               for e, r in rows.items()])]

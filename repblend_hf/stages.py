@@ -131,16 +131,22 @@ def stage_config(config: RepBlendConfig, stage: Stage, args, previous: Synthetic
     """The config of the set at ``stage``: ``config`` (the whole set's) with the pairs so far and the stages so far.
 
     ``config.stages`` gets the ``previous`` set's stages and this one's record: its new pairs, η at ``args.lr_init``
-    (the set's learned η takes over; :meth:`SyntheticSet.sync_config`), its window, targets, shortcut, inner pairs
-    and ``iterations`` (filled in when the stage ends). ``args`` is the run's ``DistillationArguments``.
+    (the set's learned η takes over; :meth:`SyntheticSet.sync_config`), its window, targets, shortcut, inner pairs,
+    ``iterations`` (filled in when the stage ends) and ``steps``, how evaluation trains on it (:class:`~repblend_hf.
+    evaluation.StagePhase`). ``args`` is the run's ``DistillationArguments``.
     """
     if (previous.num_pairs if previous is not None else 0) != stage.offset:
         raise ValueError(f"stage {stage.index + 1} starts after {stage.offset} pairs but the previous stage's set has "
                          f"{previous.num_pairs if previous is not None else 0}")
+    later = stage.index > 0
     record = {"num_pairs": stage.num_pairs, "inner_lr_img": args.lr_init, "inner_lr_txt": args.lr_init,
               "min_start_epoch": stage.min_start_epoch, "max_start_epoch": stage.max_start_epoch,
-              "targets": args.stage_targets if stage.index > 0 else "experts", "inner_pairs": args.stage_inner_pairs,
-              "shortcut_epoch": stage.shortcut_epoch, "iterations": 0}
+              "targets": args.stage_targets if later else "experts",
+              "inner_pairs": args.stage_inner_pairs if later else "union",
+              "shortcut_epoch": stage.shortcut_epoch, "iterations": 0,
+              # How evaluation trains on the stage (StagePhase.steps): the first with the recipe, a later one as its
+              # student moved (syn_steps of plain SGD at its η).
+              "steps": args.syn_steps if later else None}
     earlier = [dict(st) for st in previous.config.stages] if previous is not None else []
     return RepBlendConfig.from_dict({**config.to_dict(), "num_pairs": stage.end, "stages": earlier + [record]})
 

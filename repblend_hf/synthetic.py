@@ -170,21 +170,26 @@ class SyntheticSet(nn.Module):
         return PairSet(feats.cpu(), self.text_embeddings.detach().cpu(), similarity, lr_img=float(lrs["image"]),
                        lr_txt=float(lrs["text"]), stages=self.stage_schedule(lr_min, lr_max))
 
-    def stage_schedule(self, lr_min: float = 0.0, lr_max: float = math.inf) -> list[tuple[int, float, float]] | None:
-        """What evaluation trains on, stage by stage: ``(end, η_img, η_txt)`` per stage of ``config.stages`` (None for
-        a set of one stage), the last stage's η the live one (:meth:`inner_lrs` clamped to ``[lr_min, lr_max]``).
+    def stage_schedule(self, lr_min: float = 0.0, lr_max: float = math.inf) -> list | None:
+        """How evaluation trains on the set, stage by stage: one :class:`~repblend_hf.evaluation.StagePhase` per stage
+        of ``config.stages`` (None for a set of one stage), the last stage's η the live one (:meth:`inner_lrs`
+        clamped to ``[lr_min, lr_max]``).
 
-        :class:`~repblend_hf.evaluation.PairSet`'s ``stages``: each stage trains on the pairs ``[:end]``.
+        A stage trains on every pair so far, or on its own pairs when its student did (``inner_pairs`` "stage"), for
+        the recipe's epochs (no ``steps`` recorded: the first stage) or its student's ``steps``.
         """
+        from .evaluation.pairs import StagePhase
+
         if not self.config.stages:
             return None
-        lrs = {b: v.detach() for b, v in self.inner_lrs(lr_min, lr_max).items()}
+        lrs = {b: float(v.detach()) for b, v in self.inner_lrs(lr_min, lr_max).items()}
         schedule, end = [], 0
         for k, stage in enumerate(self.config.stages):
-            end += stage["num_pairs"]
+            start, end = end, end + stage["num_pairs"]
             last = k == len(self.config.stages) - 1
-            schedule.append((end, float(lrs["image"]) if last else stage["inner_lr_img"],
-                             float(lrs["text"]) if last else stage["inner_lr_txt"]))
+            schedule.append(StagePhase(start if stage.get("inner_pairs") == "stage" else 0, end,
+                                       lrs["image"] if last else stage["inner_lr_img"],
+                                       lrs["text"] if last else stage["inner_lr_txt"], stage.get("steps")))
         return schedule
 
     def fingerprint(self) -> str:

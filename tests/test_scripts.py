@@ -250,8 +250,8 @@ def test_a_set_in_stages_grows_a_saved_set_resumes_and_evaluates_from_its_config
                             "--distilled_set", str(grown / "synthetic_set"), "--seeds", "1", "--epochs", "3",
                             "--output_dir", str(tmp_path / "ev")], tmp_path)
     settings = json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]
-    assert [end for end, _, _ in settings["stages"]] == [4, 8]
-    assert settings["stages"][0][1] == pytest.approx(small.config.inner_lr_img)
+    assert [(p["start"], p["end"], p["steps"]) for p in settings["stages"]] == [(0, 4, None), (0, 8, 2)]
+    assert settings["stages"][0]["lr_img"] == pytest.approx(small.config.inner_lr_img)
 
 
 def test_evaluate_script_writes_the_results_schema(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from repblend_hf.configuration import RepBlendConfig
 from repblend_hf.distillation import outer_iteration
 from repblend_hf.encoders import load_image_encoder
-from repblend_hf.evaluation import EvaluationProtocol, PairSet, train_heads
+from repblend_hf.evaluation import EvaluationProtocol, PairSet, StagePhase, train_heads
 from repblend_hf.features import FeatureSplit
 from repblend_hf.modeling import RetrievalHeads, branch_tensor_sizes, flatten_parameters, unflatten_parameters
 from repblend_hf.stages import (
@@ -187,19 +187,19 @@ def test_a_saved_set_of_one_stage_becomes_the_first_stage_of_a_larger_run(tmp_pa
 
 
 def test_config_stages_are_checked_and_give_the_evaluation_schedule(tmp_path):
-    stages = [{"num_pairs": 4, "inner_lr_img": 0.2, "inner_lr_txt": 0.3}, {"num_pairs": 3, "inner_lr_img": 0.1,
-                                                                           "inner_lr_txt": 0.1}]
+    stages = [{"num_pairs": 4, "inner_lr_img": 0.2, "inner_lr_txt": 0.3},
+              {"num_pairs": 3, "inner_lr_img": 0.1, "inner_lr_txt": 0.1, "steps": 8, "inner_pairs": "stage"}]
     syn = _feature_set(7, stages=stages)
     with torch.no_grad():
         syn.log_lr_img.fill_(torch.log(torch.tensor(0.5)))
-    schedule = syn.stage_schedule()
-    assert [end for end, _, _ in schedule] == [4, 7] and schedule[0][1:] == (0.2, 0.3)
-    assert schedule[1][1] == pytest.approx(0.5)  # the live η of the stage being distilled
+    first, second = syn.stage_schedule()
+    assert first == StagePhase(0, 4, 0.2, 0.3, None)  # the first stage: the recipe
+    assert (second.start, second.end, second.steps) == (4, 7, 8)  # its own pairs, its student's steps
+    assert second.lr_img == pytest.approx(0.5)  # the live η of the stage being distilled
     syn.save_pretrained(tmp_path / "set")
     back = SyntheticSet.from_pretrained(tmp_path / "set")
     assert back.config.stages[1]["inner_lr_img"] == pytest.approx(0.5)  # synced when saved
-    for a, b in zip(back.pair_set().stages, syn.pair_set().stages):
-        assert a == pytest.approx(b)
+    assert back.pair_set().stages[1].lr_img == pytest.approx(0.5) and back.pair_set().stages[0] == first
     with pytest.raises(ValueError, match="add up to num_pairs=8"):
         RepBlendConfig(num_pairs=8, sim_rank=2, stages=stages)
     with pytest.raises(ValueError, match="stage 2's inner_lr_img"):
@@ -219,30 +219,67 @@ def _split(seed=1, n=20):
     return FeatureSplit(image, image[:, :TEXT_DIM].repeat_interleave(2, 0), torch.arange(n).repeat_interleave(2))
 
 
-def test_staged_evaluation_trains_each_stage_on_the_pairs_so_far_at_its_own_eta():
+def _first(n):
+    whole = _pairs()
+    return whole.image_features[:n], whole.text_features[:n], whole.similarity[:n, :n]
+
+
+def test_staged_evaluation_trains_the_first_stage_by_the_recipe_and_then_on_the_pairs_so_far():
     protocol = EvaluationProtocol(epochs=5, batch_size=4)
-    staged = train_heads(_pairs(stages=[(5, 0.2, 0.3), (12, 0.1, 0.1)]), protocol, embed_dim=EMBED,
+    staged = train_heads(_pairs(stages=[(0, 5, 0.2, 0.3), (0, 12, 0.1, 0.1)]), protocol, embed_dim=EMBED,
                          validation=_split(), seed=3)
     first = train_heads(PairSet(*_first(5), lr_img=0.2, lr_txt=0.3), protocol, embed_dim=EMBED, seed=3)
     assert len(staged.train_loss) == 10
     assert staged.train_loss[:5] == first.train_loss  # stage 1: the first 5 pairs alone, at stage 1's η
     assert [h["epoch"] for h in staged.history] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     # One stage of all the pairs is the set without stages.
-    single = train_heads(_pairs(stages=[(12, 0.1, 0.1)]), protocol, embed_dim=EMBED, seed=3)
+    single = train_heads(_pairs(stages=[(0, 12, 0.1, 0.1)]), protocol, embed_dim=EMBED, seed=3)
     plain = train_heads(_pairs(), protocol, embed_dim=EMBED, seed=3)
     assert single.train_loss == plain.train_loss
 
 
-def _first(n):
-    whole = _pairs()
-    return whole.image_features[:n], whole.text_features[:n], whole.similarity[:n, :n]
+def test_a_later_stage_is_trained_as_its_student_moved_plain_sgd_for_its_steps():
+    protocol = EvaluationProtocol(epochs=4, batch_size=4, dropout=0.0)  # no dropout: the by-hand run draws no masks
+    pairs = _pairs(stages=[(0, 5, 0.2, 0.3), StagePhase(5, 12, 0.5, 0.4, steps=5)])
+    staged = train_heads(pairs, protocol, embed_dim=EMBED, validation=_split(), seed=3)
+    assert len(staged.train_loss) == 4 + 3  # 5 steps of batches of 4 over its 7 own pairs: 3 epochs of 2 batches
+    assert [h["epoch"] for h in staged.history][-3:] == [5, 6, 7]  # evaluated along the short phase too
+
+    # By hand: stage 1 by the recipe, then plain SGD (no momentum, no weight decay) at stage 2's η on pairs 5..11.
+    heads = RetrievalHeads(12, TEXT_DIM, EMBED, dropout=0.0)
+    first = train_heads(PairSet(*_first(5), lr_img=0.2, lr_txt=0.3), protocol, embed_dim=EMBED, seed=3)
+    heads.load_state_dict(first.final_state)
+    later = PairSet(*(t[5:] for t in _first(12)[:2]), _first(12)[2][5:, 5:])
+    from repblend_hf.evaluation.heads import _batch_loss, _PairSampler
+    from repblend_hf.modeling import similarity_logits
+
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(4):  # the generator's draws of stage 1's four epochs, then stage 2's
+        torch.randperm(5, generator=generator)
+    sampler = _PairSampler(later, torch.device("cpu"), True)
+    params = {"image": list(heads.image_head.parameters()), "text": list(heads.text_head.parameters())}
+    losses = []
+    for _ in range(3):
+        total = 0.0
+        heads.train()
+        for image, text, targets in sampler.epoch(4, generator):
+            loss = _batch_loss("wbce", similarity_logits(*heads(image, text), 0.07), targets)
+            grads = torch.autograd.grad(loss, params["image"] + params["text"])
+            with torch.no_grad():
+                for p_, g_ in zip(params["image"] + params["text"], grads):
+                    p_ -= (0.5 if any(p_ is q for q in params["image"]) else 0.4) * g_
+            total += float(loss.detach()) * image.shape[0]
+        losses.append(total / 7)
+    assert staged.train_loss[4:] == pytest.approx(losses, rel=1e-4)
 
 
 def test_pair_set_stages_must_end_at_n():
     with pytest.raises(ValueError, match="the last one N=12"):
-        _pairs(stages=[(5, 0.1, 0.1), (10, 0.1, 0.1)])
+        _pairs(stages=[(0, 5, 0.1, 0.1), (0, 10, 0.1, 0.1)])
     with pytest.raises(ValueError, match=r"stages\[1\].lr_img must be > 0"):
-        _pairs(stages=[(5, 0.1, 0.1), (12, 0.0, 0.1)])
+        _pairs(stages=[(0, 5, 0.1, 0.1), (0, 12, 0.0, 0.1)])
+    with pytest.raises(ValueError, match=r"stages\[1\].steps must be >= 1"):
+        _pairs(stages=[(0, 5, 0.1, 0.1), (5, 12, 0.1, 0.1, 0)])
 
 
 # ----- the stage's iteration and trainer -----------------------------------------------------------------------------
@@ -318,13 +355,14 @@ def test_a_staged_trainer_evaluates_every_stage_so_far(encoder, experts, real, t
     assert torch.equal(syn.images[:4], before[:4]) and not torch.equal(syn.images[4:], before[4:])
     assert torch.equal(syn.images[:4], earlier.images)
     pairs = trainer.synthetic_pairs()
-    assert [end for end, _, _ in pairs.stages] == [4, 10] and pairs.stages[0][1:] == (0.2, 0.3)
+    assert [p.end for p in pairs.stages] == [4, 10] and (pairs.stages[0].lr_img, pairs.stages[0].lr_txt) == (0.2, 0.3)
+    assert pairs.stages[1].steps == args.syn_steps  # the later stage is trained as its student moved
     assert any("eval_r_mean" in h for h in trainer.state.log_history)
 
 
 def test_conditioned_experts_start_where_evaluation_on_the_earlier_stages_ends(real, tmp_path):
     pairs = PairSet(real.image_features[:6], real.caption_features[:12:2], torch.eye(6), lr_img=0.1, lr_txt=0.1,
-                    stages=[(3, 0.2, 0.2), (6, 0.1, 0.1)])
+                    stages=[(0, 3, 0.2, 0.2), (0, 6, 0.1, 0.1, 4)])
     protocol = EvaluationProtocol(epochs=2)
     args = ExpertTrainingArguments(output_dir=str(tmp_path / "run"), num_experts=2, num_train_epochs=2,
                                    embed_dim=EMBED, disable_tqdm=True, logging_steps=1000, seed=5)
@@ -390,13 +428,13 @@ def test_the_card_of_a_set_in_stages_lists_each_stage():
     from repblend_hf.hub import SyntheticSetCardData, render_synthetic_set_card
 
     stages = [{"num_pairs": 4, "inner_lr_img": 0.2, "inner_lr_txt": 0.3, "min_start_epoch": 0, "max_start_epoch": 1,
-               "targets": "experts", "shortcut_epoch": None, "iterations": 10},
+               "targets": "experts", "shortcut_epoch": None, "iterations": 10, "steps": None},
               {"num_pairs": 3, "inner_lr_img": 0.5, "inner_lr_txt": 0.1, "min_start_epoch": 1, "max_start_epoch": 3,
-               "targets": "conditioned", "shortcut_epoch": 6, "iterations": 12}]
+               "targets": "conditioned", "shortcut_epoch": 6, "iterations": 12, "steps": 20}]
     config = _feature_set(7, stages=stages).config.to_dict()
     card = str(render_synthetic_set_card(SyntheticSetCardData("me/set", config)))
     assert "distilled in **2 stages**" in card
-    assert "| 1 | 0–3 | 0.2 | 0.3 | 0–0 | experts | 10 |" in card
-    assert "| 2 | 4–6 | 0.5 | 0.1 | 1–2 | conditioned, shortcut to epoch 6 | 12 |" in card
+    assert "| 1 | 0–3 | 0.2 | 0.3 | 0–0 | experts | 10 | the recipe |" in card
+    assert "| 2 | 4–6 | 0.5 | 0.1 | 1–2 | conditioned, shortcut to epoch 6 | 12 | 20 SGD steps |" in card
     single = str(render_synthetic_set_card(SyntheticSetCardData("me/set", _feature_set(7).config.to_dict())))
     assert "stages**" not in single

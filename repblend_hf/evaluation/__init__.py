@@ -27,7 +27,7 @@ diagnostics on a set itself) and :mod:`.finetune` (the asymmetric methods' proto
 from ..metrics import METRIC_NAMES, RECALL_KS, modality_diagnostics, retrieval_metrics
 from .finetune import FinetunedModel, embed_image_split, evaluate_finetuned, finetune_image_encoder
 from .heads import TrainedHeads, embed_split, score_split, train_heads
-from .pairs import ImageSplit, PairSet, PixelPairSet
+from .pairs import ImageSplit, PairSet, PixelPairSet, StagePhase
 from .protocol import ReferenceDiagnostics, evaluate_pairs
 from .recipe import EvaluationProtocol
 from .results import FINETUNE_ENCODER, FROZEN_ENCODER, EvaluationResult, SeedResult
@@ -38,6 +38,7 @@ __all__ = [
     "retrieval_metrics",
     "modality_diagnostics",
     "PairSet",
+    "StagePhase",
     "EvaluationProtocol",
     "TrainedHeads",
     "train_heads",

@@ -168,10 +168,12 @@ def train_heads(
     learned ``lr_img`` / ``lr_txt``. They are multiplied by 0.1 from epoch ``decay_epoch`` on
     (default ``epochs // 2 + 1``, epoch 51 of 100; larger than ``epochs`` disables the decay).
 
-    A :class:`PairSet` with ``stages`` (a set distilled in stages) is trained on each stage in order, ``epochs``
-    epochs each on the pairs so far at that stage's η (the decay and the evaluations repeat within each stage; the
-    optimiser, its momentum included, carries over, as PDD's evaluation does); epochs are then counted through
-    the stages (stage 2's epoch 20 is epoch ``epochs + 20``).
+    A :class:`PairSet` with ``stages`` (a set distilled in stages) is trained on each stage in order (its
+    :class:`~repblend_hf.evaluation.StagePhase`: its pairs at its η), the optimiser carried over as PDD's evaluation
+    does: a stage without ``steps`` for ``epochs`` epochs of the recipe above (the decay and the evaluations repeat
+    within it); a stage with ``steps`` as its student moved, plain SGD (no momentum, no weight decay) for that many
+    steps, rounded up to whole epochs and evaluated about five times. Epochs are counted through the stages (after a
+    100-epoch first stage, the second stage's epoch 2 is epoch 102).
 
     Epochs are counted from 1; "evaluation at epoch e" is after e completed epochs, 0 being the
     freshly initialised heads (default ``eval_epochs``: 0, 20, …, 100 — six evenly spaced). The
@@ -200,11 +202,18 @@ def train_heads(
     lr_img, lr_txt, decay_epoch, eval_epochs = _resolve_schedule(train, protocol)
     device = torch.device(train.image_features.device if device is None else device)
 
-    # One phase per stage of a set distilled in stages (each on the pairs so far, at its own η, the optimiser's
-    # momentum carried over: PDD's evaluate_mtt.py); one phase otherwise.
-    stage_sets = train.stage_sets() if isinstance(train, PairSet) else [train]
-    phases = [(_PairSampler(part, device, protocol.use_augmented_views),
-               *_resolve_lrs(part, protocol.lr, protocol.lr_img, protocol.lr_txt)) for part in stage_sets]
+    # One phase per stage of a set distilled in stages (each on its pairs at its own η, in order, the optimiser carried
+    # over as PDD's evaluate_mtt.py does); one phase otherwise. A phase is (sampler, lr_img, lr_txt, its epochs, the
+    # epochs it evaluates at, and whether it follows the recipe or the student's plain SGD).
+    phases = []
+    for part, stage in (train.stage_sets() if isinstance(train, PairSet) else [(train, None)]):
+        lrs = _resolve_lrs(part, protocol.lr, protocol.lr_img, protocol.lr_txt)
+        if stage is None or stage.steps is None:
+            phases.append((_PairSampler(part, device, protocol.use_augmented_views), *lrs, epochs, eval_epochs, True))
+        else:  # the student's steps, as whole epochs of min(batch_size, n) pairs; evaluated ~5 times and at the end
+            n_epochs = -(-stage.steps // -(-len(part) // batch_size))
+            at = tuple(sorted({*range(max(1, n_epochs // 5), n_epochs + 1, max(1, n_epochs // 5)), n_epochs}))
+            phases.append((_PairSampler(part, device, protocol.use_augmented_views), *lrs, n_epochs, at, False))
     sampler = phases[-1][0]
     image_dim = sampler.images.shape[-1]
     text_dim = sampler.texts.shape[-1]
@@ -221,7 +230,7 @@ def train_heads(
 
         history: list[dict[str, Any]] = []
         train_loss: list[float] = []
-        total_epochs = epochs * len(phases)
+        total_epochs = sum(phase[3] for phase in phases)
         best_score, best_epoch, best_state = float("-inf"), total_epochs, None
         diverged_epoch = None
 
@@ -240,12 +249,14 @@ def train_heads(
 
         if 0 in eval_epochs:
             evaluate(0)
-        schedule = [(stage, local) for stage in range(len(phases)) for local in range(1, epochs + 1)]
+        schedule = [(stage, local) for stage in range(len(phases)) for local in range(1, phases[stage][3] + 1)]
         for epoch, (stage, local) in enumerate(tqdm(schedule, desc="train heads", leave=False,
                                                      disable=not progress), start=1):
-            sampler, *base_lrs = phases[stage]
+            sampler, *base_lrs, _, at, recipe = phases[stage]
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * (0.1 if local >= decay_epoch else 1.0)
+                group["lr"] = base * (0.1 if recipe and local >= decay_epoch else 1.0)
+                group["momentum"] = protocol.momentum if recipe else 0.0
+                group["weight_decay"] = protocol.weight_decay if recipe else 0.0
             if diverged_epoch is None:
                 heads.train()
                 total, count = 0.0, 0
@@ -263,7 +274,7 @@ def train_heads(
                     warnings.warn(f"head training diverged at epoch {epoch} (loss {train_loss[-1]}); lr_img="
                                   f"{base_lrs[0]}, lr_txt={base_lrs[1]} are too large. Training stops; later "
                                   "evaluations score 0.", RuntimeWarning, stacklevel=2)
-            if local in eval_epochs:
+            if local in at:
                 evaluate(epoch)
 
     final_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}

@@ -36,6 +36,26 @@ def _check_finite_tensors(owner: str, **tensors: torch.Tensor | None) -> None:
                              "earlier checkpoint or distil again with lower learning rates")
 
 
+@dataclass(frozen=True)
+class StagePhase:
+    """How evaluation trains on one stage of a set distilled in stages (:mod:`repblend_hf.stages`).
+
+    The pairs ``[start, end)`` (``start`` 0: every pair so far, the union the stage's student trained on; the stage's
+    own first pair when its student trained on its new pairs alone) at the stage's learned η. ``steps`` None: the
+    protocol's recipe (``epochs`` epochs, momentum, weight decay, the decay halfway), what the first stage, distilled
+    from randomly initialised experts, is trained with. ``steps`` = n: the way the stage's student moved, plain SGD at
+    η for n steps (its ``syn_steps``), no momentum or weight decay: a later stage imitates a few epochs of the experts
+    from where the earlier stages left the model, and the recipe's 100 epochs with momentum 0.9 overshoot that by
+    about two orders of magnitude (measured: ``docs/results.md``, "Sizes").
+    """
+
+    start: int
+    end: int
+    lr_img: float
+    lr_txt: float
+    steps: int | None = None
+
+
 @dataclass
 class PairSet:
     """N image-text training pairs as features, with the optional learned soft similarity and lrs.
@@ -45,10 +65,10 @@ class PairSet:
     are image-*encoder* features ``[N, d_img]`` (synthetic images already passed through the frozen
     encoder), ``text_features`` are text embeddings ``[N, d_txt]``.
 
-    A set distilled in stages (:mod:`repblend_hf.stages`) has ``stages``: one ``(end, lr_img, lr_txt)`` per stage,
-    the pairs ``[:end]`` it trains on (the union of the stages so far) and that stage's learned η; the last stage
-    ends at N. :func:`~repblend_hf.evaluation.train_heads` then trains on them in order (:meth:`stage_sets`), and
-    ``lr_img`` / ``lr_txt`` are the last stage's.
+    A set distilled in stages (:mod:`repblend_hf.stages`) has ``stages``: one :class:`StagePhase` per stage, in
+    order (tuples ``(start, end, lr_img, lr_txt, steps)`` are taken too); the last ends at N.
+    :func:`~repblend_hf.evaluation.train_heads` then trains on them in order (:meth:`stage_sets`), and ``lr_img`` /
+    ``lr_txt`` are the last stage's.
     """
 
     image_features: torch.Tensor
@@ -56,7 +76,7 @@ class PairSet:
     similarity: torch.Tensor | None = None
     lr_img: float | None = None
     lr_txt: float | None = None
-    stages: list[tuple[int, float, float]] | None = None
+    stages: list[StagePhase] | None = None
 
     def __post_init__(self):
         # Detached: evaluation must not accumulate gradients into a SyntheticSet's parameters.
@@ -92,23 +112,28 @@ class PairSet:
             self._check_stages(n)
 
     def _check_stages(self, n: int) -> None:
-        stages = [(int(end), float(a), float(b)) for end, a, b in self.stages]
-        ends = [end for end, _, _ in stages]
-        if not stages or ends[-1] != n or any(e <= 0 for e in ends) or ends != sorted(set(ends)):
+        stages = [p if isinstance(p, StagePhase) else StagePhase(*p) for p in self.stages]
+        ends = [p.end for p in stages]
+        if not stages or ends[-1] != n or ends != sorted(set(ends)):
             raise ValueError(f"PairSet.stages must end at increasing pair counts, the last one N={n}, got ends {ends}")
-        for k, (_, a, b) in enumerate(stages):
-            _check_lrs(f"PairSet.stages[{k}]", a, b)
+        for k, p in enumerate(stages):
+            if not 0 <= p.start < p.end:
+                raise ValueError(f"PairSet.stages[{k}] trains on pairs {p.start}..{p.end - 1}: need 0 <= start < end")
+            if p.steps is not None and p.steps < 1:
+                raise ValueError(f"PairSet.stages[{k}].steps must be >= 1 (or None for the recipe), got {p.steps}")
+            _check_lrs(f"PairSet.stages[{k}]", p.lr_img, p.lr_txt)
         self.stages = stages
-        self.lr_img, self.lr_txt = stages[-1][1], stages[-1][2]
+        self.lr_img, self.lr_txt = stages[-1].lr_img, stages[-1].lr_txt
 
-    def stage_sets(self) -> list[PairSet]:
-        """One set per stage: the pairs it trains on (``[:end]``, S's block of them) with its learned η; one entry,
-        this set, when it has no stages."""
+    def stage_sets(self) -> list[tuple[PairSet, StagePhase | None]]:
+        """One ``(pairs, phase)`` per stage: the pairs it trains on (S's block of them) with its learned η, and how
+        (:class:`StagePhase`); ``[(self, None)]`` when the set has no stages."""
         if self.stages is None:
-            return [self]
+            return [(self, None)]
         s = self.similarity
-        return [PairSet(self.image_features[:end], self.text_features[:end], None if s is None else s[:end, :end],
-                        lr_img=a, lr_txt=b) for end, a, b in self.stages]
+        return [(PairSet(self.image_features[p.start:p.end], self.text_features[p.start:p.end],
+                         None if s is None else s[p.start:p.end, p.start:p.end], lr_img=p.lr_img, lr_txt=p.lr_txt),
+                 p) for p in self.stages]
 
     def __len__(self) -> int:
         return self.image_features.shape[0]

@@ -6,7 +6,7 @@ Its results are the shapes of :mod:`.results`, shared with the fine-tune protoco
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ def evaluate_pairs(
         "protocol": FROZEN_ENCODER,
     }
     if isinstance(train, PairSet) and train.stages:  # a set distilled in stages, trained stage by stage
-        settings["stages"] = [list(stage) for stage in train.stages]
+        settings["stages"] = [asdict(stage) for stage in train.stages]
     if not seeds:
         raise ValueError("seeds must name at least one seed")
 
