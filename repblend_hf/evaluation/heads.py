@@ -31,7 +31,8 @@ class TrainedHeads:
     ``heads`` holds the best-by-validation state when a validation split was given (else the final
     state) and is in eval mode; ``best_epoch`` is that state's epoch (``epochs`` without validation).
     ``history`` has one entry per evaluated epoch:
-    ``{"epoch": e, "validation": metrics or None, **callback_output}``. ``train_loss`` is the mean
+    ``{"epoch": e, "stage": k, "validation": metrics or None, **callback_output}`` (k: the stage of a set distilled
+    in stages that was being trained, else 0). ``train_loss`` is the mean
     training loss of each epoch. ``diverged_epoch`` is the first epoch whose loss was not finite
     (training stopped there; later evaluations see the diverged heads and score 0). ``final_state`` is the
     heads' state dict after the last epoch (what a run without validation returns as ``heads``).
@@ -234,10 +235,10 @@ def train_heads(
         best_score, best_epoch, best_state = float("-inf"), total_epochs, None
         diverged_epoch = None
 
-        def evaluate(epoch: int) -> None:
+        def evaluate(epoch: int, stage: int = 0) -> None:
             nonlocal best_score, best_epoch, best_state
             heads.eval()
-            entry: dict[str, Any] = {"epoch": epoch, "validation": None}
+            entry: dict[str, Any] = {"epoch": epoch, "stage": stage, "validation": None}
             if validation is not None:
                 entry["validation"] = _split_metrics(heads, validation, temperature)[0]
                 if entry["validation"]["r_mean"] > best_score:
@@ -275,7 +276,7 @@ def train_heads(
                                   f"{base_lrs[0]}, lr_txt={base_lrs[1]} are too large. Training stops; later "
                                   "evaluations score 0.", RuntimeWarning, stacklevel=2)
             if local in at:
-                evaluate(epoch)
+                evaluate(epoch, stage)
 
     final_state = {k: v.detach().clone() for k, v in heads.state_dict().items()}
     if best_state is not None:

@@ -412,6 +412,9 @@ class DistillationTrainer(Trainer):
             best = next(h for h in trained.history if h["epoch"] == trained.best_epoch)
             val_diagnostics = modality_diagnostics(*embed_split(trained.heads, self.validation))
             rows.append({**best["validation"], **{f"val_{k}": v for k, v in val_diagnostics.items()}})
+            if pairs.stages is not None:  # the stage being distilled alone (the best above may be an earlier one's)
+                last = [h["validation"]["r_mean"] for h in trained.history if h["stage"] == len(pairs.stages) - 1]
+                rows[-1]["stage_r_mean"] = max(last)
         metrics = {f"{metric_key_prefix}_{k}": sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         if self.reference is not None:  # modality collapse on the set itself, under one fixed model
             for prefix, values in (("set", self.reference(pairs)), ("real_subset", self.reference.real_subset)):
