@@ -13,9 +13,10 @@ LoRS run of ``benchmarks/methods.py``), herding and random real pairs, full data
 with the ``cross_architecture`` extra). Every cell is ``repblend-evaluate`` in a process of its own
 (``examples/evaluate.py --image_encoder E``): the set's images (re-normalised for E) through E, fresh heads, the
 same protocol and evaluation seeds, the test split encoded by E. Distilled sets are trained under the shared
-protocol (fresh heads on frozen-encoder features; wBCE against the learned S at the learned η), coresets and full
-data under their strongest one (InfoNCE, lr 0.1), all with heads as wide as the sets' (``--embed_dim``, 1280 =
-Lite0's width). Herding selects its pairs in E's feature space (each coreset at its best under E).
+protocol (fresh heads on frozen-encoder features; wBCE against the learned S at the learned η) and, in rows of their
+own, under the coresets' (InfoNCE, lr 0.1: the S and η learned for Lite0 left out); coresets and full data under
+their strongest one (InfoNCE, lr 0.1), all with heads as wide as the sets' (``--embed_dim``, 1280 = Lite0's width).
+Herding selects its pairs in E's feature space (each coreset at its best under E).
 
 Reported: test r_mean (validation-selected epoch). A distilled row is the mean ± std over its distillation seeds of
 each set's mean over ``--eval_seeds`` evaluation seeds (one distillation seed: the std over its evaluation seeds);
@@ -41,7 +42,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ENCODERS = "tf_efficientnet_lite0,tf_efficientnet_lite1,tf_efficientnet_lite2"
 LABELS = {"pixel_default": "RepBlend, pixel default (Lite0)", "lors": "LoRS (Lite0)", "herding": "herding",
-          "random": "random", "full": "full data"}
+          "random": "random", "full": "full data",
+          "pixel_default_infonce": "RepBlend, pixel default (Lite0): InfoNCE, lr 0.1",
+          "lors_infonce": "LoRS (Lite0): InfoNCE, lr 0.1"}
+# A distilled row evaluated under the coresets' protocol too (identity targets, lr 0.1 instead of the learned S and
+# η): tells the pixels' transfer apart from that of the learned S and η, which were learned for the source encoder.
+INFONCE = "_infonce"
 
 
 def distill_command(seed: int, out: Path, experts: Path, threads: int, extra: list[str]) -> list[str]:
@@ -60,6 +66,8 @@ def evaluate_command(row: str, source: Path | None, encoder: str, out: Path, arg
     the pass-through arguments that ``examples/evaluate.py`` takes (the data's; ``--encoders`` sets the encoder)."""
     what = (["--method", "distilled", "--distilled_set", str(source), "--protocol", "frozen"] if source is not None
             else ["--method", row, "--pairs", str(args.pairs), "--embed_dim", str(args.embed_dim)])
+    if row.endswith(INFONCE):
+        what += ["--loss", "infonce", "--lr", "0.1"]
     return [sys.executable, "examples/evaluate.py", *what, "--seeds", str(args.eval_seeds), "--cpu_threads",
             str(args.cpu_threads), *extra, "--image_encoder", encoder, "--output_dir", str(out)]
 
@@ -91,6 +99,9 @@ def sources(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[str, P
     rows: dict[str, list[tuple[str, Path | None]]] = {}
     rows["pixel_default"] = [(f"seed{s}", work / "pixel_default" / f"seed{s}") for s in _ints(args.distill_seeds)]
     rows["lors"] = [(Path(r).name, Path(r)) for r in filter(None, args.lors_runs.split(","))]
+    if args.infonce_rows:
+        for row in ("pixel_default", "lors"):
+            rows[row + INFONCE] = rows[row]
     for baseline in filter(None, args.baselines.split(",")):
         rows[baseline] = [("seeds", None)]
     return rows
@@ -136,7 +147,8 @@ def report(args: argparse.Namespace, table: dict, rows: dict, pending: list[str]
              "Test r_mean (validation-selected epoch), mean ± std. Sets distilled with EfficientNet-Lite0 (the "
              "source column); each column trains fresh heads on that encoder's features of the same images (the "
              "pixels re-normalised for it) and scores the test split encoded by it. Distilled sets: the shared "
-             "protocol (wBCE against the learned S at the learned η); coresets and full data: InfoNCE, lr 0.1; heads "
+             "protocol (wBCE against the learned S at the learned η), and in the rows marked 'InfoNCE, lr 0.1' the "
+             "coresets' protocol (identity targets, lr 0.1); coresets and full data: InfoNCE, lr 0.1; heads "
              f"{args.embed_dim}-d everywhere. A distilled row's ± is over its distillation seeds (of each set's mean "
              f"over {args.eval_seeds} evaluation seeds), or over the evaluation seeds when it has one set; a "
              "coreset's over its selection seeds; full data's over its training seeds.", ""]
@@ -161,24 +173,25 @@ def report(args: argparse.Namespace, table: dict, rows: dict, pending: list[str]
 
 
 def margins(table: dict, encoders: list[str]) -> list[str]:
-    """The pixel set's margin over herding and random per encoder, against 2 std (the larger of the two rows')."""
+    """The pixel set's margin over herding and random per encoder (under each protocol it was evaluated with),
+    against 2 std (the larger of the two rows')."""
     lines = []
-    ours = table.get("pixel_default", {})
-    for encoder in encoders:
-        if encoder not in ours:
-            continue
-        mean, std, _ = summary(ours[encoder])
-        parts = []
-        for baseline in ("herding", "random"):
-            cell = table.get(baseline, {}).get(encoder)
-            if cell is None:
+    for row in ("pixel_default", "pixel_default" + INFONCE):
+        for encoder in encoders:
+            if encoder not in table.get(row, {}):
                 continue
-            b_mean, b_std, _ = summary(cell)
-            margin, two_std = mean - b_mean, 2 * max(std, b_std)
-            verdict = "beats it by more than 2 std" if margin > two_std else "does not beat it by 2 std"
-            parts.append(f"{baseline} {margin:+.1f} (2 std = {two_std:.1f}: {verdict})")
-        if parts:
-            lines.append(f"- {encoder}: the pixel default's set against " + ", ".join(parts) + ".")
+            mean, std, _ = summary(table[row][encoder])
+            parts = []
+            for baseline in ("herding", "random"):
+                cell = table.get(baseline, {}).get(encoder)
+                if cell is None:
+                    continue
+                b_mean, b_std, _ = summary(cell)
+                margin, two_std = mean - b_mean, 2 * max(std, b_std)
+                verdict = "beats it by more than 2 std" if margin > two_std else "does not beat it by 2 std"
+                parts.append(f"{baseline} {margin:+.1f} (2 std = {two_std:.1f}: {verdict})")
+            if parts:
+                lines.append(f"- {encoder}, {LABELS[row]}: against " + ", ".join(parts) + ".")
     return lines
 
 
@@ -212,6 +225,8 @@ def main() -> None:
     parser.add_argument("--lors_runs", default="outputs/long_run/lors_99/seed0",
                         help="Comma-separated finished LoRS runs (folders with synthetic_set/); missing ones wait.")
     parser.add_argument("--baselines", default="herding,random,full")
+    parser.add_argument("--infonce_rows", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also evaluate each distilled set with InfoNCE at lr 0.1 (the coresets' protocol).")
     parser.add_argument("--pairs", type=int, default=99, help="Pairs of each coreset: the sets' size.")
     parser.add_argument("--eval_seeds", type=int, default=3, help="Evaluation seeds per set (and coreset seeds).")
     parser.add_argument("--embed_dim", type=int, default=1280,

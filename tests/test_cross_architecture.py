@@ -71,15 +71,16 @@ def test_set_images_under_another_encoder_are_its_features_of_the_renormalised_p
         assert not torch.allclose(feats, encoder(pixels), atol=1e-4)  # without re-normalising it would differ
 
 
-def save_tiny_pixel_set(karpathy_dir, text_dir, out, num_pairs: int = 12):
-    """Real training pairs of the tiny fixtures as a pixel set made with test_convnext, saved as a distilled set is."""
+def save_tiny_pixel_set(karpathy_dir, text_dir, out, num_pairs: int = 12, **config):
+    """Real training pairs of the tiny fixtures as a pixel set made with test_convnext, saved as a distilled set is
+    (``config``: RepBlendConfig fields over the tiny ones, e.g. a learned similarity)."""
     args = DataArguments(dataset=str(karpathy_dir), image_encoder="test_convnext", pretrained_image_encoder=False,
                          text_encoder=str(text_dir), text_pooling="mean", image_size=32, num_views=1,
                          encode_batch_size=16)
     prepared = prepare_features(args)
     train = prepared.features["train"]
     config = _config(image_dim=prepared.image_encoder.feature_dim, text_dim=prepared.text_encoder.feature_dim,
-                     num_pairs=num_pairs)
+                     num_pairs=num_pairs, **config)
     synthetic = SyntheticSet.from_real(config, prepared.dataset["train"]["image"], train.caption_features,
                                        train.caption_offsets(), prepared.image_encoder, seed=0)
     synthetic.save_pretrained(out)

@@ -26,7 +26,8 @@ def scripts(monkeypatch):
 def tiny_run(tiny_karpathy_dir, tiny_text_encoder_dir, tmp_path_factory):
     """A finished run folder as a distillation leaves it: synthetic_set/ (real pairs, test_convnext), results.json."""
     run = tmp_path_factory.mktemp("run") / "seed0"
-    save_tiny_pixel_set(tiny_karpathy_dir, tiny_text_encoder_dir, run / "synthetic_set", num_pairs=8)
+    save_tiny_pixel_set(tiny_karpathy_dir, tiny_text_encoder_dir, run / "synthetic_set", num_pairs=8,
+                        similarity="lowrank", sim_rank=2)
     (run / "results.json").write_text("{}")
     return run
 
@@ -43,12 +44,14 @@ def test_cross_architecture_table_resumes_and_marks_what_is_missing(tiny_run, ti
     subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
     record = json.loads(out.with_suffix(".json").read_text())
     table = record["table"]
-    assert set(table) == {"lors", "random"}  # the pixel default's seed 0 was never distilled here
+    assert set(table) == {"lors", "lors_infonce", "random"}  # the pixel default's seed 0 was never distilled here
     assert set(table["lors"]) == {"test_convnext", "test_efficientnet"}
     assert any("pixel_default seed0" in p for p in record["pending"])
     cell = tmp_path / "work" / "evaluations" / "lors" / "seed0" / "test_efficientnet" / "results.json"
     saved = json.loads(cell.read_text())
-    assert saved["settings"]["image_encoder"] == "test_efficientnet"
+    assert saved["settings"]["image_encoder"] == "test_efficientnet" and saved["settings"]["loss"] == "wbce"
+    infonce = cell.parents[2].parent / "lors_infonce" / "seed0" / "test_efficientnet" / "results.json"
+    assert json.loads(infonce.read_text())["settings"]["loss"] == "infonce"
     assert saved["settings"]["distilled_with"] == "test_convnext"
     md = out.with_suffix(".md").read_text()
     assert "| LoRS (Lite0) |" in md and "Not run yet" in md and out.with_suffix(".png").exists()
@@ -64,6 +67,7 @@ def test_cross_architecture_margin_says_whether_two_std_are_cleared(scripts):
              "herding": {"e": {"runs": {"seeds": 10.0}, "eval_std": {"seeds": 1.0}}},
              "random": {"e": {"runs": {"seeds": 19.0}, "eval_std": {"seeds": 0.5}}}}
     lines = cross.margins(table, ["e"])
+    assert len(lines) == 1 and "RepBlend, pixel default (Lite0): against" in lines[0]
     assert "herding +11.0 (2 std = 2.0: beats it by more than 2 std)" in lines[0]
     assert "random +2.0 (2 std = 2.0: does not beat it by 2 std)" in lines[0]
 
