@@ -140,7 +140,8 @@ def summary(cell: dict) -> tuple[float, float, str]:
     return value, cell["eval_std"][run], "evaluation seeds"
 
 
-def report(args: argparse.Namespace, table: dict, rows: dict, pending: list[str]) -> list[str]:
+def report(args: argparse.Namespace, table: dict, rows: dict, pending: list[str], drift: dict | None = None
+           ) -> list[str]:
     encoders = args.encoders.split(",")
     lines = ["# Cross-architecture evaluation: fashion-scenes, 99 pairs (the paper's Table 4)", "",
              f"Command: `{command('cross_architecture.py')}`", "",
@@ -167,6 +168,22 @@ def report(args: argparse.Namespace, table: dict, rows: dict, pending: list[str]
         body.append([LABELS.get(row, row), *cells])
     lines += markdown_table(header, body) + [""]
     lines += margins(table, encoders)
+    if drift:
+        lines += ["", "## What each encoder sees of the distillation's changes", "",
+                  "Per pixel-default set: the mean cosine between an encoder's features of a distilled image and of "
+                  "the real image it started from, beside the mean cosine between its features of two different "
+                  "starting images, and the share of distilled images whose nearest start (in that encoder's "
+                  "features) is their own (the starts rebuilt from the run's seed; 'matched' is the share nearest "
+                  "to their own start in pixels, which checks the rebuild).", ""]
+        header = ["set", "matched", *(f"{e}: distilled vs own start / starts vs each other / own start nearest"
+                                      for e in encoders)]
+        body = []
+        for run, d in drift.items():
+            cells = [d["encoders"][e] for e in encoders]
+            body.append([run, f"{d['pixel_match_to_own_start']:.2f}",
+                         *(f"{c['distilled_vs_own_start']:.3f} / {c['start_vs_other_starts']:.3f} / "
+                           f"{c['nearest_start_is_own']:.2f}" for c in cells)])
+        lines += markdown_table(header, body)
     if pending:
         lines += ["", "Not run yet (rerun the command): " + "; ".join(pending) + "."]
     return lines
@@ -193,6 +210,59 @@ def margins(table: dict, encoders: list[str]) -> list[str]:
             if parts:
                 lines.append(f"- {encoder}, {LABELS[row]}: against " + ", ".join(parts) + ".")
     return lines
+
+
+def feature_drift(args: argparse.Namespace, rows: dict, extra: list[str]) -> dict:
+    """How far distillation moved each pixel-default image from the real image it started from, seen by each encoder.
+
+    The starting set is rebuilt as the distillation drew it (``SyntheticSet.from_real`` with the run's seed and the
+    config's ``init_transform``; checked: each distilled image must be nearest, in pixels, to its own start). Per
+    encoder E: the mean cosine between E's features of a distilled image and of its start, beside the mean cosine
+    between E's features of two different starting images (how alike unrelated real images look to E), and the
+    share of distilled images whose nearest start in E's feature space is their own.
+    """
+    import torch
+    import yaml
+
+    from repblend_hf.commands.distill import DEFAULT_CONFIG, SetArguments
+    from repblend_hf.commands.evaluate import load_set
+    from repblend_hf.cross_architecture import encode_set_images
+    from repblend_hf.encoders import load_image_encoder
+    from repblend_hf.pipeline import DataArguments, prepare_features
+    from repblend_hf.synthetic import SyntheticSet
+
+    finished = [(run, path) for run, path in rows.get("pixel_default", []) if (path / "results.json").exists()]
+    if not finished:
+        return {}
+    from transformers import HfArgumentParser
+
+    data_args, _ = HfArgumentParser(DataArguments).parse_args_into_dataclasses(extra, return_remaining_strings=True)
+    prepared = prepare_features(data_args)
+    train = prepared.features["train"]
+    default = SetArguments.__dataclass_fields__["init_transform"].default  # the distillation's, unless its config says
+    init_transform = yaml.safe_load(DEFAULT_CONFIG.read_text()).get("init_transform", default)
+    encoders = {name: load_image_encoder(name, image_size=data_args.image_size) for name in args.encoders.split(",")}
+    out = {}
+    for run, path in finished:
+        distilled = load_set(str(path / "synthetic_set"))
+        start = SyntheticSet.from_real(distilled.config, prepared.dataset["train"]["image"], train.caption_features,
+                                       train.caption_offsets(), prepared.image_encoder,
+                                       seed=int(run.removeprefix("seed")), init_transform=init_transform)
+        pixels = torch.cdist(distilled.images.detach().flatten(1), start.images.detach().flatten(1))
+        matched = float((pixels.argmin(1) == torch.arange(len(pixels))).float().mean())
+        per_encoder = {}
+        for name, encoder in encoders.items():
+            f_d = torch.nn.functional.normalize(encode_set_images(distilled.images, distilled.config.image_encoder,
+                                                                  encoder), dim=-1)
+            f_s = torch.nn.functional.normalize(encode_set_images(start.images, distilled.config.image_encoder,
+                                                                  encoder), dim=-1)
+            cos, starts = f_d @ f_s.t(), f_s @ f_s.t()
+            off, own = ~torch.eye(len(cos), dtype=torch.bool), torch.arange(len(cos))
+            per_encoder[name] = {"distilled_vs_own_start": float(cos.diag().mean()),
+                                 "start_vs_other_starts": float(starts[off].mean()),
+                                 "nearest_start_is_own": float((cos.argmax(1) == own).float().mean())}
+        out[run] = {"pixel_match_to_own_start": matched, "encoders": per_encoder}
+    return out
 
 
 def plot(table: dict, rows: dict, encoders: list[str], path: Path) -> None:
@@ -234,6 +304,8 @@ def main() -> None:
     parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads of each subprocess.")
     parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
                         help="Run the missing pixel-default distillations (off: use only the finished ones).")
+    parser.add_argument("--drift", action=argparse.BooleanOptionalAction, default=True,
+                        help="Measure how far each pixel-default image moved from its start, under each encoder.")
     parser.add_argument("--output", default=str(HERE / "results" / "cross_architecture"))
     args, extra = parser.parse_known_args()  # the rest goes to every distillation and evaluation (e.g. --dataset)
 
@@ -243,12 +315,12 @@ def main() -> None:
     encoders = args.encoders.split(",")
     pending: list[str] = []
 
-    def write() -> None:
+    def write(drift: dict | None = None) -> None:
         table = collect(args, work, rows)
         write_json(args.output, {"command": command("cross_architecture.py"), "encoders": encoders,
                                  "eval_seeds": args.eval_seeds, "embed_dim": args.embed_dim, "table": table,
-                                 "pending": pending})
-        write_markdown(args.output, report(args, table, rows, pending), echo=False)
+                                 "pending": pending, "feature_drift": drift or {}})
+        write_markdown(args.output, report(args, table, rows, pending, drift), echo=False)
         plot(table, rows, encoders, Path(args.output).with_suffix(".png"))
 
     for run, out in rows["pixel_default"]:
@@ -266,8 +338,9 @@ def main() -> None:
                 if not (out / "results.json").exists():
                     run_logged(evaluate_command(row, set_dir, encoder, out, args, evaluate_extra), out / "run.log")
                 write()
-    write()
-    print("\n".join(report(args, collect(args, work, rows), rows, pending)))
+    drift = feature_drift(args, rows, extra) if args.drift else {}
+    write(drift)
+    print("\n".join(report(args, collect(args, work, rows), rows, pending, drift)))
 
 
 if __name__ == "__main__":
