@@ -19,13 +19,18 @@ and the gradient of every learnable tensor are compared: the images, the text em
 Float32 throughout, one CPU thread. A difference counts when its largest absolute entry is above 1e-4 of the
 authors' tensor's largest absolute entry.
 
-Two further measurements, for the differences the equivalence case switches off:
+The same comparison with one setting changed, for what the cases above switch off (seed of the first case):
 
-- dropout: the released student runs its heads in train mode (p = 0.1) and draws fresh masks when TESLA
-  recomputes a step; this library reuses each step's masks. Measured: how far the authors' gradient with dropout
-  lies from their own gradient without it, over several mask draws, against the same for this library;
-- a learned similarity outside [0, 1]: the weighted BCE's entries with S_ij > 1 reward p_ij → 1 without bound but
-  the eps; measured on the inner loop of both codes with an S that has such entries.
+- dropout (RepBlend, LoRS): the released student runs its heads in train mode (p = 0.1) and draws fresh masks when
+  TESLA recomputes a step; this library reuses each step's masks. The authors' masks (drawn by the harness from a
+  generator of its own, recorded) are handed to this library: with their fresh masks for the recomputation
+  (emulated) the gradients must agree; with each step's masks reused (this library) the difference is the effect,
+  set beside the spread of this library's gradient over its own mask draws;
+- a BatchNorm encoder (timm ``test_efficientnet``; RepBlend, LoRS): train-mode (theirs) against eval-mode (ours);
+- COCO's joint normalisation (RepBlend ``--merge_loss_branches``);
+- a learned similarity outside [0, 1] (RepBlend, LoRS): both codes on an S in about [-5.5, 6.1], with the inner
+  losses of each step; then, this library alone, the inner loop over ``--inner_steps`` steps with S inside and
+  outside [0, 1], and (``--runs``) the learned S and logged inner losses of finished distillations.
 
 Writes ``benchmarks/results/equivalence.{json,md}``. A method whose checkout is not given, or not found, is skipped
 and named as skipped.
