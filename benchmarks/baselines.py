@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--embed_dim", type=int, default=512)
     parser.add_argument("--skip_timing", action="store_true", help="Do not time the build + encode from scratch.")
     parser.add_argument("--skip_full", action="store_true", help="Do not train the full-data heads.")
+    parser.add_argument("--cpu_threads", type=int, default=None, help="torch CPU threads (default: every core).")
     parser.add_argument("--output", default=str(HERE / "results" / "baselines"))
     args = parser.parse_args()
 
@@ -67,7 +68,8 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     from repblend_hf.pipeline import DataArguments, evaluate_baseline, format_table, prepare_features, results_record
 
-    prepared = prepare_features(DataArguments(dataset=args.dataset, num_views=args.num_views))
+    prepared = prepare_features(DataArguments(dataset=args.dataset, num_views=args.num_views,
+                                              cpu_threads=args.cpu_threads))
     seeds = list(range(args.seeds))
     records = []
     for method in args.methods.split(","):

@@ -378,7 +378,7 @@ def floor_batch_sizes(chunk_size: int) -> list[int]:
     """The encoder batch sizes the floor is measured at: one call on every touched image (0), the library's
     automatic chunk and the run's ``--encoder_chunk_size``. Graphs are kept at each, so every candidate does one
     forward and one backward per image; only the batch per encoder call differs, and the fastest is the floor."""
-    from repblend_hf.encoders import AUTO_CHUNK
+    from repblend_hf.encoder_pass import AUTO_CHUNK
 
     return sorted({0, AUTO_CHUNK} | ({chunk_size} if chunk_size > 0 else set()))
 
