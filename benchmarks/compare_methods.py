@@ -162,7 +162,7 @@ def continue_run(out: Path, source: Path, extra: list[str]) -> Path | None:
     the pass-through ``--max_steps``, so the run resumes from it; the copy, or None (then it starts from scratch)."""
     import shutil
 
-    from repblend_hf.checks import last_complete_checkpoint
+    from repblend_hf.checkpoints import last_complete_checkpoint
 
     if last_complete_checkpoint(out) is not None:
         return None  # its own checkpoint goes first

@@ -225,7 +225,6 @@ def feature_drift(args: argparse.Namespace, rows: dict, extra: list[str]) -> dic
     import yaml
 
     from repblend_hf.commands.distill import DEFAULT_CONFIG, SetArguments
-    from repblend_hf.commands.evaluate import load_set
     from repblend_hf.cross_architecture import encode_set_images
     from repblend_hf.encoders import load_image_encoder
     from repblend_hf.pipeline import DataArguments, prepare_features
@@ -244,7 +243,7 @@ def feature_drift(args: argparse.Namespace, rows: dict, extra: list[str]) -> dic
     encoders = {name: load_image_encoder(name, image_size=data_args.image_size) for name in args.encoders.split(",")}
     out = {}
     for run, path in finished:
-        distilled = load_set(str(path / "synthetic_set"))
+        distilled = SyntheticSet.load(path / "synthetic_set")
         start = SyntheticSet.from_real(distilled.config, prepared.dataset["train"]["image"], train.caption_features,
                                        train.caption_offsets(), prepared.image_encoder,
                                        seed=int(run.removeprefix("seed")), init_transform=init_transform)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import last_complete_checkpoint
+from .checkpoints import last_complete_checkpoint
 from .coresets import select_coreset
 from .data import load_image_text_dataset
 from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, load_image_encoder, load_text_encoder

@@ -357,6 +357,12 @@ class SyntheticSet(nn.Module):
         return directory
 
     @classmethod
+    def load(cls, path: str | os.PathLike) -> SyntheticSet:
+        """A saved set from a local folder (:meth:`from_pretrained`) or, when no such folder exists, from a Hub dataset
+        repo id (:meth:`from_hub`): what ``repblend-evaluate --distilled_set`` and ``--initial_stages`` take."""
+        return cls.from_pretrained(path) if Path(path).is_dir() else cls.from_hub(str(path))
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SyntheticSet:
         """Load a set written by :meth:`save_pretrained` from a local directory."""
         from datasets import Dataset

@@ -19,7 +19,7 @@ import torch
 from PIL import Image as PILImage
 
 from repblend_hf import RepBlendConfig, SyntheticSet
-from repblend_hf.checks import check_output_dir, check_resume
+from repblend_hf.checkpoints import check_output_dir, check_resume
 from repblend_hf.encoders import load_image_encoder, load_text_encoder
 from repblend_hf.evaluation import PairSet
 from repblend_hf.pipeline import DataArguments, last_complete_checkpoint, prepare_features

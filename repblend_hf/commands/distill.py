@@ -37,9 +37,7 @@ from transformers import HfArgumentParser
 
 from ..checks import check_distill_data, check_distill_run
 from ..configuration import RepBlendConfig
-from ..distillation import student_heads
 from ..evaluation import EvaluationProtocol, evaluate_pairs
-from ..modeling import branch_tensor_sizes
 from ..pipeline import (
     DataArguments,
     evaluate_baseline,
@@ -60,15 +58,13 @@ from ..stages import (
     as_first_stages,
     grow_synthetic_set,
     plan_stages,
-    shortcut_trajectories,
     similarity_from_expert,
     stage_config,
     stage_epochs,
 )
 from ..synthetic import SyntheticSet
-from ..trainers import DistillationTrainer, train_conditioned_experts, train_experts
+from ..trainers import DistillationTrainer, stage_targets, train_experts
 from ..training_args import DistillationArguments, ExpertTrainingArguments
-from ..trajectories import ExpertTrajectories
 
 __all__ = ["DEFAULT_CONFIG", "SetArguments", "cli", "distill", "hub_dataset_repo", "main"]
 
@@ -241,7 +237,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     # Distillation, stage by stage (one stage unless --stage_pairs): each stage's set grows from the previous one.
     previous, distill_seconds, resumed_from, iterations = None, 0.0, 0, 0
     if set_args.initial_stages:
-        previous = as_first_stages(load_set(set_args.initial_stages), config, stages, set_args.initial_stages)
+        previous = as_first_stages(SyntheticSet.load(set_args.initial_stages), config, stages,
+                                   set_args.initial_stages)
     for stage in stages:
         staged = len(stages) > 1
         stage_dir = out / f"stage_{stage.index + 1}" if staged else out
@@ -254,8 +251,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
             resumed_from += previous.config.stages[-1]["iterations"]
             continue
         t0 = time.time()
-        stage_trajectories = _stage_targets(stage, config, trajectories, previous, train, prepared, expert_args,
-                                            args, stage_dir)
+        stage_trajectories = stage_targets(stage, config, trajectories, previous, train, prepared.image_encoder,
+                                           expert_args, args, stage_dir)
         experts_seconds += time.time() - t0
         synthetic = initial_set(stage_config(config, stage, args, previous) if staged else config)
         if args.similarity_init == "expert" and previous is None:  # the first stage's S from the late experts
@@ -311,41 +308,12 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     return summary
 
 
-def load_set(path: str) -> SyntheticSet:
-    """A saved distilled set: a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id."""
-    return SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
-
-
 def run_stages(set_args: SetArguments, args: DistillationArguments) -> list[Stage]:
     """The stages of a run (:func:`~repblend_hf.stages.plan_stages` of its arguments): one unless --stage_pairs."""
     return plan_stages(set_args.num_pairs, set_args.stage_pairs, max_steps=args.max_steps,
                        max_start_epoch=args.max_start_epoch, stage_steps=args.stage_steps,
                        stage_min_start_epoch=args.stage_min_start_epoch,
                        stage_max_start_epoch=args.stage_max_start_epoch, shortcut_epoch=args.shortcut_epoch)
-
-
-def _stage_targets(stage: Stage, config: RepBlendConfig, trajectories: ExpertTrajectories,
-                   previous: SyntheticSet | None, train, prepared, expert_args: ExpertTrainingArguments,
-                   args: DistillationArguments, stage_dir: Path) -> ExpertTrajectories:
-    """The trajectories a stage matches: the experts, or (``--stage_targets conditioned``, after the first stage)
-    experts that start from heads trained on the earlier stages; straightened by ``--shortcut_epoch``."""
-    if stage.index > 0 and args.stage_targets == "conditioned":
-        pairs = previous.pair_set(prepared.image_encoder, args.lr_min, args.lr_max,
-                                  with_similarity=args.distill_loss == "wbce")
-        protocol = EvaluationProtocol(loss=args.distill_loss, epochs=args.eval_head_epochs,
-                                      temperature=previous.config.temperature)
-        run_args = dataclasses.replace(expert_args, output_dir=str(stage_dir / "expert_runs"),
-                                       num_train_epochs=stage_epochs(stage, args.expert_epochs))
-        provenance = {k: v for k, v in trajectories.metadata.items()
-                      if k in ("dataset", "image_encoder", "text_encoder", "image_size")}
-        trajectories = train_conditioned_experts(train, pairs, protocol, run_args, str(stage_dir / "experts"),
-                                                 metadata={**provenance, "conditioned_on": previous.fingerprint(),
-                                                           "conditioned_stages": len(previous.config.stages)})
-    if stage.shortcut_epoch is not None:
-        encoder = prepared.image_encoder.model if config.matching == "asymmetric" else None
-        trajectories = shortcut_trajectories(trajectories, stage.shortcut_epoch,
-                                             branch_tensor_sizes(student_heads(config), encoder))
-    return trajectories
 
 
 def machine() -> dict:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -49,7 +48,7 @@ from ..pipeline import (
 )
 from ..synthetic import SyntheticSet
 
-__all__ = ["EvaluateArguments", "cli", "evaluate_distilled", "load_set", "main"]
+__all__ = ["EvaluateArguments", "cli", "evaluate_distilled", "main"]
 
 METHODS = ("random", "herding", "kcenter", "full", "distilled")
 
@@ -83,11 +82,6 @@ class EvaluateArguments:
             raise ValueError(f"--protocol must be 'own' or 'frozen', got {self.protocol!r}")
 
 
-def load_set(path: str) -> SyntheticSet:
-    """A saved distilled set: a local folder (``save_pretrained``) or, when no such folder exists, a Hub repo id."""
-    return SyntheticSet.from_pretrained(path) if Path(path).is_dir() else SyntheticSet.from_hub(path)
-
-
 def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, protocol: str = "frozen",
                        synthetic: SyntheticSet | None = None):
     """Encode a saved set's images with this run's image encoder (any architecture) and evaluate it.
@@ -100,7 +94,7 @@ def evaluate_distilled(path: str, prepared, seeds: list[int], overrides: dict, p
     (``config.matching``) fine-tunes a copy of this run's image encoder on its pixels instead
     (:func:`~repblend_hf.pipeline.evaluate_finetuned_set`).
     """
-    synthetic = synthetic if synthetic is not None else load_set(path)
+    synthetic = synthetic if synthetic is not None else SyntheticSet.load(path)
     config, encoder = synthetic.config, prepared.image_encoder
     check_transfer(config, encoder.name, encoder.image_size, where=path)
     if protocol == "own" and config.matching == "asymmetric":
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_evaluate_run(args)  # a missing, damaged or non-finite set stops before the encoding
     synthetic = None
     if args.method == "distilled":  # a set this encoder cannot take stops before the encoding too
-        synthetic = load_set(args.distilled_set)
+        synthetic = SyntheticSet.load(args.distilled_set)
         check_transfer(synthetic.config, data_args.image_encoder, data_args.image_size,
                        where=f"--distilled_set {args.distilled_set}")
     prepared = prepare_features(data_args, validate=lambda ds: check_evaluate_data(ds, args))

@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ..checks import last_complete_checkpoint
+from ..checkpoints import last_complete_checkpoint
 
 __all__ = ["NonFiniteError", "NonFiniteGuard", "FeatureRangeProjection", "TimeBudget", "RecordIterations",
            "CardCallback"]

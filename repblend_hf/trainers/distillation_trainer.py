@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer
 
-from ..checks import checkpoint_problem, checkpoint_shapes, last_complete_checkpoint, state_shapes_mismatch
+from ..checkpoints import checkpoint_problem, checkpoint_shapes, last_complete_checkpoint, state_shapes_mismatch
 from ..distillation import encoder_pass_for, inner_temperature, iteration_generator, outer_iteration, student_heads
 from ..evaluation import (
     EvaluationProtocol,
