@@ -341,3 +341,34 @@ def test_a_point_passes_lists_and_its_seed_into_the_passed_arguments():
     assert args == ["--initial_stages", "runs/seed2/synthetic_set", "--max_steps", "5", "--seed", "2",
                     "--stage_pairs", "99", "100"]
     assert sweep.point_arguments({"lr_img": "10"}, ["--x", "{seed}"]) == ["--x", "{seed}", "--lr_img", "10"]
+
+
+def test_sizes_plot_averages_the_matching_rows_per_size_and_names_what_has_not_finished(tmp_path):
+    import subprocess
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "small.json").write_text(json.dumps({"rows": [
+        {"seed": "0", "test_r_mean": 10.0}, {"seed": "1", "test_r_mean": 12.0}]}))
+    (results / "large.json").write_text(json.dumps({"rows": [
+        {"seed": "0", "stage_targets": "conditioned", "test_r_mean": 20.0},
+        {"seed": "0", "stage_targets": "experts", "test_r_mean": 99.0},  # filtered out
+        {"seed": "1", "stage_targets": "conditioned", "failed": 1}]}))  # no score: not counted
+    (results / "base.json").write_text(json.dumps({"results": [
+        {"method": m, "pairs": p, "test": {"r_mean": {"mean": v, "std": 0.5}}}
+        for m, p, v in [("herding", 100, 3.0), ("herding", 200, 5.0), ("full", 1000, 40.0)]]}))
+    out = tmp_path / "sizes"
+    argv = [sys.executable, str(BENCHMARKS / "sizes_plot.py"), "--results", str(results), "--baselines", "base",
+            "--output", str(out), "--paper", "100=50",
+            "--series", "ours=99:small;199:large:stage_targets=conditioned;499:large:stage_targets=none"]
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    report = (tmp_path / "sizes.md").read_text()
+    assert "| ours | 11.0 ± 1.0 (2 seeds, 28 %) | 20.0 ± 0.0 (1 seed, 50 %) |" in report
+    assert "| herding (real pairs) | 3.0 ± 0.5 | 5.0 ± 0.5 |" in report
+    assert "Not finished yet (left out): ours, 499 pairs" in report
+    assert (tmp_path / "sizes.png").stat().st_size > 0
+    record = json.loads((tmp_path / "sizes.json").read_text())
+    assert record["series"]["ours"]["199"]["test_r_mean"] == [20.0]
+
+    bad = subprocess.run(argv[:-1] + ["ours=99"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "a series is LABEL=PAIRS:SWEEP" in bad.stderr
