@@ -64,6 +64,19 @@ def baselines(path: Path) -> dict[str, dict[int, dict[str, float]]]:
     return out
 
 
+def _near(points: dict, size: int):
+    """The value at ``size`` or one pair from it (a coreset of 100 pairs goes in the column of the 99-pair sets)."""
+    return next((points[p] for p in sorted(points) if abs(p - size) <= 1), None)
+
+
+def _set_cell(scores: list[float] | None, full: float | None) -> str:
+    if scores is None:
+        return "—"
+    mean = statistics.mean(scores)
+    share = f", {100 * mean / full:.0f} %" if full else ""
+    return f"{mean:.1f} ± {statistics.pstdev(scores):.1f} ({len(scores)} seed{'s' if len(scores) > 1 else ''}{share})"
+
+
 def plot(series: dict[str, dict[int, list[float]]], coresets: dict, full: float | None, paper: dict[int, float],
          path: Path) -> None:
     import matplotlib
@@ -136,24 +149,15 @@ def main() -> None:
               f"Command: `{command('sizes_plot.py')}`", "",
               "Mean ± std over distillation seeds (each the mean of its evaluation seeds); the coresets over 3 "
               f"seeds (`{args.baselines}.md`); % of full data in brackets.", ""]
-    # Columns: the sets' sizes (99 / 199 / 499); a coreset of 100 / 200 / 500 pairs goes in the column within one.
+    # Columns: the sets' sizes (99 / 199 / 499).
     sizes = (sorted({p for points in series.values() for p in points})
              or sorted({p for m in coresets.values() for p in m}))
-    rows = []
-    for label, points in series.items():
-        cells = []
-        for size in sizes:
-            near = [p for p in points if abs(p - size) <= 1]
-            scores = points[near[0]] if near else None
-            cells.append("—" if scores is None else
-                         f"{statistics.mean(scores):.1f} ± {statistics.pstdev(scores):.1f} ({len(scores)} seed"
-                         + ("s" if len(scores) > 1 else "")
-                         + (f", {100 * statistics.mean(scores) / full_mean:.0f} %)" if full_mean else ")"))
-        rows.append([label, *cells])
+    rows = [[label, *(_set_cell(_near(points, size), full_mean) for size in sizes)]
+            for label, points in series.items()]
     for method, points in coresets.items():
-        rows.append([f"{method} (real pairs)", *("—" if (v := next((points[p] for p in points if abs(p - s) <= 1),
-                                                                    None)) is None
-                                                 else f"{v['mean']:.1f} ± {v['std']:.1f}" for s in sizes)])
+        rows.append([f"{method} (real pairs)",
+                     *("—" if (v := _near(points, size)) is None else f"{v['mean']:.1f} ± {v['std']:.1f}"
+                       for size in sizes)])
     report += markdown_table(["set", *map(str, sizes)], rows)
     if full_mean is not None:
         report += ["", f"Full data: {full_mean:.1f}. The paper's RepBlend on Flickr30K keeps "
