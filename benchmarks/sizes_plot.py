@@ -141,7 +141,10 @@ def main() -> None:
     full = table.get("full", {})
     full_mean = next(iter(full.values()))["mean"] if full else None
     coresets = {m: p for m, p in table.items() if m != "full"}
-    paper = {int(k): float(v) for k, v in (x.split("=") for x in args.paper.split(",") if x)}
+    try:
+        paper = {int(k): float(v) for k, v in (x.split("=") for x in args.paper.split(",") if x)}
+    except ValueError:
+        parser.error(f"--paper is PAIRS=PERCENT,... (e.g. {PAPER}), got {args.paper!r}")
 
     write_json(args.output, {"command": command("sizes_plot.py"), "series": sources, "baselines": table,
                              "paper_percent_of_full": paper, "missing": missing})

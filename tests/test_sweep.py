@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -344,8 +345,6 @@ def test_a_point_passes_lists_and_its_seed_into_the_passed_arguments():
 
 
 def test_sizes_plot_averages_the_matching_rows_per_size_and_names_what_has_not_finished(tmp_path):
-    import subprocess
-
     results = tmp_path / "results"
     results.mkdir()
     (results / "small.json").write_text(json.dumps({"rows": [
@@ -372,3 +371,5 @@ def test_sizes_plot_averages_the_matching_rows_per_size_and_names_what_has_not_f
 
     bad = subprocess.run(argv[:-1] + ["ours=99"], capture_output=True, text=True)
     assert bad.returncode != 0 and "a series is LABEL=PAIRS:SWEEP" in bad.stderr
+    bad = subprocess.run(argv[:-3] + ["100", *argv[-2:]], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--paper is PAIRS=PERCENT" in bad.stderr
