@@ -34,7 +34,42 @@ VARIANTS: dict[str, list[str]] = {
     "lors": ["--method", "lors"],
     "mtt_vl": ["--method", "mtt_vl"],
 }
+#: RepBlend in stages (issue #31): at each size the split and the later stages' targets of that size's pixel config
+#: (``examples/configs/fashion_scenes_{P}.yaml``; one stage where there is none, e.g. 99), everything else as
+#: ``repblend``. The budget is the whole run's: the iterations (``--max_steps``) are split evenly over the stages and
+#: the library splits ``--max_time_minutes`` by the stages' iterations, so it is compared at equal time and equal
+#: iterations with the other rows.
+VARIANTS["repblend_staged"] = []
+STAGED_VARIANTS = ("repblend_staged",)
+CONFIGS = HERE.parent / "examples" / "configs"
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+
+
+def stage_overrides(name: str, extra: list[str]) -> list[str]:
+    """The arguments a staged variant adds for the size and iterations in the pass-through ``extra``: the size's
+    ``--stage_pairs`` and ``--stage_targets`` from its config and ``--stage_steps`` (``--max_steps``, else the
+    embedded default's, split evenly; the first stages get the remainder). Nothing for the other variants or for a
+    size without a config of its own."""
+    import yaml
+
+    pairs = passthrough_value(extra, "--num_pairs")
+    if name not in STAGED_VARIANTS or pairs is None or not (CONFIGS / f"fashion_scenes_{pairs}.yaml").is_file():
+        return []
+    config = yaml.safe_load((CONFIGS / f"fashion_scenes_{pairs}.yaml").read_text())
+    sizes = [int(n) for n in config.get("stage_pairs") or []]
+    if len(sizes) < 2:
+        return []
+    steps = passthrough_value(extra, "--max_steps")
+    if steps is None:
+        default = HERE.parent / "repblend_hf" / "configs" / "fashion_scenes_99.yaml"
+        steps = yaml.safe_load(default.read_text())["max_steps"]
+    total = int(steps)
+    if total < len(sizes):
+        raise SystemExit(f"{name}: --max_steps {total} cannot give each of the {len(sizes)} stages at {pairs} pairs "
+                         f"an iteration; give at least {len(sizes)}")
+    split = [total // len(sizes) + (k < total % len(sizes)) for k in range(len(sizes))]
+    return ["--stage_pairs", *map(str, sizes), "--stage_targets", config.get("stage_targets", "experts"),
+            "--stage_steps", *map(str, split)]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -128,7 +163,7 @@ def _run_variant(name: str, seed: int, out: Path, args: argparse.Namespace, extr
         distill.main(["--seed", str(seed), "--output_dir", str(out), "--baselines", "", "--eval_seeds", "1",
                       "--trajectory_dir", str(Path(args.experts_dir or args.work_dir) / f"experts_{matching}"),
                       "--save_strategy", "steps", "--save_total_limit", "1", "--resume_from_checkpoint", "latest",
-                      *experts, *VARIANTS[name], *extra, *width])
+                      *experts, *VARIANTS[name], *extra, *stage_overrides(name, extra), *width])
     timing = out / "timings.json"
     record = json.loads(done.read_text())
     run = {"own": _scores(record), "timings": json.loads(timing.read_text()) if timing.exists() else None,

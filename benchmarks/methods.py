@@ -4,12 +4,15 @@
     .venv/bin/python benchmarks/methods.py --pairs 199,499 --variants repblend --max_steps 400
     .venv/bin/python benchmarks/methods.py --pairs 99 --max_time_minutes 20 --max_steps 100000   # equal time
     .venv/bin/python benchmarks/methods.py --pairs 99 --max_steps 30 --workers 2 --cpu_threads 1  # 2 runs at a time
+    .venv/bin/python benchmarks/methods.py --pairs 199,499 --variants repblend_staged --max_time_minutes 10 \
+        --max_steps 100000                                             # RepBlend in stages, as the per-size configs
 
 Every distilled method is ``examples/distill.py`` with the embedded default config, the variant's
 overrides (``compare_methods.VARIANTS``), ``--num_pairs P`` and the same budget: iterations (``--max_steps``)
 or minutes of distillation (``--max_time_minutes``, the faster method then runs more iterations; the table
-gives each method's iterations), with 3 distillation seeds; symmetric and asymmetric
-variants each share one set of experts across sizes and budgets. Coresets (random, herding,
+gives each method's iterations), with 3 distillation seeds; ``repblend_staged`` distils in the stages of the
+size's config (``examples/configs/fashion_scenes_P.yaml``), the same budget split over its stages; symmetric
+and asymmetric variants each share one set of experts across sizes and budgets. Coresets (random, herding,
 k-center) are selected and trained with the same seeds under their strongest protocol (InfoNCE, lr
 0.1), full data once per seed. Reported: validation-selected test metrics as mean ± std over seeds,
 and the test-selected r_mean the authors report. Finished runs are reused, so the command resumes; with

@@ -35,8 +35,8 @@ from .modeling import RetrievalHeads, unflatten_parameters
 from .synthetic import SyntheticSet
 from .trajectories import ExpertTrajectories
 
-__all__ = ["Stage", "plan_stages", "stage_epochs", "stage_config", "as_first_stages", "freeze_earlier_pairs",
-           "grow_synthetic_set",
+__all__ = ["Stage", "plan_stages", "stage_time_budgets", "stage_epochs", "stage_config", "as_first_stages",
+           "freeze_earlier_pairs", "grow_synthetic_set",
            "shortcut_trajectory", "shortcut_trajectories", "start_epoch_bound", "relative_similarity",
            "similarity_from_expert", "STAGE_TARGETS", "STAGE_INNER_PAIRS"]
 
@@ -120,6 +120,19 @@ def plan_stages(num_pairs: int, stage_pairs: Sequence[int] | None, *, max_steps:
         stages.append(Stage(k, n, offset, int(s), int(lo), int(hi), None if cut is None else int(cut)))
         offset += n
     return stages
+
+
+def stage_time_budgets(stages: Sequence[Stage], minutes: float | None, done_pairs: int = 0) -> list[float | None]:
+    """Each stage's share of a run's time budget: ``minutes`` of outer iterations for the whole run, split over the
+    stages it distills in proportion to their iterations (``max_steps``), so that a set in stages gets the same
+    distillation time as a set of one stage (equal-time comparisons, ``--max_time_minutes``). The stages whose pairs
+    a run starts with (``done_pairs``, from ``--initial_stages``) were distilled elsewhere: they get None and no
+    share. ``minutes`` None (no budget) gives None for every stage."""
+    todo = [stage for stage in stages if stage.end > done_pairs]
+    if minutes is None or not todo:
+        return [None] * len(stages)
+    total = sum(stage.max_steps for stage in todo)
+    return [minutes * stage.max_steps / total if stage.end > done_pairs else None for stage in stages]
 
 
 def stage_epochs(stage: Stage, expert_epochs: int) -> int:

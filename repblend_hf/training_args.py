@@ -267,7 +267,8 @@ class DistillationArguments(TrainingArguments):
                 "checkpoints on disk hold only finite values."})
     max_time_minutes: float | None = field(default=None, metadata={
         "help": "Stop after this many minutes of outer iterations (evaluations and checkpoints not counted; a resumed "
-                "run continues the budget), or at max_steps if that comes first. For comparisons at equal time."})
+                "run continues the budget), or at max_steps if that comes first. For comparisons at equal time. A run "
+                "in stages splits it over the stages it distills, in proportion to their iterations."})
     num_eval_seeds: int = field(default=1, metadata={"help": "Seeds of the fresh-head evaluation during training."})
     eval_head_epochs: int = field(default=100, metadata={"help": "Epochs of fresh-head training in evaluation."})
     overwrite_output_dir: bool = field(default=False, metadata={

@@ -213,7 +213,6 @@ def test_distill_run_check_names_the_embed_dim_of_the_asymmetric_student(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_set_in_stages_grows_a_saved_set_resumes_and_evaluates_from_its_config(tiny_karpathy_dir,
                                                                                  tiny_text_encoder_dir, tmp_path):
     """A 4-pair set, then grown by 4 more pairs against conditioned experts (PDD) with a shortcut target (PTM-ST);
@@ -230,7 +229,7 @@ def test_a_set_in_stages_grows_a_saved_set_resumes_and_evaluates_from_its_config
     grown = tmp_path / "grown"
     staged = [*common, "--num_pairs", "8", "--stage_pairs", "4", "4", "--initial_stages",
               str(tmp_path / "small" / "synthetic_set"), "--stage_targets", "conditioned", "--shortcut_epoch", "3",
-              "--output_dir", str(grown)]
+              "--max_time_minutes", "30", "--output_dir", str(grown)]
     _launch("distill.py", staged, tmp_path)
     small = SyntheticSet.from_pretrained(tmp_path / "small" / "synthetic_set")
     whole = SyntheticSet.from_pretrained(grown / "synthetic_set")
@@ -241,6 +240,8 @@ def test_a_set_in_stages_grows_a_saved_set_resumes_and_evaluates_from_its_config
     assert meta["conditioned_on"] == small.fingerprint() and meta["num_epochs"] == 3
     timings = json.loads((grown / "timings.json").read_text())
     assert timings["iterations"] == 2  # this run's stages; the saved set's iterations are in its own record
+    budget = json.loads((grown / "stage_2" / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert budget["TimeBudget"]["args"]["max_seconds"] == 1800  # the one stage distilled here has the whole budget
 
     again = _launch("distill.py", [*staged, "--resume_from_checkpoint", "latest"], tmp_path)
     assert "stage_2/checkpoint-2" in again.stderr and "training []" in again.stderr  # nothing trained twice

@@ -19,6 +19,7 @@ from repblend_hf.stages import (
     shortcut_trajectories,
     shortcut_trajectory,
     stage_config,
+    stage_time_budgets,
     start_epoch_bound,
 )
 from repblend_hf.synthetic import SyntheticSet
@@ -55,6 +56,17 @@ def test_a_bad_plan_says_what_to_set(kwargs, message):
     pairs = kwargs.pop("stage_pairs")
     with pytest.raises(ValueError, match=message):
         plan_stages(199, pairs, max_steps=10, max_start_epoch=1, **kwargs)
+
+
+def test_a_time_budget_is_split_over_the_stages_a_run_distills_by_their_iterations():
+    stages = plan_stages(499, [99, 100, 300], max_steps=10, max_start_epoch=2, stage_steps=[10, 10, 20])
+    assert stage_time_budgets(stages, 10.0) == pytest.approx([2.5, 2.5, 5.0])
+    # the first two stages come from --initial_stages: distilled elsewhere, no share of this run's budget
+    assert stage_time_budgets(stages, 10.0, done_pairs=199) == [None, None, pytest.approx(10.0)]
+    assert stage_time_budgets(stages, None) == [None, None, None]
+    assert stage_time_budgets(stages, 10.0, done_pairs=499) == [None, None, None]  # nothing left to distill
+    (one,) = plan_stages(99, None, max_steps=1000, max_start_epoch=2)
+    assert stage_time_budgets([one], 10.0) == [10.0]  # a run of one stage keeps its whole budget
 
 
 def test_the_window_grows_over_the_warmup_share_of_the_iterations():

@@ -211,6 +211,27 @@ def test_continue_from_copies_the_newest_checkpoint_at_or_below_max_steps(tmp_pa
     assert compare.seconds_per_iteration({"distillation_s": 60.0, "iterations": 30}) == 2.0
 
 
+def test_the_staged_variant_takes_each_sizes_split_from_its_config_and_splits_the_iterations(tmp_path, monkeypatch):
+    compare = _load_script("compare_methods")
+    (tmp_path / "fashion_scenes_499.yaml").write_text("stage_pairs: [99, 100, 300]\nstage_targets: conditioned\n")
+    (tmp_path / "fashion_scenes_199.yaml").write_text("stage_pairs: [99, 100]\n")
+    (tmp_path / "fashion_scenes_99.yaml").write_text("num_pairs: 99\n")
+    monkeypatch.setattr(compare, "CONFIGS", tmp_path)
+    assert compare.stage_overrides("repblend_staged", ["--num_pairs", "499", "--max_steps", "100"]) == [
+        "--stage_pairs", "99", "100", "300", "--stage_targets", "conditioned", "--stage_steps", "34", "33", "33"]
+    assert compare.stage_overrides("repblend_staged", ["--num_pairs", "199", "--max_steps", "30"]) == [
+        "--stage_pairs", "99", "100", "--stage_targets", "experts", "--stage_steps", "15", "15"]
+    assert compare.stage_overrides("repblend_staged", ["--num_pairs", "99", "--max_steps", "30"]) == []  # one stage
+    assert compare.stage_overrides("repblend_staged", ["--num_pairs", "299", "--max_steps", "30"]) == []  # no config
+    assert compare.stage_overrides("repblend", ["--num_pairs", "499", "--max_steps", "30"]) == []
+    with pytest.raises(SystemExit, match="give each of the 3 stages"):
+        compare.stage_overrides("repblend_staged", ["--num_pairs", "499", "--max_steps", "2"])
+    # the shipped configs give the table's staged rows
+    monkeypatch.setattr(compare, "CONFIGS", Path(__file__).parents[1] / "examples" / "configs")
+    assert compare.stage_overrides("repblend_staged", ["--num_pairs", "199", "--max_steps", "30"])[:3] == [
+        "--stage_pairs", "99", "100"]
+
+
 def test_methods_finished_only_assembles_the_finished_seeds_and_starts_no_run(tmp_path, monkeypatch):
     methods = _load_script("methods")
     metrics = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")

@@ -61,6 +61,7 @@ from ..stages import (
     similarity_from_expert,
     stage_config,
     stage_epochs,
+    stage_time_budgets,
 )
 from ..synthetic import SyntheticSet
 from ..trainers import DistillationTrainer, stage_targets, train_experts
@@ -239,7 +240,9 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
     if set_args.initial_stages:
         previous = as_first_stages(SyntheticSet.load(set_args.initial_stages), config, stages,
                                    set_args.initial_stages)
-    for stage in stages:
+    # --max_time_minutes is the whole run's: each stage distilled here gets its share (by its iterations).
+    budgets = stage_time_budgets(stages, args.max_time_minutes, previous.num_pairs if previous is not None else 0)
+    for stage, budget in zip(stages, budgets):
         staged = len(stages) > 1
         stage_dir = out / f"stage_{stage.index + 1}" if staged else out
         finished = stage_dir / "synthetic_set"
@@ -261,8 +264,8 @@ def distill(data_args: DataArguments, set_args: SetArguments, args: Distillation
                 synthetic.pair_set(prepared.image_encoder), trajectories, epoch, synthetic.config))
         if previous is not None:
             grow_synthetic_set(previous, synthetic)
-        stage_args = (dataclasses.replace(args, output_dir=str(stage_dir), max_steps=stage.max_steps) if staged
-                      else args)
+        stage_args = (dataclasses.replace(args, output_dir=str(stage_dir), max_steps=stage.max_steps,
+                                          max_time_minutes=budget) if staged else args)
         trainer = DistillationTrainer(synthetic, stage_args, stage_trajectories, prepared.image_encoder,
                                       validation=validation, reference=reference, feature_bounds=bounds,
                                       stage=stage)
