@@ -49,7 +49,9 @@ def main() -> None:
         pct = f" | {100 * row['r_mean'][0] / args.full:.0f} %" if args.full else ""
         runs = f"{len(dirs)} × {'/'.join(map(str, sorted(seeds)))}"
         lines.append(f"| {label} | {runs} | " + " | ".join(cells) + pct + " |")
-        rows.append({"label": label, "runs": [str(d) for d in dirs], "test": row})
+        rows.append({"label": label, "runs": [str(d) for d in dirs], "test": row,
+                     "test_r_mean_per_run": [json.loads((d / "results.json").read_text())["test"]["r_mean"]["mean"]
+                                             for d in dirs]})
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

@@ -4,11 +4,14 @@
 
 Each ``--series`` is ``LABEL=POINT;POINT;...`` with a point ``PAIRS:SWEEP[:key=value...]``: the rows of
 ``benchmarks/results/SWEEP.json`` (a ``benchmarks/sweep.py`` table) whose grid values match every ``key=value``,
-their test r_mean as mean ± std over those rows (the distillation seeds; population std, as the sweeps report). The
+their test r_mean as mean ± std over those rows (the distillation seeds; population std, as the sweeps report);
+``SWEEP`` may also be a ``benchmarks/runs_table.py`` table, whose groups (matched on ``label=``, else all) give
+their runs' test r_mean. The
 coresets and full data come from a ``benchmarks/baselines.py`` table (``--baselines``), and the paper's RepBlend as
 its fraction of full data (METHOD.md: 63 / 69 / 81 % at 100 / 200 / 500 pairs on Flickr30K) times our full data,
 so the two are compared as the share of full data they keep. A point whose sweep has no matching row yet is left
-out and named in the report. Writes ``benchmarks/results/sizes_features.{json,md,png}``.
+out and named in the report. Writes ``benchmarks/results/sizes_features.{json,md,png}`` (``--output``); the pixel
+sets' picture is ``--space pixels --output benchmarks/results/sizes_pixels`` with their series.
 """
 
 from __future__ import annotations
@@ -51,8 +54,13 @@ def point_scores(results: Path, sweep: str, match: dict[str, str]) -> list[float
     path = results / f"{sweep}.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run its sweep (benchmarks/sweep.py --name {sweep}) first")
-    rows = json.loads(path.read_text())["rows"]
-    return [row["test_r_mean"] for row in rows
+    table = json.loads(path.read_text())
+    if isinstance(table, list):  # a runs_table.py table: one group of finished runs per entry
+        if any("test_r_mean_per_run" not in group for group in table):
+            raise ValueError(f"{path} has no per-run scores; make it again with benchmarks/runs_table.py")
+        return [score for group in table if all(str(group.get(k)) == v for k, v in match.items())
+                for score in group["test_r_mean_per_run"]]
+    return [row["test_r_mean"] for row in table["rows"]
             if "test_r_mean" in row and all(str(row.get(k)) == v for k, v in match.items())]
 
 
@@ -78,7 +86,7 @@ def _set_cell(scores: list[float] | None, full: float | None) -> str:
 
 
 def plot(series: dict[str, dict[int, list[float]]], coresets: dict, full: float | None, paper: dict[int, float],
-         path: Path) -> None:
+         path: Path, space: str = "feature space") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +113,7 @@ def plot(series: dict[str, dict[int, list[float]]], coresets: dict, full: float 
     ax.set_xticklabels(["99 / 100", "199 / 200", "499 / 500"])
     ax.set_xlabel("pairs")
     ax.set_ylabel("test r_mean")
-    save_figure(fig, ax, "fashion-scenes, feature space: test r_mean against the number of pairs", path)
+    save_figure(fig, ax, f"fashion-scenes, {space}: test r_mean against the number of pairs", path)
 
 
 def main() -> None:
@@ -119,6 +127,7 @@ def main() -> None:
                         help="The paper's RepBlend as PAIRS=PERCENT of full data, comma-separated ('' for none).")
     parser.add_argument("--results", default=str(HERE / "results"), help="Where the sweeps' tables are.")
     parser.add_argument("--output", default=str(HERE / "results" / "sizes_features"))
+    parser.add_argument("--space", default="feature space", help="What the sets are, for the titles (e.g. pixels).")
     args = parser.parse_args()
 
     results = Path(args.results)
@@ -131,7 +140,10 @@ def main() -> None:
             parser.error(str(error))
         series[label], sources[label] = {}, {}
         for pairs, sweep, match in points:
-            scores = point_scores(results, sweep, match)
+            try:
+                scores = point_scores(results, sweep, match)
+            except ValueError as error:
+                parser.error(str(error))
             sources[label][pairs] = {"sweep": sweep, "match": match, "test_r_mean": scores}
             if scores:
                 series[label][pairs] = scores
@@ -148,7 +160,7 @@ def main() -> None:
 
     write_json(args.output, {"command": command("sizes_plot.py"), "series": sources, "baselines": table,
                              "paper_percent_of_full": paper, "missing": missing})
-    report = ["# Test r_mean against the number of pairs (fashion-scenes, feature space)", "",
+    report = [f"# Test r_mean against the number of pairs (fashion-scenes, {args.space})", "",
               f"Command: `{command('sizes_plot.py')}`", "",
               "Mean ± std over distillation seeds (each the mean of its evaluation seeds); the coresets over 3 "
               f"seeds (`{args.baselines}.md`); % of full data in brackets.", ""]
@@ -168,7 +180,7 @@ def main() -> None:
     if missing:
         report += ["", "Not finished yet (left out): " + "; ".join(missing) + "."]
     write_markdown(args.output, report)
-    plot(series, coresets, full_mean, paper, Path(args.output).with_suffix(".png"))
+    plot(series, coresets, full_mean, paper, Path(args.output).with_suffix(".png"), args.space)
 
 
 if __name__ == "__main__":

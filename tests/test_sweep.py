@@ -90,6 +90,10 @@ def test_runs_table_averages_the_runs_means_metric_by_metric(tmp_path):
     row = runs_table.group_row(dirs)
     assert row["r_mean"] == (22.0, 2.0)  # the std is over the runs' means, not the evaluation seeds' std
     assert row["IR@1"] == (0.5, 0.5)
+    subprocess.run([sys.executable, str(BENCHMARKS / "runs_table.py"), "--group", f"both={tmp_path}/seed*",
+                    "--output", str(tmp_path / "table")], check=True, capture_output=True, text=True)
+    (group,) = json.loads((tmp_path / "table.json").read_text())
+    assert group["test_r_mean_per_run"] == [20.0, 24.0]  # what sizes_plot.py averages
 
 
 def test_seed_table_of_a_seed_only_grid_has_as_many_cells_as_columns():
@@ -394,3 +398,16 @@ def test_sizes_plot_averages_the_matching_rows_per_size_and_names_what_has_not_f
     assert bad.returncode != 0 and "a series is LABEL=PAIRS:SWEEP" in bad.stderr
     bad = subprocess.run(argv[:-3] + ["100", *argv[-2:]], capture_output=True, text=True)
     assert bad.returncode != 0 and "--paper is PAIRS=PERCENT" in bad.stderr
+
+    # a runs_table.py table as a point: its groups' runs (matched on label)
+    (results / "runs.json").write_text(json.dumps([
+        {"label": "a", "runs": ["s0", "s1"], "test_r_mean_per_run": [6.0, 8.0]},
+        {"label": "b", "runs": ["s0"], "test_r_mean_per_run": [50.0]}]))
+    subprocess.run([*argv[:-1], "ours=99:runs:label=a;199:large:stage_targets=conditioned", "--space", "pixels"],
+                   check=True, capture_output=True, text=True)
+    report = (tmp_path / "sizes.md").read_text()
+    assert report.startswith("# Test r_mean against the number of pairs (fashion-scenes, pixels)")
+    assert "| ours | 7.0 ± 1.0 (2 seeds, 18 %) | 20.0 ± 0.0 (1 seed, 50 %) |" in report
+    (results / "old.json").write_text(json.dumps([{"label": "a", "runs": ["s0"]}]))  # made before per-run scores
+    bad = subprocess.run([*argv[:-1], "ours=99:old"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no per-run scores; make it again with benchmarks/runs_table.py" in bad.stderr
