@@ -123,13 +123,15 @@ def plot(table: dict, path: Path, title: str = "fashion-scenes") -> None:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in methods:
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    palette = plt.get_cmap("tab20").colors  # one colour per method (the default cycle repeats after ten)
+    for k, method in enumerate(methods):
         points = [(p, table[str(p)][method]["r_mean"]) for p in sizes if method in table[str(p)]]
         if points:
             xs, stats = zip(*points)
-            ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
-                        label=method)
+            real = method in CORESETS  # real pairs: squares on dotted lines
+            ax.errorbar(xs, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="s" if real else "o",
+                        linestyle=":" if real else "-", capsize=3, color=palette[k % len(palette)], label=method)
     if full is not None:
         ax.axhline(full["mean"], color="black", linestyle="--", linewidth=1, label="full data")
     ax.set_xscale("log")
@@ -138,7 +140,7 @@ def plot(table: dict, path: Path, title: str = "fashion-scenes") -> None:
     ax.set_xlabel("synthetic / selected pairs")
     ax.set_ylabel("test r_mean (validation-selected)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: it hides no point
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
