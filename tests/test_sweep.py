@@ -411,3 +411,45 @@ def test_sizes_plot_averages_the_matching_rows_per_size_and_names_what_has_not_f
     (results / "old.json").write_text(json.dumps([{"label": "a", "runs": ["s0"]}]))  # made before per-run scores
     bad = subprocess.run([*argv[:-1], "ours=99:old"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no per-run scores; make it again with benchmarks/runs_table.py" in bad.stderr
+
+
+def test_stage_speed_times_each_stage_and_adds_them_up_per_config(tmp_path, monkeypatch):
+    speed = _load_script("stage_speed")
+    runs = {}
+    for name in ("run_199", "run_499"):
+        stage = "stage_2" if name == "run_199" else "stage_3"
+        (tmp_path / name / stage / "experts").mkdir(parents=True)
+        (tmp_path / name / stage / "experts" / "trajectories.json").write_text("{}")
+        (tmp_path / name / "timings.json").write_text(json.dumps({"experts_s": 300.0}))
+        runs[name] = str(tmp_path / name)
+    seconds = {"99": 1.2, "199": 1.5, "499": 1.8}
+    launched = []
+
+    def fake_run(argv, check):  # a distill.py run: writes the timings its iterations would
+        out = Path(argv[argv.index("--output_dir") + 1])
+        pairs = argv[argv.index("--num_pairs") + 1]
+        launched.append((pairs, sorted(p.name for p in out.glob("stage_*")), argv[argv.index("--max_steps") + 1]))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "timings.json").write_text(json.dumps({"distillation_s": seconds[pairs] * 20, "iterations": 20}))
+
+    monkeypatch.setattr(speed.subprocess, "run", fake_run)
+    output = tmp_path / "speed"
+    monkeypatch.setattr(sys, "argv", ["stage_speed.py", "--iterations", "20", "--work_dir", str(tmp_path / "work"),
+                                      "--run_199", runs["run_199"], "--run_499", runs["run_499"],
+                                      "--output", str(output)])
+    speed.main()
+    # each later stage starts with its conditioned experts copied in, so only its iterations are timed
+    assert launched == [("99", [], "20"), ("199", ["stage_2"], "20"), ("499", ["stage_3"], "20")]
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["config_minutes"] == pytest.approx({"fashion_scenes_99.yaml (the default)": 20.0,
+                                                      "fashion_scenes_199.yaml": 45.0,
+                                                      "fashion_scenes_499.yaml": 75.0})
+    assert "| fashion_scenes_499.yaml | 3 | 75.0 |" in output.with_suffix(".md").read_text()
+    speed.main()  # finished probes are reused, not run again
+    assert len(launched) == 3
+
+    (tmp_path / "run_499" / "stage_3" / "experts" / "trajectories.json").unlink()
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:-2], "--work_dir", str(tmp_path / "other"),
+                                      "--output", str(output)])
+    with pytest.raises(SystemExit, match="holds no finished conditioned experts"):
+        speed.main()
