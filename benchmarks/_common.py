@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["command", "markdown_table", "mean_std", "save_figure", "seconds_since", "time_calls", "write_json",
-           "write_markdown"]
+__all__ = ["command", "evaluate_arguments", "known_arguments", "markdown_table", "mean_std", "run_logged",
+           "save_figure", "seconds_since", "time_calls", "write_json", "write_markdown"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(script: str, argv: Sequence[str] | None = None) -> str:
@@ -80,3 +83,30 @@ def write_markdown(output: str | Path, lines: Sequence[str], echo: bool = True) 
     if echo:
         print("\n".join(lines))
     return path
+
+
+def known_arguments(extra: list[str], classes: Sequence[type]) -> list[str]:
+    """The pass-through arguments (``--name value`` or a bare ``--name``) that are fields of ``classes``."""
+    names = {f"--{f}" for cls in classes for f in cls.__dataclass_fields__}
+    return [x for i, x in enumerate(extra)
+            if x in names or (i > 0 and extra[i - 1] in names and not x.startswith("--"))]
+
+
+def evaluate_arguments(extra: list[str]) -> list[str]:
+    """The pass-through arguments ``examples/evaluate.py`` takes: its DataArguments and EvaluateArguments."""
+    from repblend_hf.commands.evaluate import EvaluateArguments
+    from repblend_hf.pipeline import DataArguments
+
+    return known_arguments(extra, (DataArguments, EvaluateArguments))
+
+
+def run_logged(argv: list[str], log: Path) -> None:
+    """One subprocess with its output in ``log``; a failure names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(argv[-12:])}  (log: {log})", flush=True)
+    with open(log, "a") as f:
+        code = subprocess.run(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"failed (exit {code}) after {time.time() - began:.0f} s; see {log}, fix the cause and rerun "
+                         "the same command (finished runs are kept)")

@@ -31,12 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import command, markdown_table, save_figure, write_json, write_markdown
+from _common import (
+    command,
+    evaluate_arguments,
+    markdown_table,
+    run_logged,
+    save_figure,
+    write_json,
+    write_markdown,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -70,28 +76,6 @@ def evaluate_command(row: str, source: Path | None, encoder: str, out: Path, arg
         what += ["--loss", "infonce", "--lr", "0.1"]
     return [sys.executable, "examples/evaluate.py", *what, "--seeds", str(args.eval_seeds), "--cpu_threads",
             str(args.cpu_threads), *extra, "--image_encoder", encoder, "--output_dir", str(out)]
-
-
-def evaluate_arguments(extra: list[str]) -> list[str]:
-    """The pass-through arguments ``examples/evaluate.py`` takes: its DataArguments and EvaluateArguments."""
-    from repblend_hf.commands.evaluate import EvaluateArguments
-    from repblend_hf.pipeline import DataArguments
-
-    names = {f"--{f}" for cls in (DataArguments, EvaluateArguments) for f in cls.__dataclass_fields__}
-    return [x for i, x in enumerate(extra)
-            if x in names or (i > 0 and extra[i - 1] in names and not x.startswith("--"))]
-
-
-def run_logged(argv: list[str], log: Path) -> None:
-    """One subprocess with its output in ``log``; a failure names the log."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    began = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(argv[-12:])}  (log: {log})", flush=True)
-    with open(log, "a") as f:
-        code = subprocess.run(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise SystemExit(f"failed (exit {code}) after {time.time() - began:.0f} s; see {log}, fix the cause and rerun "
-                         "the same command (finished runs are kept)")
 
 
 def sources(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[str, Path | None]]]:

@@ -10,21 +10,46 @@ frozen-encoder features, the same for every method, one evaluation seed) and, wh
 MTT-VL runs come from ``benchmarks/methods.py --variants lors,mtt_vl --max_steps 300 --eval_steps 50``, RepBlend's
 from the pixel default (``--eval_steps 50``); the plot cuts RepBlend's curve at the others' last iteration, so the
 methods are compared at equal iterations. Herding and random real pairs (the cross-architecture benchmark's
-Lite0 evaluations, ``--baselines_dir``) are drawn as their validation r_mean. Writes
-``benchmarks/results/long_run_99.{json,md,png}``.
+Lite0 evaluations, ``--baselines_dir``) are drawn as their validation r_mean.
+
+The in-training curve has one evaluation seed, and the run's own final evaluation too (``methods.py`` asks for one).
+So for each finished LoRS / MTT-VL run this script also evaluates, with ``--eval_seeds`` seeds (each a subprocess
+of its own, kept under ``--work_dir`` and reused when rerun):
+
+- the run's **starting set**: the same distillation (method, seed, experts: ``--start_args``) for one iteration at
+  learning rates too small to move anything (1e-12; 0 is refused), then its final evaluation under the method's own
+  protocol and the shared one; its iteration-0 validation must equal the run's, which the table shows;
+- the **distilled set**: ``examples/evaluate.py --protocol own`` and ``--protocol frozen``.
+
+The table then says whether each set ends above its start and above herding by more than 2 std (the larger of the
+two rows' std over evaluation seeds). Writes ``benchmarks/results/long_run_99.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from _common import command, markdown_table, save_figure, write_json, write_markdown
+from _common import (
+    command,
+    evaluate_arguments,
+    known_arguments,
+    markdown_table,
+    run_logged,
+    save_figure,
+    write_json,
+    write_markdown,
+)
 
 HERE = Path(__file__).resolve().parent
 RUNS = ("lors=outputs/long_run/lors_99/seed0,mtt_vl=outputs/long_run/mtt_vl_99/seed0,"
         "repblend=outputs/cross_architecture/pixel_default/seed0")
+# What the long runs of benchmarks/methods.py gave every LoRS / MTT-VL distillation besides the method and seed.
+START_ARGS = ("--num_experts 4 --expert_train_epochs 2 --embed_dim 1280 "
+              "--trajectory_dir outputs/long_run/experts_asymmetric --eval_steps 50")
+TINY_LR = "1e-12"  # the starting set's one iteration moves nothing at this rate (0 is refused)
 
 
 def curve(run: Path) -> dict[int, float]:
@@ -78,6 +103,104 @@ def plot(curves: dict[str, dict[int, float]], lines: dict[str, dict], until: int
     save_figure(fig, ax, "fashion-scenes, 99 pairs: in-training validation at equal iterations", path)
 
 
+def run_seed(run: Path) -> int:
+    """The distillation seed of a run folder named ``seedN`` (methods.py's layout); 0 otherwise."""
+    digits = run.name.removeprefix("seed")
+    return int(digits) if run.name.startswith("seed") and digits.isdigit() else 0
+
+
+def start_command(method: str, run: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The run's starting set, evaluated: one iteration of the same distillation at learning rates that move
+    nothing, then the final evaluation with ``--eval_seeds`` seeds (own protocol and the shared one). Of ``extra``,
+    the data's arguments go along (the evaluations' own, e.g. ``--epochs``, are for ``examples/evaluate.py``)."""
+    from repblend_hf.pipeline import DataArguments
+
+    frozen = [x for lr in ("--lr_img", "--lr_txt", "--lr_sim", "--lr_lr") for x in (lr, TINY_LR)]
+    data = known_arguments(extra, (DataArguments,))
+    return [sys.executable, "examples/distill.py", "--method", method, "--seed", str(run_seed(run)),
+            *args.start_args.split(), *data, "--max_steps", "1", *frozen, "--baselines", "", "--eval_seeds",
+            str(args.eval_seeds), "--save_strategy", "no", "--cpu_threads", str(args.cpu_threads), "--disable_tqdm",
+            "true", "--output_dir", str(out)]
+
+
+def end_command(run: Path, protocol: str, out: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The run's distilled set under ``protocol`` ('own' or 'frozen'), with ``--eval_seeds`` seeds."""
+    return [sys.executable, "examples/evaluate.py", "--method", "distilled", "--distilled_set",
+            str(run / "synthetic_set"), "--protocol", protocol, "--seeds", str(args.eval_seeds), "--cpu_threads",
+            str(args.cpu_threads), *evaluate_arguments(extra), "--output_dir", str(out)]
+
+
+def evaluate_runs(runs: dict[str, Path], args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
+    """Start and end of every finished LoRS / MTT-VL run with ``--eval_seeds`` seeds; finished evaluations are reused.
+    Returns, per run name, the test and validation r_mean (mean / std) of 'start_own', 'start_shared', 'end_own',
+    'end_shared' that exist, and the starting set's iteration-0 validation (``start_step0``)."""
+    out: dict[str, dict] = {}
+    for name, run in runs.items():
+        if name == "repblend" or not (run / "results.json").exists():
+            continue
+        work = Path(args.work_dir) / name / run.name
+        start = work / "start"
+        if args.evaluate and not (start / "results.json").exists():
+            run_logged(start_command(name, run, start, args, extra), start / "run.log")
+        for protocol in ("own", "frozen"):
+            end = work / f"end_{protocol}"
+            if args.evaluate and not (end / "results.json").exists():
+                run_logged(end_command(run, protocol, end, args, extra), end / "run.log")
+        cells: dict = {}
+        if (start / "results.json").exists():
+            record = json.loads((start / "results.json").read_text())
+            cells["start_own"] = scores(record)
+            if record.get("shared_protocol"):
+                cells["start_shared"] = scores(record["shared_protocol"])
+            cells["start_step0"] = curve(start).get(0)
+        for protocol, key in (("own", "end_own"), ("frozen", "end_shared")):
+            path = work / f"end_{protocol}" / "results.json"
+            if path.exists():
+                cells[key] = scores(json.loads(path.read_text()))
+        out[name] = cells
+    return out
+
+
+def scores(record: dict) -> dict:
+    return {"test": record["test"]["r_mean"], "validation": record["validation"]["r_mean"],
+            "seeds": record.get("seeds")}
+
+
+def verdict(mean: float, std: float, other: dict) -> str:
+    """``+x.x (2 std = y.y: above / not above)`` of a set against another row (test r_mean)."""
+    margin, two_std = mean - other["mean"], 2 * max(std, other["std"])
+    return f"{margin:+.1f} (2 std = {two_std:.1f}: {'above' if margin > two_std else 'not above'})"
+
+
+def start_end_report(evaluated: dict[str, dict], curves: dict[str, dict[int, float]], lines: dict[str, dict],
+                     eval_seeds: int) -> list[str]:
+    """The table of each run's start and end under both protocols, against its start and herding."""
+    if not evaluated:
+        return []
+    report = ["", f"Start and end with {eval_seeds} evaluation seeds (test r_mean, mean ± std over the seeds; "
+              "`start`: the run's starting set, one iteration at learning rates of 1e-12; the herding column: "
+              "herding's test r_mean under its strongest protocol, against which each set is compared):", ""]
+    rows = []
+    for name, cells in evaluated.items():
+        step0 = cells.get("start_step0")
+        run0 = curves.get(name, {}).get(0)
+        same = "—" if step0 is None or run0 is None else f"{step0:.2f} / {run0:.2f}"
+        for protocol in ("own", "shared"):
+            start, end = cells.get(f"start_{protocol}"), cells.get(f"end_{protocol}")
+            if end is None:
+                rows.append([name, protocol, "—", "not evaluated yet", "—", "—", same])
+                continue
+            e = end["test"]
+            herding = lines.get("herding")
+            rows.append([name, protocol, f"{start['test']['mean']:.1f} ± {start['test']['std']:.1f}" if start else "—",
+                         f"{e['mean']:.1f} ± {e['std']:.1f}",
+                         verdict(e["mean"], e["std"], start["test"]) if start else "—",
+                         verdict(e["mean"], e["std"], herding["test"]) if herding else "—", same])
+    report += markdown_table(["run", "protocol", "start", "end", "end − start", "end − herding",
+                              "iteration-0 validation: start set / run"], rows)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=RUNS, help="Comma-separated NAME=RUN_DIR.")
@@ -85,7 +208,15 @@ def main() -> None:
                         help="Where cross_architecture.py keeps its evaluations (herding / random under Lite0).")
     parser.add_argument("--encoder", default="tf_efficientnet_lite0")
     parser.add_argument("--output", default=str(HERE / "results" / "long_run_99"))
-    args = parser.parse_args()
+    parser.add_argument("--work_dir", default="outputs/long_run/evaluations",
+                        help="Where the start and end evaluations of each run go (reused when rerun).")
+    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                        help="Run the missing start and end evaluations (off: use only those on disk).")
+    parser.add_argument("--eval_seeds", type=int, default=3, help="Evaluation seeds of each start and end.")
+    parser.add_argument("--start_args", default=START_ARGS,
+                        help="The long runs' distillation arguments besides method and seed (for the starting set).")
+    parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads of each subprocess.")
+    args, extra = parser.parse_known_args()  # the rest goes to every evaluation (e.g. --dataset)
 
     runs = {name: Path(path) for name, path in (item.split("=", 1) for item in args.runs.split(","))}
     curves = {name: curve(run) for name, run in runs.items()}
@@ -95,8 +226,10 @@ def main() -> None:
     others = [max(c) for name, c in curves.items() if name != "repblend" and c]
     until = max(others) if others else max((max(c) for c in curves.values() if c), default=0)
     steps = sorted({k for c in curves.values() for k in c if k <= until})
+    evaluated = evaluate_runs(runs, args, extra)
     write_json(args.output, {"command": command("long_run.py"), "runs": {k: str(v) for k, v in runs.items()},
-                             "curves": curves, "final": finals, "baselines": lines, "equal_iterations": until})
+                             "curves": curves, "final": finals, "baselines": lines, "equal_iterations": until,
+                             "eval_seeds": args.eval_seeds, "start_end": evaluated})
     report = ["# LoRS and MTT-VL over a long run, against RepBlend at equal iterations (99 pairs)", "",
               f"Command: `{command('long_run.py')}`", "",
               "In-training validation r_mean (fresh heads on frozen-encoder features, one evaluation seed) by "
@@ -117,6 +250,7 @@ def main() -> None:
         rows.append([f"{name} (real pairs, {args.encoder})", "InfoNCE, lr 0.1",
                      f"{b['test']['mean']:.1f} ± {b['test']['std']:.1f}", "—"])
     report += markdown_table(["run", "protocol", "test r_mean", "test r_mean, shared protocol"], rows)
+    report += start_end_report(evaluated, curves, lines, args.eval_seeds)
     write_markdown(args.output, report)
     plot(curves, lines, until, Path(args.output).with_suffix(".png"))
 

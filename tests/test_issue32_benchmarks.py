@@ -118,3 +118,44 @@ def test_equivalence_skips_methods_without_a_checkout(tmp_path):
     assert set(record["skipped"]) == {"repblend", "lors", "mtt_vl"} and not record["methods"]
     assert "not found" in record["skipped"]["repblend"] and "no checkout given" in record["skipped"]["lors"]
     assert "repblend skipped" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_long_run_evaluates_a_runs_start_and_end_and_says_whether_it_climbed(tiny_karpathy_dir, tiny_text_encoder_dir,
+                                                                             tmp_path):
+    """A finished tiny LoRS run: long_run.py rebuilds its starting set (the same iteration-0 validation as the run's)
+    and evaluates start and end under both protocols with several seeds; a rerun evaluates nothing again."""
+    data = ["--dataset", str(tiny_karpathy_dir), "--image_encoder", "test_efficientnet", "--pretrained_image_encoder",
+            "false", "--text_encoder", str(tiny_text_encoder_dir), "--image_size", "32", "--num_views", "1",
+            "--encode_batch_size", "16"]
+    run = tmp_path / "lors_8" / "seed1"
+    experts = tmp_path / "experts"
+    start_args = ["--config", "none", "--num_pairs", "8", "--sim_rank", "2", "--embed_dim", "256", "--num_experts",
+                  "1", "--expert_train_epochs", "2", "--mini_batch_size", "4", "--syn_steps", "2", "--max_start_epoch",
+                  "1", "--trajectory_dir", str(experts), "--eval_strategy", "steps", "--eval_steps", "1",
+                  "--eval_on_start", "true"]
+    subprocess.run([sys.executable, "examples/distill.py", *data, *start_args, "--method", "lors", "--seed", "1",
+                    "--max_steps", "2", "--lr_img", "100", "--lr_txt", "100", "--save_strategy", "no", "--eval_seeds",
+                    "1", "--baselines", "", "--disable_tqdm", "true", "--output_dir", str(run)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                              "HF_HUB_OFFLINE": "1"})
+    out = tmp_path / "long_run"
+    argv = [sys.executable, str(BENCHMARKS / "long_run.py"), "--runs", f"lors={run}", "--baselines_dir",
+            str(tmp_path / "none"), "--work_dir", str(tmp_path / "work"), "--eval_seeds", "2", "--start_args",
+            " ".join(start_args), "--output", str(out), *data, "--epochs", "2"]
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
+    record = json.loads(out.with_suffix(".json").read_text())
+    cells = record["start_end"]["lors"]
+    assert set(cells) == {"start_own", "start_shared", "start_step0", "end_own", "end_shared"}
+    assert all(cells[k]["seeds"] == 2 for k in ("start_own", "start_shared", "end_own", "end_shared"))
+    # The rebuilt start is the run's start: the same set at iteration 0, so the same validation there.
+    assert cells["start_step0"] == pytest.approx(record["curves"]["lors"]["0"])
+    md = out.with_suffix(".md").read_text()
+    assert "| lors | own |" in md and "| lors | shared |" in md and "2 std = " in md
+    start = tmp_path / "work" / "lors" / "seed1" / "start" / "results.json"
+    ends = [start.parents[1] / f"end_{p}" / "results.json" for p in ("own", "frozen")]
+    assert json.loads(ends[0].read_text())["protocol"] == "finetune_encoder"
+    assert json.loads(ends[1].read_text())["protocol"] == "frozen_encoder"
+    before = [p.stat().st_mtime_ns for p in (start, *ends)]
+    second = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
+    assert [p.stat().st_mtime_ns for p in (start, *ends)] == before and "examples/" not in second.stdout
