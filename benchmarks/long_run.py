@@ -13,13 +13,14 @@ methods are compared at equal iterations. Herding and random real pairs (the cro
 Lite0 evaluations, ``--baselines_dir``) are drawn as their validation r_mean.
 
 The in-training curve has one evaluation seed, and the run's own final evaluation too (``methods.py`` asks for one).
-So for each finished LoRS / MTT-VL run this script also evaluates, with ``--eval_seeds`` seeds (each a subprocess
+So for each LoRS / MTT-VL run this script also evaluates, with ``--eval_seeds`` seeds (each a subprocess
 of its own, kept under ``--work_dir`` and reused when rerun):
 
 - the run's **starting set**: the same distillation (method, seed, experts: ``--start_args``) for one iteration at
   learning rates too small to move anything (1e-12; 0 is refused), then its final evaluation under the method's own
-  protocol and the shared one; its iteration-0 validation must equal the run's, which the table shows;
-- the **distilled set**: ``examples/evaluate.py --protocol own`` and ``--protocol frozen``.
+  protocol and the shared one; its iteration-0 validation must equal the run's, which the table shows (evaluated as
+  soon as the run has begun);
+- the **distilled set**, once the run has finished: ``examples/evaluate.py --protocol own`` and ``--protocol frozen``.
 
 The table then says whether each set ends above its start and above herding by more than 2 std (the larger of the
 two rows' std over evaluation seeds). Writes ``benchmarks/results/long_run_99.{json,md,png}``.
@@ -131,20 +132,21 @@ def end_command(run: Path, protocol: str, out: Path, args: argparse.Namespace, e
 
 
 def evaluate_runs(runs: dict[str, Path], args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
-    """Start and end of every finished LoRS / MTT-VL run with ``--eval_seeds`` seeds; finished evaluations are reused.
+    """Start (once the run has begun) and end (once it has finished) of every LoRS / MTT-VL run with ``--eval_seeds``
+    seeds; finished evaluations are reused.
     Returns, per run name, the test and validation r_mean (mean / std) of 'start_own', 'start_shared', 'end_own',
     'end_shared' that exist, and the starting set's iteration-0 validation (``start_step0``)."""
     out: dict[str, dict] = {}
     for name, run in runs.items():
-        if name == "repblend" or not (run / "results.json").exists():
+        if name == "repblend" or not run.exists():
             continue
         work = Path(args.work_dir) / name / run.name
-        start = work / "start"
+        start = work / "start"  # the start needs only the run's experts: evaluated while the run is still going
         if args.evaluate and not (start / "results.json").exists():
             run_logged(start_command(name, run, start, args, extra), start / "run.log")
         for protocol in ("own", "frozen"):
             end = work / f"end_{protocol}"
-            if args.evaluate and not (end / "results.json").exists():
+            if args.evaluate and (run / "results.json").exists() and not (end / "results.json").exists():
                 run_logged(end_command(run, protocol, end, args, extra), end / "run.log")
         cells: dict = {}
         if (start / "results.json").exists():
@@ -187,13 +189,13 @@ def start_end_report(evaluated: dict[str, dict], curves: dict[str, dict[int, flo
         same = "—" if step0 is None or run0 is None else f"{step0:.2f} / {run0:.2f}"
         for protocol in ("own", "shared"):
             start, end = cells.get(f"start_{protocol}"), cells.get(f"end_{protocol}")
+            herding = lines.get("herding")
+            s = f"{start['test']['mean']:.1f} ± {start['test']['std']:.1f}" if start else "not evaluated yet"
             if end is None:
-                rows.append([name, protocol, "—", "not evaluated yet", "—", "—", same])
+                rows.append([name, protocol, s, "running or not evaluated yet", "—", "—", same])
                 continue
             e = end["test"]
-            herding = lines.get("herding")
-            rows.append([name, protocol, f"{start['test']['mean']:.1f} ± {start['test']['std']:.1f}" if start else "—",
-                         f"{e['mean']:.1f} ± {e['std']:.1f}",
+            rows.append([name, protocol, s, f"{e['mean']:.1f} ± {e['std']:.1f}",
                          verdict(e["mean"], e["std"], start["test"]) if start else "—",
                          verdict(e["mean"], e["std"], herding["test"]) if herding else "—", same])
     report += markdown_table(["run", "protocol", "start", "end", "end − start", "end − herding",
