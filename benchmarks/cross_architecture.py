@@ -174,10 +174,10 @@ def report(args: argparse.Namespace, table: dict, rows: dict, pending: list[str]
 
 
 def margins(table: dict, encoders: list[str]) -> list[str]:
-    """The pixel set's margin over herding and random per encoder (under each protocol it was evaluated with),
+    """Each distilled set's margin over herding and random per encoder (under each protocol it was evaluated with),
     against 2 std (the larger of the two rows')."""
     lines = []
-    for row in ("pixel_default", "pixel_default" + INFONCE):
+    for row in ("pixel_default", "lors", "pixel_default" + INFONCE, "lors" + INFONCE):
         for encoder in encoders:
             if encoder not in table.get(row, {}):
                 continue

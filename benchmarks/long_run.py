@@ -20,7 +20,9 @@ of its own, kept under ``--work_dir`` and reused when rerun):
   learning rates too small to move anything (1e-12; 0 is refused), then its final evaluation under the method's own
   protocol and the shared one; its iteration-0 validation must equal the run's, which the table shows (evaluated as
   soon as the run has begun);
-- the **distilled set**, once the run has finished: ``examples/evaluate.py --protocol own`` and ``--protocol frozen``.
+- the **distilled set**, once the run has finished: ``examples/evaluate.py --protocol own`` and ``--protocol frozen``,
+  and ``--protocol own --lr`` η's init (``--init_eta``, the η the start is evaluated at): what the pixels give under
+  the own protocol apart from the η the run learned.
 
 The table then says whether each set ends above its start and above herding by more than 2 std (the larger of the
 two rows' std over evaluation seeds). Writes ``benchmarks/results/long_run_99.{json,md,png}``.
@@ -75,6 +77,8 @@ def final(run: Path) -> dict | None:
            "validation": record["validation"]["r_mean"]}
     if record.get("shared_protocol"):
         out["shared_test"] = record["shared_protocol"]["test"]["r_mean"]
+    timings = run / "timings.json"
+    out["iterations"] = json.loads(timings.read_text()).get("iterations") if timings.exists() else None
     return out
 
 
@@ -124,18 +128,26 @@ def start_command(method: str, run: Path, out: Path, args: argparse.Namespace, e
             "true", "--output_dir", str(out)]
 
 
-def end_command(run: Path, protocol: str, out: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The run's distilled set under ``protocol`` ('own' or 'frozen'), with ``--eval_seeds`` seeds."""
+#: The distilled set's evaluations: folder name -> (``--protocol``, whether η is set back to its init, ``--init_eta``).
+ENDS = {"own": ("own", False), "frozen": ("frozen", False), "own_init_eta": ("own", True)}
+
+
+def end_command(run: Path, end: str, out: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The run's distilled set under the protocol of ``ENDS[end]``, with ``--eval_seeds`` seeds; 'own_init_eta': the
+    own protocol with the encoder and text head trained at η's init (what the starting set is evaluated at) instead
+    of the learned η, which tells what the pixels give apart from what the learned η does."""
+    protocol, init_eta = ENDS[end]
     return [sys.executable, "examples/evaluate.py", "--method", "distilled", "--distilled_set",
-            str(run / "synthetic_set"), "--protocol", protocol, "--seeds", str(args.eval_seeds), "--cpu_threads",
-            str(args.cpu_threads), *evaluate_arguments(extra), "--output_dir", str(out)]
+            str(run / "synthetic_set"), "--protocol", protocol, *(["--lr", str(args.init_eta)] if init_eta else []),
+            "--seeds", str(args.eval_seeds), "--cpu_threads", str(args.cpu_threads), *evaluate_arguments(extra),
+            "--output_dir", str(out)]
 
 
 def evaluate_runs(runs: dict[str, Path], args: argparse.Namespace, extra: list[str]) -> dict[str, dict]:
     """Start (once the run has begun) and end (once it has finished) of every LoRS / MTT-VL run with ``--eval_seeds``
     seeds; finished evaluations are reused.
     Returns, per run name, the test and validation r_mean (mean / std) of 'start_own', 'start_shared', 'end_own',
-    'end_shared' that exist, and the starting set's iteration-0 validation (``start_step0``)."""
+    'end_shared', 'end_own_init_eta' that exist, and the starting set's iteration-0 validation (``start_step0``)."""
     out: dict[str, dict] = {}
     for name, run in runs.items():
         if name == "repblend" or not run.exists():
@@ -144,10 +156,10 @@ def evaluate_runs(runs: dict[str, Path], args: argparse.Namespace, extra: list[s
         start = work / "start"  # the start needs only the run's experts: evaluated while the run is still going
         if args.evaluate and not (start / "results.json").exists():
             run_logged(start_command(name, run, start, args, extra), start / "run.log")
-        for protocol in ("own", "frozen"):
-            end = work / f"end_{protocol}"
+        for kind in ENDS:
+            end = work / f"end_{kind}"
             if args.evaluate and (run / "results.json").exists() and not (end / "results.json").exists():
-                run_logged(end_command(run, protocol, end, args, extra), end / "run.log")
+                run_logged(end_command(run, kind, end, args, extra), end / "run.log")
         cells: dict = {}
         if (start / "results.json").exists():
             record = json.loads((start / "results.json").read_text())
@@ -155,8 +167,8 @@ def evaluate_runs(runs: dict[str, Path], args: argparse.Namespace, extra: list[s
             if record.get("shared_protocol"):
                 cells["start_shared"] = scores(record["shared_protocol"])
             cells["start_step0"] = curve(start).get(0)
-        for protocol, key in (("own", "end_own"), ("frozen", "end_shared")):
-            path = work / f"end_{protocol}" / "results.json"
+        for kind, key in (("own", "end_own"), ("frozen", "end_shared"), ("own_init_eta", "end_own_init_eta")):
+            path = work / f"end_{kind}" / "results.json"
             if path.exists():
                 cells[key] = scores(json.loads(path.read_text()))
         out[name] = cells
@@ -187,8 +199,9 @@ def start_end_report(evaluated: dict[str, dict], curves: dict[str, dict[int, flo
         step0 = cells.get("start_step0")
         run0 = curves.get(name, {}).get(0)
         same = "—" if step0 is None or run0 is None else f"{step0:.2f} / {run0:.2f}"
-        for protocol in ("own", "shared"):
-            start, end = cells.get(f"start_{protocol}"), cells.get(f"end_{protocol}")
+        for protocol, start_key, end_key in (("own", "start_own", "end_own"), ("shared", "start_shared", "end_shared"),
+                                             ("own, η at its init", "start_own", "end_own_init_eta")):
+            start, end = cells.get(start_key), cells.get(end_key)
             herding = lines.get("herding")
             s = f"{start['test']['mean']:.1f} ± {start['test']['std']:.1f}" if start else "not evaluated yet"
             if end is None:
@@ -217,6 +230,8 @@ def main() -> None:
     parser.add_argument("--eval_seeds", type=int, default=3, help="Evaluation seeds of each start and end.")
     parser.add_argument("--start_args", default=START_ARGS,
                         help="The long runs' distillation arguments besides method and seed (for the starting set).")
+    parser.add_argument("--init_eta", type=float, default=0.1,
+                        help="η's init (the configs' inner_lr_*): the distilled set is also evaluated at it.")
     parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads of each subprocess.")
     args, extra = parser.parse_known_args()  # the rest goes to every evaluation (e.g. --dataset)
 
@@ -239,19 +254,21 @@ def main() -> None:
               "there (yet).", ""]
     table = [[name, *(f"{c[k]:.1f}" if k in c else "—" for k in steps)] for name, c in curves.items()]
     report += markdown_table(["method", *map(str, steps)], table)
-    report += ["", "Test r_mean of the finished runs (mean ± std over evaluation seeds):", ""]
+    report += ["", "Test r_mean of the finished runs as each run evaluated itself (mean ± std over its evaluation "
+               "seeds; the LoRS / MTT-VL runs of methods.py have one):", ""]
     rows = []
     for name, f in finals.items():
         if f is None:
-            rows.append([name, "running or not started", "—", "—"])
+            rows.append([name, "—", "running or not started", "—", "—"])
             continue
         shared = f.get("shared_test")
-        rows.append([name, f["protocol"], f"{f['test']['mean']:.1f} ± {f['test']['std']:.1f}",
+        rows.append([name, f.get("iterations") or "—", f["protocol"],
+                     f"{f['test']['mean']:.1f} ± {f['test']['std']:.1f}",
                      f"{shared['mean']:.1f} ± {shared['std']:.1f}" if shared else "—"])
     for name, b in lines.items():
-        rows.append([f"{name} (real pairs, {args.encoder})", "InfoNCE, lr 0.1",
+        rows.append([f"{name} (real pairs, {args.encoder})", "—", "InfoNCE, lr 0.1",
                      f"{b['test']['mean']:.1f} ± {b['test']['std']:.1f}", "—"])
-    report += markdown_table(["run", "protocol", "test r_mean", "test r_mean, shared protocol"], rows)
+    report += markdown_table(["run", "iterations", "protocol", "test r_mean", "test r_mean, shared protocol"], rows)
     report += start_end_report(evaluated, curves, lines, args.eval_seeds)
     write_markdown(args.output, report)
     plot(curves, lines, until, Path(args.output).with_suffix(".png"))

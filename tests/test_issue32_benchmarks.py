@@ -65,9 +65,11 @@ def test_cross_architecture_margin_says_whether_two_std_are_cleared(scripts):
     cross = scripts("cross_architecture")
     table = {"pixel_default": {"e": {"runs": {"seed0": 20.0, "seed1": 22.0}, "eval_std": {}}},
              "herding": {"e": {"runs": {"seeds": 10.0}, "eval_std": {"seeds": 1.0}}},
-             "random": {"e": {"runs": {"seeds": 19.0}, "eval_std": {"seeds": 0.5}}}}
+             "random": {"e": {"runs": {"seeds": 19.0}, "eval_std": {"seeds": 0.5}}},
+             "lors": {"e": {"runs": {"seed0": 10.5}, "eval_std": {"seed0": 0.2}}}}
     lines = cross.margins(table, ["e"])
-    assert len(lines) == 1 and "RepBlend, pixel default (Lite0): against" in lines[0]
+    assert len(lines) == 2 and "RepBlend, pixel default (Lite0): against" in lines[0]
+    assert lines[1].startswith("- e, LoRS (Lite0): against herding +0.5 (2 std = 2.0: does not beat it by 2 std)")
     assert "herding +11.0 (2 std = 2.0: beats it by more than 2 std)" in lines[0]
     assert "random +2.0 (2 std = 2.0: does not beat it by 2 std)" in lines[0]
 
@@ -146,16 +148,20 @@ def test_long_run_evaluates_a_runs_start_and_end_and_says_whether_it_climbed(tin
     subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
     record = json.loads(out.with_suffix(".json").read_text())
     cells = record["start_end"]["lors"]
-    assert set(cells) == {"start_own", "start_shared", "start_step0", "end_own", "end_shared"}
-    assert all(cells[k]["seeds"] == 2 for k in ("start_own", "start_shared", "end_own", "end_shared"))
+    assert set(cells) == {"start_own", "start_shared", "start_step0", "end_own", "end_shared", "end_own_init_eta"}
+    assert all(cells[k]["seeds"] == 2 for k in ("start_own", "start_shared", "end_own", "end_shared",
+                                                 "end_own_init_eta"))
     # The rebuilt start is the run's start: the same set at iteration 0, so the same validation there.
     assert cells["start_step0"] == pytest.approx(record["curves"]["lors"]["0"])
     md = out.with_suffix(".md").read_text()
     assert "| lors | own |" in md and "| lors | shared |" in md and "2 std = " in md
     start = tmp_path / "work" / "lors" / "seed1" / "start" / "results.json"
-    ends = [start.parents[1] / f"end_{p}" / "results.json" for p in ("own", "frozen")]
+    ends = [start.parents[1] / f"end_{p}" / "results.json" for p in ("own", "frozen", "own_init_eta")]
     assert json.loads(ends[0].read_text())["protocol"] == "finetune_encoder"
     assert json.loads(ends[1].read_text())["protocol"] == "frozen_encoder"
+    at_init = json.loads(ends[2].read_text())["settings"]  # the own protocol at η's init, not the learned η
+    assert at_init["protocol"] == "finetune_encoder" and at_init["encoder_lr"] == at_init["text_head_lr"] == 0.1
+    assert "| lors | own, η at its init |" in md
     before = [p.stat().st_mtime_ns for p in (start, *ends)]
     second = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
     assert [p.stat().st_mtime_ns for p in (start, *ends)] == before and "examples/" not in second.stdout
