@@ -128,7 +128,7 @@ def start_command(method: str, run: Path, out: Path, args: argparse.Namespace, e
             "true", "--output_dir", str(out)]
 
 
-#: The distilled set's evaluations: folder name -> (``--protocol``, whether η is set back to its init, ``--init_eta``).
+#: The distilled set's evaluations: folder ``end_<name>`` -> (``--protocol``, whether at η's init ``--init_eta``).
 ENDS = {"own": ("own", False), "frozen": ("frozen", False), "own_init_eta": ("own", True)}
 
 
@@ -188,7 +188,8 @@ def verdict(mean: float, std: float, other: dict) -> str:
 
 def start_end_report(evaluated: dict[str, dict], curves: dict[str, dict[int, float]], lines: dict[str, dict],
                      eval_seeds: int) -> list[str]:
-    """The table of each run's start and end under both protocols, against its start and herding."""
+    """The table of each run's start and end (own protocol, shared protocol, own protocol at η's init), each end
+    against its start and against herding."""
     if not evaluated:
         return []
     report = ["", f"Start and end with {eval_seeds} evaluation seeds (test r_mean, mean ± std over the seeds; "
