@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["command", "evaluate_arguments", "known_arguments", "markdown_table", "mean_std", "run_logged",
-           "save_figure", "seconds_since", "time_calls", "write_json", "write_markdown"]
+           "save_figure", "seconds_since", "starting_set_command", "time_calls", "write_json", "write_markdown"]
 
 ROOT = Path(__file__).resolve().parents[1]
+#: One distillation iteration at this learning rate moves nothing (0 is refused): it rebuilds a run's starting set.
+TINY_LR = "1e-12"
 
 
 def command(script: str, argv: Sequence[str] | None = None) -> str:
@@ -110,3 +112,14 @@ def run_logged(argv: list[str], log: Path) -> None:
     if code != 0:
         raise SystemExit(f"failed (exit {code}) after {time.time() - began:.0f} s; see {log}, fix the cause and rerun "
                          "the same command (finished runs are kept)")
+
+
+def starting_set_command(method: str, seed: int, out: Path, distill_args: Sequence[str], eval_seeds: int,
+                         cpu_threads: int = 1) -> list[str]:
+    """``examples/distill.py`` (run from the repository root) rebuilding a run's starting set: the run's method, seed
+    and ``distill_args`` (pairs, experts, data) for one iteration at learning rates that move nothing, then its final
+    evaluation with ``eval_seeds`` seeds; the set and its ``results.json`` land in ``out``."""
+    frozen = [x for lr in ("--lr_img", "--lr_txt", "--lr_sim", "--lr_lr") for x in (lr, TINY_LR)]
+    return [sys.executable, "examples/distill.py", "--method", method, "--seed", str(seed), *distill_args,
+            "--max_steps", "1", *frozen, "--baselines", "", "--eval_seeds", str(eval_seeds), "--save_strategy", "no",
+            "--cpu_threads", str(cpu_threads), "--disable_tqdm", "true", "--output_dir", str(out)]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-from _common import command, markdown_table, write_json, write_markdown  # noqa: E402
+from _common import command, markdown_table, starting_set_command, write_json, write_markdown  # noqa: E402
 
 
 def with_eta(source: Path, target: Path, lr_img: float, lr_txt: float) -> Path:
@@ -67,17 +67,13 @@ def main() -> None:
     learned = (config["inner_lr_img"], config["inner_lr_txt"])
     work = Path(args.work_dir) / f"{method}_{pairs}_seed{args.seed}"
     python = [sys.executable]
-    tiny = ["--lr_img", "1e-12", "--lr_txt", "1e-12", "--lr_lr", "1e-12"] + (
-        ["--lr_sim", "1e-12"] if config.get("similarity") != "none" else [])
     start = work / "start"
     jobs = {}
     if not (start / "results.json").exists():
-        jobs["start"] = python + [
-            "examples/distill.py", "--method", method, "--num_pairs", str(pairs), "--seed", str(args.seed),
-            "--num_experts", args.num_experts, "--expert_train_epochs", args.expert_train_epochs, "--embed_dim",
-            str(config["embed_dim"]), "--trajectory_dir", args.experts_dir, "--max_steps", "1", *tiny,
-            "--baselines", "", "--eval_seeds", "1", "--eval_strategy", "no", "--save_strategy", "no",
-            "--cpu_threads", "1", "--disable_tqdm", "true", "--output_dir", str(start)]
+        jobs["start"] = starting_set_command(method, args.seed, start, [
+            "--num_pairs", str(pairs), "--num_experts", args.num_experts, "--expert_train_epochs",
+            args.expert_train_epochs, "--embed_dim", str(config["embed_dim"]), "--trajectory_dir", args.experts_dir,
+            "--eval_strategy", "no"], eval_seeds=1)
 
     def evaluation(set_dir: Path, out: Path) -> list[str]:
         return python + ["-m", "repblend_hf.commands.evaluate", "--method", "distilled", "--distilled_set",

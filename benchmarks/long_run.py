@@ -42,6 +42,7 @@ from _common import (
     markdown_table,
     run_logged,
     save_figure,
+    starting_set_command,
     write_json,
     write_markdown,
 )
@@ -52,7 +53,6 @@ RUNS = ("lors=outputs/long_run/lors_99/seed0,mtt_vl=outputs/long_run/mtt_vl_99/s
 # What the long runs of benchmarks/methods.py gave every LoRS / MTT-VL distillation besides the method and seed.
 START_ARGS = ("--num_experts 4 --expert_train_epochs 2 --embed_dim 1280 "
               "--trajectory_dir outputs/long_run/experts_asymmetric --eval_steps 50")
-TINY_LR = "1e-12"  # the starting set's one iteration moves nothing at this rate (0 is refused)
 
 
 def curve(run: Path) -> dict[int, float]:
@@ -120,12 +120,9 @@ def start_command(method: str, run: Path, out: Path, args: argparse.Namespace, e
     the data's arguments go along (the evaluations' own, e.g. ``--epochs``, are for ``examples/evaluate.py``)."""
     from repblend_hf.pipeline import DataArguments
 
-    frozen = [x for lr in ("--lr_img", "--lr_txt", "--lr_sim", "--lr_lr") for x in (lr, TINY_LR)]
     data = known_arguments(extra, (DataArguments,))
-    return [sys.executable, "examples/distill.py", "--method", method, "--seed", str(run_seed(run)),
-            *args.start_args.split(), *data, "--max_steps", "1", *frozen, "--baselines", "", "--eval_seeds",
-            str(args.eval_seeds), "--save_strategy", "no", "--cpu_threads", str(args.cpu_threads), "--disable_tqdm",
-            "true", "--output_dir", str(out)]
+    return starting_set_command(method, run_seed(run), out, [*args.start_args.split(), *data], args.eval_seeds,
+                                args.cpu_threads)
 
 
 #: The distilled set's evaluations: folder ``end_<name>`` -> (``--protocol``, whether at η's init ``--init_eta``).
